@@ -1,0 +1,1 @@
+"""Analysis: reads RunResults only; one function per figure; predicted-vs-measured tables."""

@@ -1,0 +1,67 @@
+"""The ``moesim`` command line.
+
+Each command group lives next to the code it drives and exposes ``register(subparsers)``; this
+module only assembles them and turns user errors into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from moesim import __version__
+from moesim.errors import MoesimError
+
+# Modules that add subcommands, in the order ``moesim --help`` lists them.
+COMMAND_MODULES = (
+    "moesim.traces.cli",       # moesim trace {import,info,synth,export,validate}
+    "moesim.simulate_cli",     # moesim simulate
+    "moesim.presets_cli",      # moesim presets
+    "moesim.executor.cli",     # moesim run / calibrate / validate
+    "moesim.analysis.cli",     # moesim search / plot / report
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moesim",
+        description="Where should each MoE expert live, iteration by iteration, and what does "
+        "that cost? Replay routing traces through placement policies, simulate step time, "
+        "memory and drops, and check predictions on a real torch.distributed executor.",
+    )
+    parser.add_argument("--version", action="version", version=f"moesim {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # command group not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except MoesimError as exc:
+        print(f"moesim: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        print(f"moesim: error: {exc.strerror or exc}: {exc.filename}; check the path",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moesim: interrupted; finished results were kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
