@@ -108,12 +108,15 @@ class GroupCollective(Op):
     ``groups`` is a tuple of int arrays (ragged: groups may differ in size). ``bytes_G[g]`` is the
     collective's size in nccl-tests' convention: the full buffer for all-reduce / broadcast /
     reduce, the gathered output for all-gather, the input for reduce-scatter. ``roots_G`` names
-    the root rank of each group for broadcast / reduce.
+    the root rank of each group for broadcast / reduce. ``experts_G[g]`` (optional) names the
+    logical expert (of ``layer``) whose parameters / gradients group g moves, ``-1`` for dense
+    parameters; the executor uses it to move the real tensors, the simulator ignores it.
     """
 
     groups: tuple[np.ndarray, ...]
     bytes_G: np.ndarray
     stream: str = "comm"
+    experts_G: np.ndarray | None = None
 
     @property
     def group_sizes(self) -> np.ndarray:
@@ -163,6 +166,7 @@ class SendRecv(Op):
     dst_N: np.ndarray
     bytes_N: np.ndarray
     stream: str = "comm"
+    experts_N: np.ndarray | None = None
 
 
 @dataclass
