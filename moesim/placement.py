@@ -36,10 +36,9 @@ class Placement:
     def __post_init__(self) -> None:
         arr = np.asarray(self.phy2log_LP, dtype=np.int64)
         if arr.ndim != 2 or arr.shape[1] != self.num_ranks * self.slots_per_rank:
-            raise MoesimError(
-                f"phy2log must be [layers, ranks*slots] = [L, {self.num_ranks * self.slots_per_rank}]"
-                f", got shape {arr.shape}"
-            )
+            want = self.num_ranks * self.slots_per_rank
+            raise MoesimError(f"phy2log must be [layers, ranks*slots] = [L, {want}], "
+                              f"got shape {arr.shape}")
         if arr.size and (arr.max() >= self.num_experts or arr.min() < -1):
             raise MoesimError(f"phy2log holds expert ids outside [-1, {self.num_experts})")
         arr.setflags(write=False)
