@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moesim.errors import MoesimError
-from moesim.specs import PRESET_DIR, list_presets
+from moesim.specs import PRESET_DIR, list_presets, preset_descriptions
 
 KINDS = ("models", "clusters", "hardware")
 
@@ -29,5 +29,7 @@ def _run(args: argparse.Namespace) -> int:
         print(path.read_text(), end="")
         return 0
     for kind in kinds:
-        print(f"{kind}: {', '.join(list_presets(kind)) or '(none)'}")
+        print(f"{kind}:")
+        for name, text in preset_descriptions(kind).items():
+            print(f"  {name:22s} {text}")
     return 0

@@ -7,6 +7,8 @@ Presets are TOML files under ``moesim/presets/{models,clusters,hardware}/``; eve
 carries its source in a comment. ``load_model("mixtral-8x7b-e8k2")`` finds a preset by name;
 ``load_model("path/to/my_model.toml")`` loads a user's copy. The same goes for clusters and
 hardware profiles (a cluster names its hardware profile by name or path).
+``list_presets(kind)`` and ``preset_descriptions(kind)`` list them (``moesim presets``); errors in
+a file raise :class:`MoesimError` naming the file, the table and the field.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +34,51 @@ else:  # pragma: no cover
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value))
+
+
 def _positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        if not (_is_number(value) and value > 0):
             raise MoesimError(
                 f"{type(obj).__name__}.{name} must be a positive number, got {value!r}; "
                 f"fix the value in the spec"
             )
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not (_is_number(value) and value >= 0):
+            raise MoesimError(
+                f"{type(obj).__name__}.{name} must be a number >= 0, got {value!r}; "
+                f"fix the value in the spec"
+            )
+
+
+def _integral(obj: Any, *names: str) -> None:
+    """Counts must be whole numbers (an int, or a float like 8.0, which is stored as 8)."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+            object.__setattr__(obj, name, int(value))
+        elif isinstance(value, numbers.Real) and float(value).is_integer():
+            object.__setattr__(obj, name, int(value))
+        else:
+            raise MoesimError(
+                f"{type(obj).__name__}.{name} must be a whole number, got {value!r}; "
+                f"fix the value in the spec"
+            )
+
+
+def _text(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, str):
+            raise MoesimError(f"{type(obj).__name__}.{name} must be a string, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +92,9 @@ class ModelSpec:
     precision Adam: fp32 master + m + v = 12). ``dense_flops_per_token`` is the forward FLOPs of one
     layer's non-MoE part (attention, dense FFN, router) per token; 0 means "derive from the shape":
     ``8·H² + 4·seq·H`` (QKV+output projections, and causal-masked score/value products).
+    ``dense_params_per_layer`` likewise (0: ``4·H²`` plus shared experts). ``other_params`` counts
+    the parameters outside the MoE layers (embeddings, output head, dense-only layers) so that
+    :attr:`total_params` matches the published model size; the simulator does not move them.
     """
 
     name: str
@@ -71,20 +114,27 @@ class ModelSpec:
     num_shared_experts: int = 0
     dense_flops_per_token: float = 0.0
     dense_params_per_layer: float = 0.0
+    other_params: float = 0.0
+    description: str = ""
     source: str = ""
 
     def __post_init__(self) -> None:
+        _text(self, "name", "description", "source")
         _positive(self, "num_layers", "hidden_size", "ffn_hidden_size", "num_experts", "top_k",
                   "seq_len", "tokens_per_rank", "micro_batches", "bytes_weight", "bytes_grad",
                   "bytes_activation")
+        _non_negative(self, "bytes_optim", "num_shared_experts", "dense_flops_per_token",
+                      "dense_params_per_layer", "other_params")
+        _integral(self, "num_layers", "hidden_size", "ffn_hidden_size", "num_experts", "top_k",
+                  "seq_len", "tokens_per_rank", "micro_batches", "num_shared_experts")
+        if not isinstance(self.gated, (bool, np.bool_)):
+            raise MoesimError(f"ModelSpec.gated must be true or false, got {self.gated!r}")
+        object.__setattr__(self, "gated", bool(self.gated))
         if self.top_k > self.num_experts:
             raise MoesimError(
                 f"ModelSpec.top_k={self.top_k} exceeds num_experts={self.num_experts}; "
                 "lower top_k or raise num_experts"
             )
-        if self.bytes_optim < 0 or self.dense_flops_per_token < 0 or self.num_shared_experts < 0:
-            raise MoesimError("ModelSpec.bytes_optim, dense_flops_per_token and "
-                              "num_shared_experts must be >= 0")
 
     @property
     def params_per_expert(self) -> int:
@@ -117,6 +167,24 @@ class ModelSpec:
         return 4.0 * self.hidden_size**2 + self.num_shared_experts * self.params_per_expert
 
     @property
+    def expert_params_per_layer(self) -> int:
+        """Routed-expert weights of one MoE layer: ``num_experts · params_per_expert``."""
+        return self.num_experts * self.params_per_expert
+
+    @property
+    def total_params(self) -> float:
+        """Whole-model parameter count: MoE layers (experts + dense part) + ``other_params``."""
+        return self.num_layers * (self.expert_params_per_layer + self.dense_params) \
+            + self.other_params
+
+    @property
+    def active_params(self) -> float:
+        """Parameters one token touches: top-k experts and the dense part of every MoE layer,
+        plus ``other_params`` (an upper bound: all of the embedding table is counted)."""
+        return self.num_layers * (self.top_k * self.params_per_expert + self.dense_params) \
+            + self.other_params
+
+    @property
     def token_bytes(self) -> float:
         """Bytes of one token's hidden state on the wire."""
         return self.hidden_size * self.bytes_activation
@@ -134,8 +202,7 @@ class LinkLevel:
 
     def __post_init__(self) -> None:
         _positive(self, "bw_GBps")
-        if self.latency_s < 0:
-            raise MoesimError("LinkLevel.latency_s must be >= 0")
+        _non_negative(self, "latency_s")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,9 +212,11 @@ class HardwareProfile:
     A GEMM of ``m`` tokens against a weight of ``w`` bytes costs
     ``max(w / mem_bw, flops / (peak_flops · eff(m))) + launch_s``; ``eff(m)`` is linear in
     ``log2 m`` between the points of ``gemm_eff_curve`` (``[[m, eff], ...]``, clamped at both
-    ends). Small-``m`` GEMMs are memory bound: the weight must be read whatever ``m`` is.
-    ``host_optimizer_GBps`` is the CPU Adam throughput over optimizer bytes (SwiftMoE keeps
-    optimizer state on the host). ``collective_latency_s`` is NCCL's base latency per collective.
+    ends). Small-``m`` GEMMs are memory bound: the weight must be read whatever ``m`` is, so
+    ``mem_bw_GBps`` is the *achievable* HBM read bandwidth (the presets give the datasheet figure
+    next to it). ``host_optimizer_GBps`` is the CPU Adam throughput over optimizer bytes
+    (SwiftMoE keeps optimizer state on the host). ``collective_latency_s`` is NCCL's fixed
+    software overhead per collective (launch and protocol set-up), on top of the link latency.
     ``cores_shared_by`` > 1 says several ranks share one socket's cores (CPU executor runs), so
     concurrent compute slows down by that factor.
     """
@@ -162,18 +231,18 @@ class HardwareProfile:
     host_optimizer_GBps: float = 10.0
     collective_latency_s: float = 10e-6
     cores_shared_by: float = 1.0
+    description: str = ""
     source: str = ""
 
     def __post_init__(self) -> None:
+        _text(self, "name", "description", "source")
         _positive(self, "peak_flops", "mem_bw_GBps", "host_optimizer_GBps", "elementwise_eff",
                   "cores_shared_by")
-        curve = tuple((float(m), float(e)) for m, e in self.gemm_eff_curve)
-        if not curve or any(m <= 0 or not 0 < e <= 1 for m, e in curve):
-            raise MoesimError("HardwareProfile.gemm_eff_curve needs [m, eff] points with m > 0 "
-                              "and 0 < eff <= 1")
-        if any(b[0] <= a[0] for a, b in zip(curve, curve[1:])):
-            raise MoesimError("HardwareProfile.gemm_eff_curve must have strictly increasing m")
-        object.__setattr__(self, "gemm_eff_curve", curve)
+        _non_negative(self, "launch_s", "collective_latency_s")
+        if self.elementwise_eff > 1:
+            raise MoesimError(f"HardwareProfile.elementwise_eff must be in (0, 1], got "
+                              f"{self.elementwise_eff!r}")
+        object.__setattr__(self, "gemm_eff_curve", _eff_curve(self.gemm_eff_curve))
 
     def gemm_efficiency(self, m: np.ndarray | float) -> np.ndarray:
         """Fraction of peak FLOP/s a GEMM with ``m`` rows reaches (vectorised)."""
@@ -181,13 +250,38 @@ class HardwareProfile:
         es = np.array([p[1] for p in self.gemm_eff_curve])
         return np.interp(np.log2(np.maximum(np.asarray(m, dtype=float), 1.0)), ms, es)
 
+    def gemm_time_s(self, m: np.ndarray | float, n: int, k: int,
+                    bytes_per_element: float = 2.0) -> np.ndarray:
+        """Seconds for an ``[m, k] @ [k, n]`` GEMM by the class docstring's formula (vectorised
+        over ``m``): the weight read or the FLOPs at ``eff(m)``, whichever is longer, + launch."""
+        m = np.asarray(m, dtype=float)
+        read_s = n * k * bytes_per_element / (self.mem_bw_GBps * 1e9)
+        flops_s = 2.0 * m * n * k / (self.peak_flops * self.gemm_efficiency(m))
+        return np.maximum(read_s, flops_s) + self.launch_s
+
+
+def _eff_curve(points: Any) -> tuple[tuple[float, float], ...]:
+    """Validate ``gemm_eff_curve``: ``[[m, eff], ...]``, m > 0 increasing, 0 < eff <= 1."""
+    bad = MoesimError("HardwareProfile.gemm_eff_curve needs a list of [m, eff] pairs with m > 0 "
+                      f"strictly increasing and 0 < eff <= 1, got {points!r}")
+    try:
+        curve = tuple((float(m), float(e)) for m, e in points)
+    except (TypeError, ValueError):
+        raise bad from None
+    if not curve or any(not (math.isfinite(m) and m > 0 and 0 < e <= 1) for m, e in curve):
+        raise bad
+    if any(b[0] <= a[0] for a, b in zip(curve[:-1], curve[1:], strict=True)):
+        raise bad
+    return curve
+
 
 @dataclass(frozen=True, kw_only=True)
 class Cluster:
     """GPUs in ``num_nodes × gpus_per_node``; intra-node, inter-node (per-GPU NIC) and host links.
 
     Rank ``r`` lives on node ``r // gpus_per_node``. ``inter.bw_GBps`` is what one GPU's NIC
-    moves (e.g. 400G InfiniBand ≈ 46–49 GB/s measured by nccl-tests).
+    moves (e.g. 400G InfiniBand ≈ 46–49 GB/s measured by nccl-tests); where several GPUs share
+    one NIC it is their share of it. ``host`` is one GPU's host link (PCIe), per direction.
     """
 
     name: str
@@ -199,10 +293,20 @@ class Cluster:
     gpu_memory_GiB: float
     host_memory_GiB: float = 1024.0
     hardware: HardwareProfile
+    description: str = ""
     source: str = ""
 
     def __post_init__(self) -> None:
+        _text(self, "name", "description", "source")
         _positive(self, "num_nodes", "gpus_per_node", "gpu_memory_GiB", "host_memory_GiB")
+        _integral(self, "num_nodes", "gpus_per_node")
+        for level in ("intra", "inter", "host"):
+            if not isinstance(getattr(self, level), LinkLevel):
+                raise MoesimError(f"Cluster.{level} must be a table with bw_GBps and latency_s, "
+                                  f"got {getattr(self, level)!r}")
+        if not isinstance(self.hardware, HardwareProfile):
+            raise MoesimError("Cluster.hardware must name a hardware preset, a path to one, or "
+                              f"be a table; got {self.hardware!r}")
 
     @property
     def world_size(self) -> int:
@@ -229,60 +333,111 @@ class Cluster:
 # preset files
 
 
-def _read_table(kind: str, name_or_path: str | Path) -> tuple[dict[str, Any], Path]:
+KINDS = ("models", "clusters", "hardware")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise MoesimError(f"unknown preset kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def preset_path(kind: str, name_or_path: str | Path) -> Path:
+    """The file a preset name or a path refers to (``"a100-80g"`` → the built-in TOML file)."""
+    _check_kind(kind)
     path = Path(name_or_path)
-    if not path.suffix:
-        path = PRESET_DIR / kind / f"{name_or_path}.toml"
-    if not path.is_file():
-        raise MoesimError(
-            f"no {kind[:-1]} preset or file {str(name_or_path)!r}; "
-            f"choose one of {', '.join(list_presets(kind))} or give a path to a .toml/.json file"
-        )
+    if path.is_file():
+        return path
+    builtin = PRESET_DIR / kind / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if path.parent == Path(".") and builtin.is_file():
+        return builtin
+    raise MoesimError(
+        f"no {kind} preset or file {str(name_or_path)!r}; "
+        f"choose one of {', '.join(list_presets(kind))} or give a path to a .toml/.json file"
+    )
+
+
+def _read_table(kind: str, name_or_path: str | Path) -> tuple[dict[str, Any], Path]:
+    path = preset_path(kind, name_or_path)
     try:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise MoesimError(f"cannot parse {path}: {exc}; fix the file's syntax") from None
+    if not isinstance(data, dict):
+        raise MoesimError(f"{path}: expected a table of fields at the top level, "
+                          f"got {type(data).__name__}")
     return data, path
 
 
-def _build(cls: type, data: dict[str, Any], path: Path) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
+def _build(cls: type, data: Any, path: Path, where: str = "") -> Any:
+    """``cls(**data)`` with errors that name the file, the table and the field."""
+    label = f"{path}: {f'[{where}] ' if where else ''}"
+    if not isinstance(data, dict):
+        raise MoesimError(f"{label}expected a table of {cls.__name__} fields, got {data!r}")
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise MoesimError(f"{path}: unknown {cls.__name__} field(s) {unknown}; "
+        raise MoesimError(f"{label}unknown {cls.__name__} field(s) {unknown}; "
                           f"known fields are {sorted(names)}")
+    missing = [f.name for f in fields if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise MoesimError(f"{label}missing {cls.__name__} field(s) {missing}; add them")
     try:
         return cls(**data)
-    except TypeError as exc:
-        raise MoesimError(f"{path}: {exc}; add the missing field") from None
+    except MoesimError as exc:
+        raise MoesimError(f"{label}{exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise MoesimError(f"{label}{cls.__name__}: {exc}; fix the field's value") from None
 
 
 def list_presets(kind: str) -> list[str]:
     """Names of the built-in presets of one kind: 'models', 'clusters' or 'hardware'."""
+    _check_kind(kind)
     return sorted(p.stem for p in (PRESET_DIR / kind).glob("*.toml"))
 
 
+def preset_descriptions(kind: str) -> dict[str, str]:
+    """``{name: one-line description}`` of the built-in presets of one kind, sorted by name."""
+    out = {}
+    for name in list_presets(kind):
+        data, _ = _read_table(kind, name)
+        out[name] = str(data.get("description", "")).strip()
+    return out
+
+
 def load_model(name_or_path: str | Path) -> ModelSpec:
+    """A :class:`ModelSpec` from a preset name or a TOML/JSON file."""
     data, path = _read_table("models", name_or_path)
     data.setdefault("name", path.stem)
     return _build(ModelSpec, data, path)
 
 
+def _hardware_from(data: dict[str, Any], path: Path, default_name: str,
+                   where: str = "") -> HardwareProfile:
+    data = dict(data)
+    data.setdefault("name", default_name)
+    return _build(HardwareProfile, data, path, where)
+
+
 def load_hardware(name_or_path: str | Path) -> HardwareProfile:
+    """A :class:`HardwareProfile` from a preset name or a TOML/JSON file."""
     data, path = _read_table("hardware", name_or_path)
-    data.setdefault("name", path.stem)
-    if "gemm_eff_curve" in data:
-        data["gemm_eff_curve"] = tuple(tuple(p) for p in data["gemm_eff_curve"])
-    return _build(HardwareProfile, data, path)
+    return _hardware_from(data, path, path.stem)
 
 
 def load_cluster(name_or_path: str | Path) -> Cluster:
+    """A :class:`Cluster` from a preset name or a TOML/JSON file.
+
+    ``hardware`` is a hardware preset name, a path (relative to the cluster file), or an inline
+    table of :class:`HardwareProfile` fields.
+    """
     data, path = _read_table("clusters", name_or_path)
     data.setdefault("name", path.stem)
     for level in ("intra", "inter", "host"):
         if isinstance(data.get(level), dict):
-            data[level] = _build(LinkLevel, data[level], path)
+            data[level] = _build(LinkLevel, data[level], path, level)
     hw = data.get("hardware")
     if isinstance(hw, str):
         hw_path = Path(hw)
@@ -290,11 +445,7 @@ def load_cluster(name_or_path: str | Path) -> Cluster:
             hw_path = path.parent / hw_path
         data["hardware"] = load_hardware(hw_path if hw_path.suffix else hw)
     elif isinstance(hw, dict):
-        hw = dict(hw)
-        hw.setdefault("name", f"{path.stem}-hw")
-        if "gemm_eff_curve" in hw:
-            hw["gemm_eff_curve"] = tuple(tuple(p) for p in hw["gemm_eff_curve"])
-        data["hardware"] = _build(HardwareProfile, hw, path)
+        data["hardware"] = _hardware_from(hw, path, f"{path.stem}-hw", "hardware")
     return _build(Cluster, data, path)
 
 
