@@ -1,0 +1,121 @@
+"""Planner wall time of the placement policies, beside LAER-MoE's published planner figures.
+
+Usage::
+
+    python benchmarks/planner_speed.py [--repeats 7] [--gpus 64 256 1024] [--experts 32 256]
+
+For each policy, GPU count (8 GPUs per node) and expert count it times ``decide`` for **one MoE
+layer** on a synthetic skewed trace (6 iterations, per-layer Dirichlet(0.4) popularity, 8192
+tokens × top-2 per rank) and prints the median of ``--repeats`` runs (after one warm-up) of
+``Decision.planner_time_s`` (wall) and of this process's CPU time (the two differ when other
+processes share the cores; CPU time is the fairer figure then). Slots per GPU:
+``max(2, 2·E/G)`` (so every expert fits; LAER's ``C = 2`` wherever ``E ≤ G``). Hecate is timed
+with ``overlap_degree`` forced above its extra slots, i.e. on its costlier proportional
+materialisation branch. EPLB re-plans every iteration.
+
+LAER-MoE (arXiv 2602.11686) reports its C++ planner at 0.5 ms for 64 GPUs and 0.1–0.28 s for
+1024 GPUs, with E = 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+
+from moesim.errors import MoesimError
+from moesim.policies import History, available_policies, make_policy
+from moesim.specs import Cluster, HardwareProfile, LinkLevel, ModelSpec
+
+GPUS_PER_NODE = 8
+PUBLISHED_MS = {("laer_fsep", 32, 64): "0.5", ("laer_fsep", 32, 1024): "100–280"}
+
+
+def _model(num_experts: int) -> ModelSpec:
+    return ModelSpec(name=f"bench-e{num_experts}", num_layers=1, hidden_size=4096,
+                     ffn_hidden_size=14336, num_experts=num_experts, top_k=2,
+                     tokens_per_rank=8192, seq_len=8192)
+
+
+def _cluster(num_gpus: int) -> Cluster:
+    """A100 nodes as in LAER's testbed (effective 216 GB/s NVLink, 89 GB/s IB per node)."""
+    hw = HardwareProfile(name="a100", peak_flops=312e12, mem_bw_GBps=2039.0)
+    return Cluster(name=f"a100x{num_gpus}", num_nodes=num_gpus // GPUS_PER_NODE,
+                   gpus_per_node=GPUS_PER_NODE, intra=LinkLevel(bw_GBps=216.0, latency_s=5e-6),
+                   inter=LinkLevel(bw_GBps=89.0 / GPUS_PER_NODE, latency_s=1e-5),
+                   host=LinkLevel(bw_GBps=25.0, latency_s=1e-5), gpu_memory_GiB=80.0,
+                   hardware=hw)
+
+
+def _history(model: ModelSpec, num_gpus: int, seed: int = 0) -> History:
+    """6 past iterations of skewed counts ``[T, L, R, E]``."""
+    rng = np.random.default_rng(seed)
+    T, E = 6, model.num_experts
+    counts = np.empty((T, 1, num_gpus, E), dtype=np.int64)
+    for t in range(T):
+        p = rng.dirichlet(np.full(E, 0.4))
+        counts[t, 0] = rng.multinomial(model.tokens_per_rank * model.top_k, p, size=num_gpus)
+    return History(iteration=T, past_TLRE=counts, passes_per_iteration=1)
+
+
+def _knobs(name: str, slots: int) -> dict | None:
+    """Knobs per policy (None: not timed)."""
+    if name in ("laer_fsep", "swiftmoe"):
+        return {"slots_per_rank": slots}
+    if name == "eplb":
+        return {"slots_per_rank": slots, "interval": 1}
+    if name == "hecate":
+        return {"extra_slots_per_rank": 2, "overlap_degree": 8}
+    return None
+
+
+def time_policy(name: str, num_experts: int, num_gpus: int,
+                repeats: int) -> tuple[float, float]:
+    """Median planner wall time and CPU time of this process (s) of one layer's decision."""
+    model, cluster = _model(num_experts), _cluster(num_gpus)
+    slots = max(2, math.ceil(2 * num_experts / num_gpus))
+    policy = make_policy(name, _knobs(name, slots))
+    history = _history(model, num_gpus)
+    walls, cpus = [], []
+    for r in range(repeats + 1):
+        c0 = time.process_time()
+        d = policy.decide(history, model, cluster, np.random.default_rng(r))
+        if r:
+            walls.append(d.planner_time_s)
+            cpus.append(time.process_time() - c0)
+    return float(np.median(walls)), float(np.median(cpus))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--gpus", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--experts", type=int, nargs="+", default=[32, 256])
+    args = ap.parse_args(argv)
+    names = [n for n in ("laer_fsep", "hecate", "swiftmoe", "eplb")
+             if n in available_policies()]
+    head = f"{'policy':<10} {'E':>4} " + " ".join(f"{f'G={g}':>15}" for g in args.gpus)
+    print(head + "   LAER paper (C++, ms wall)")
+    print("-" * (len(head) + 24))
+    for name in names:
+        for E in args.experts:
+            cells, published = [], []
+            for G in args.gpus:
+                try:
+                    wall, cpu = time_policy(name, E, G, args.repeats)
+                    cells.append(f"{f'{wall * 1e3:.2f}/{cpu * 1e3:.2f}':>15}")
+                except MoesimError as exc:
+                    cells.append(f"{'n/a':>15}")
+                    print(f"  ({name}, E={E}, G={G}: {exc})")
+                if (name, E, G) in PUBLISHED_MS:
+                    published.append(f"G={G}: {PUBLISHED_MS[(name, E, G)]}")
+            print(f"{name:<10} {E:>4} " + " ".join(cells) + "   " + ", ".join(published))
+    print(f"\nms wall/cpu (Decision.planner_time_s / this process's CPU time): one MoE layer "
+          f"per decision, median of {args.repeats} runs, {GPUS_PER_NODE} GPUs per node, slots "
+          "per GPU max(2, 2E/G); wall > cpu means other processes shared the cores")
+
+
+if __name__ == "__main__":
+    main()

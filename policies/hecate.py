@@ -1,0 +1,354 @@
+"""Hecate: Fully Sharded Sparse Data Parallelism (FSSDP) with sparse materialisation.
+
+Qing et al., "Hecate: Unlocking Efficient Sparse Model Training via Fully Sharded Sparse Data
+Parallelism" (arXiv 2502.02581). Each layer's experts (parameters + optimizer state) are sharded
+at expert granularity: exactly one **owner** device per expert. Every iteration a
+SparseAllGather (grouped Broadcasts from owners, overlapped with the attention forward)
+materialises extra replicas, and a SparseReduceScatter (grouped Reduces) returns their gradients
+to the owners.
+
+Decision for iteration ``t``, per layer:
+
+1. **Heterogeneous sharding** (every ``reshard_interval`` iterations, paper ≈ 100; the owner map
+   is carried in ``Decision.info["owners_LE"]`` and kept unchanged in between): experts in
+   decreasing load go to the lightest node with room, then to the lightest device of that node
+   with room, each device owning at most ``O = ceil(E / G)`` experts — balancing load and
+   memory (expert count) across nodes and devices.
+2. **Sparse materialisation** from ``load_e`` = mean load of the last ``load_window`` (5)
+   iterations. Overlap degree ``t = floor(T_nonMoE · bw / expert_bytes)``: how many experts a
+   broadcast can bring while the layer's non-MoE forward runs.
+   ``T_nonMoE = tokens_per_rank · attention_flops_per_token / (peak · eff(tokens_per_rank))``
+   (``ModelSpec`` / ``HardwareProfile``); ``bw`` = ``cluster.inter.bw_GBps`` when the cluster
+   has more than one node (owners' broadcasts cross nodes, so the NIC bounds them), else
+   ``cluster.intra.bw_GBps``; ``expert_bytes = params_per_expert · bytes_weight``.
+   With ``m = extra_slots_per_rank``: if ``t ≤ m`` the ``t`` hottest experts go to every device
+   (their owners already hold them; remaining extra slots stay empty); else replica counts in
+   proportion to load (max-heap on ``load / replicas``, total ``E + G·m``, ≤ 1 copy per device)
+   and the extra copies are spread greedily: hottest per-copy load first, to a free slot on the
+   node holding the fewest copies, then the least-loaded device there.
+3. Tokens dispatch ``local_first`` (local replica, else same node, else anywhere; even split).
+
+With no history yet, only the owners (round-robin over nodes: an even split) are placed.
+
+Slots: ``S = O + m`` per device; slots ``[0, O)`` hold the owned experts, ``[O, S)`` the
+materialised ones; empty slots are ``-1``.
+
+``rematerialize`` (paper: optional; frees materialised experts after the forward and gathers
+them again for the backward: −90% extra memory, 7.5–17% slower) does not change the placement;
+it is reported in ``info`` for the lowering (a second SparseAllGather in the backward, no
+replica buffers held across the layer).
+
+Lowering (FSSDP): per layer, grouped ``Broadcast``s from owners to the devices materialising
+each expert (phase ``param_gather``, prefetch stream, issued before the layer's attention so
+they overlap it) once per iteration — per micro-batch forward and backward with
+``rematerialize`` — and grouped ``Reduce``s of those replicas' gradients back to the owners after
+the layer's last backward; owners run the optimizer for the experts they own (dense part
+ZeRO-1); a re-shard moves weights + optimizer state of experts whose owner changed.
+
+Departures: the paper's optional re-plan right after gating is not modelled; re-sharding is
+load-driven greedy packing (the paper balances load and memory with its own heuristic); the
+paper's ``m`` is a memory budget, here the knob ``extra_slots_per_rank`` (default 2).
+
+Shape legend: ``L`` layers, ``E`` experts, ``G`` devices, ``N`` nodes, ``O`` owned slots per
+device, ``S`` slots per device.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from moesim.errors import MoesimError
+from moesim.ops import Broadcast, Reduce, SendRecv
+from moesim.placement import Decision, Placement
+from moesim.policies.base import History, Policy, register_policy
+from moesim.policies.laer_fsep import greedy_place, precise_replicas
+from moesim.policies.primitives import (
+    dense_params_R,
+    emit_gpu_optimizer,
+    greedy_pack_fixed,
+    per_iteration_load_TLE,
+    slot_capacity,
+)
+from moesim.specs import Cluster, ModelSpec
+
+
+def overlap_degree(model: ModelSpec, cluster: Cluster) -> int:
+    """Hecate's ``t = floor(T_nonMoE · bw / expert_bytes)`` (see the module docstring)."""
+    tokens = model.tokens_per_rank
+    eff = float(cluster.hardware.gemm_efficiency(tokens))
+    t_dense_s = tokens * model.attention_flops_per_token / (cluster.hardware.peak_flops * eff)
+    link = cluster.inter if cluster.num_nodes > 1 else cluster.intra
+    return int(math.floor(t_dense_s * link.bw_GBps * 1e9 / model.expert_weight_bytes))
+
+
+def shard_owners(load_E: np.ndarray, num_nodes: int, gpus_per_node: int,
+                 owned_per_rank: int) -> np.ndarray:
+    """Heterogeneous sharding: owner rank of each expert, ``[E]``.
+
+    Heaviest expert first into the lightest node with room (``gpus_per_node · O`` experts),
+    then, within each node, into the lightest device with room (``O`` experts).
+    """
+    load = np.asarray(load_E, dtype=np.float64)
+    node_E = greedy_pack_fixed(load, num_nodes, np.full(num_nodes, gpus_per_node * owned_per_rank))
+    owners = np.empty(load.shape[0], dtype=np.int64)
+    for n in range(num_nodes):
+        experts = np.flatnonzero(node_E == n)
+        if len(experts):
+            local = greedy_pack_fixed(load[experts], gpus_per_node,
+                                      np.full(gpus_per_node, owned_per_rank))
+            owners[experts] = n * gpus_per_node + local
+    return owners
+
+
+def owned_copies(owners_E: np.ndarray, num_ranks: int) -> np.ndarray:
+    """One copy of each expert on its owner: ``[G, E]``."""
+    out = np.zeros((num_ranks, owners_E.shape[0]), dtype=np.int64)
+    out[owners_E, np.arange(owners_E.shape[0])] = 1
+    return out
+
+
+def materialise(load_E: np.ndarray, owners_E: np.ndarray, t: int, extra_slots: int,
+                gpus_per_node: int, num_ranks: int) -> tuple[np.ndarray, str]:
+    """Extra copies ``[G, E]`` (owners excluded) and which branch made them (``top_t`` or
+    ``proportional``)."""
+    G, E = num_ranks, load_E.shape[0]
+    extra = np.zeros((G, E), dtype=np.int64)
+    if G == 1 or extra_slots == 0 or t <= 0:
+        return extra, "none"
+    if t <= extra_slots:
+        hot = np.argsort(-load_E, kind="stable")[:t]
+        extra[:, hot] = 1
+        extra[owners_E[hot], hot] = 0
+        return extra, "top_t"
+    r_E = precise_replicas(load_E, E + G * extra_slots, 1, G)
+    owned = owned_copies(owners_E, G)
+    gpu_load = owned @ (load_E / r_E)
+    copies = greedy_place(r_E - 1, load_E, gpus_per_node, np.full(G, extra_slots), owned,
+                          gpu_load, allow_duplicates=False, skip_unplaceable=True)
+    return copies - owned, "proportional"
+
+
+def slot_row(owners_E: np.ndarray, extra_GE: np.ndarray, owned_per_rank: int,
+             extra_slots: int) -> np.ndarray:
+    """Slot row ``[G·(O + m)]``: owned experts then materialised ones per device, ``-1`` pad."""
+    G, E = extra_GE.shape
+    out = np.full((G, owned_per_rank + extra_slots), -1, dtype=np.int64)
+    for part, offset, width in ((owned_copies(owners_E, G), 0, owned_per_rank),
+                                (extra_GE, owned_per_rank, extra_slots)):
+        rank, expert = np.nonzero(part)
+        starts = np.searchsorted(rank, np.arange(G))
+        pos = np.arange(len(rank)) - starts[rank]
+        assert (pos < width).all(), "more experts than slots on a device"
+        out[rank, offset + pos] = expert
+    return out.ravel()
+
+
+@register_policy("hecate")
+class Hecate(Policy):
+    """FSSDP: one owner per expert (re-sharded periodically) + per-iteration materialisation."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Config:
+        """``extra_slots_per_rank`` (m): experts a device can materialise beyond the ones it
+        owns. ``reshard_interval``: iterations between re-shardings (paper ≈ 100).
+        ``load_window``: iterations in the sliding-mean load (paper: 5). ``overlap_degree``:
+        force ``t`` (``None``: computed from the model and cluster). ``rematerialize``: free
+        materialised experts after the forward, gather again in the backward.
+        ``capacity_factor``: per-(source, slot) capacity factor, ``None`` = dropless (paper)."""
+
+        extra_slots_per_rank: int = 2
+        reshard_interval: int = 100
+        load_window: int = 5
+        overlap_degree: int | None = None
+        rematerialize: bool = False
+        capacity_factor: float | None = None
+
+        def __post_init__(self) -> None:
+            for name, lo in (("extra_slots_per_rank", 0), ("reshard_interval", 1),
+                             ("load_window", 1)):
+                v = getattr(self, name)
+                if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                    raise MoesimError(f"hecate: {name} must be an integer >= {lo}, got {v!r}; "
+                                      f"set {name}={max(lo, 1)} or more")
+            t = self.overlap_degree
+            if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 0):
+                raise MoesimError(f"hecate: overlap_degree must be an integer >= 0 or None "
+                                  f"(computed), got {t!r}")
+            if not isinstance(self.rematerialize, bool):
+                raise MoesimError("hecate: rematerialize must be true or false")
+            cf = self.capacity_factor
+            if cf is not None and not (isinstance(cf, (int, float)) and cf > 0):
+                raise MoesimError(f"hecate: capacity_factor must be > 0 or None (dropless), "
+                                  f"got {cf!r}")
+
+    def decide(self, history: History, model: ModelSpec, cluster: Cluster,
+               rng: np.random.Generator) -> Decision:
+        """Owners (carried or re-sharded) plus this iteration's materialised replicas."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        G, E, L = cluster.world_size, model.num_experts, model.num_layers
+        O, m = -(-E // G), cfg.extra_slots_per_rank
+        load_LE = _mean_load_LE(history, cfg.load_window, L, E)
+        owners_LE, reshard_it = self._owners(history, load_LE, cluster, O)
+        t = overlap_degree(model, cluster) if cfg.overlap_degree is None else cfg.overlap_degree
+        if history.past_TLRE.shape[0] == 0:
+            t = 0                               # no loads yet: owners only (an even split)
+        rows, branches, lam = [], [], []
+        for l in range(L):
+            extra, branch = materialise(load_LE[l], owners_LE[l], t, m, cluster.gpus_per_node, G)
+            rows.append(slot_row(owners_LE[l], extra, O, m))
+            branches.append(branch)
+            lam.append(float(extra.sum()) / (G * E))
+        info = {"owners_LE": owners_LE, "reshard_iteration": reshard_it,
+                "resharded": reshard_it == history.iteration, "owned_slots": O,
+                "extra_slots": m, "overlap_degree": t, "branch_L": branches,
+                "materialized_fraction_L": lam, "rematerialize": cfg.rematerialize}
+        cap = slot_capacity(cfg.capacity_factor, model.tokens_per_rank, model.top_k,
+                            G * (O + m))
+        return Decision(Placement(np.stack(rows), G, O + m, E), routing="local_first",
+                        slot_capacity=cap, planner_time_s=time.perf_counter() - t0, info=info)
+
+    def _owners(self, history: History, load_LE: np.ndarray, cluster: Cluster,
+                owned_per_rank: int) -> tuple[np.ndarray, int]:
+        """The carried owner map ``[L, E]``, or a new one when a re-shard is due."""
+        prev = history.previous.info if history.previous is not None else {}
+        owners = prev.get("owners_LE")
+        last = prev.get("reshard_iteration")
+        if (owners is not None and last is not None
+                and np.shape(owners) == load_LE.shape
+                and history.iteration - int(last) < self.config.reshard_interval):
+            return np.asarray(owners, dtype=np.int64), int(last)
+        fresh = np.stack([shard_owners(load, cluster.num_nodes, cluster.gpus_per_node,
+                                       owned_per_rank) for load in load_LE])
+        return fresh, history.iteration
+
+    # -- lowering hooks ---------------------------------------------------------------------
+    def lower_relayout(self, ctx) -> list[int]:
+        """At a re-shard, each expert whose owner changed moves its weights and optimizer
+        state, ``P·(b_w + b_o)``, from the old owner to the new one (``SendRecv`` per layer).
+        Materialised replicas need no re-layout: they are broadcast afresh every iteration."""
+        prev = ctx.previous.info.get("owners_LE") if ctx.previous is not None else None
+        if prev is None or np.shape(prev) != np.shape(ctx.decision.info["owners_LE"]):
+            return []
+        new, old = np.asarray(ctx.decision.info["owners_LE"]), np.asarray(prev)
+        m, out = ctx.model, []
+        for l in range(new.shape[0]):
+            moved = np.flatnonzero(new[l] != old[l])
+            if len(moved):
+                out.append(ctx.add(SendRecv(
+                    phase="relayout", direction="step", layer=l, src_N=old[l, moved],
+                    dst_N=new[l, moved], bytes_N=np.full(len(moved), m.params_per_expert
+                                                         * (m.bytes_weight + m.bytes_optim)),
+                    experts_N=moved, label="reshard")))
+        return out
+
+    def lower_param_gather(self, ctx, micro_batch: int, layer: int, direction: str) -> list[int]:
+        """SparseAllGather: grouped ``Broadcast``s from each materialised expert's owner to
+        the devices materialising it, on the prefetch stream (overlapping the attention).
+        Once per iteration in the first forward (replicas live until their grads are
+        reduced); with ``rematerialize``, in every micro-batch's forward and backward."""
+        remat = ctx.decision.info.get("rematerialize", False)
+        if ctx.world < 2 or not (remat or (direction == "fwd" and micro_batch == 0)):
+            return []
+        groups = materialised_groups(ctx.decision, layer)
+        return [ctx.add(Broadcast(
+            phase="param_gather", direction=direction, stream="prefetch", layer=layer,
+            micro_batch=micro_batch, groups=tuple(g), roots_G=np.array(r),
+            bytes_G=np.full(len(g), ctx.model.expert_weight_bytes), experts_G=np.array(e),
+            label="sparse_allgather")) for g, r, e in _disjoint_rounds(groups)]
+
+    def lower_layer_grads(self, ctx, layer: int) -> list[int]:
+        """SparseReduceScatter: grouped ``Reduce``s of the materialised replicas' gradients to
+        their owners after the layer's last backward."""
+        if ctx.world < 2:
+            return []
+        groups = materialised_groups(ctx.decision, layer)
+        grad_bytes = ctx.model.params_per_expert * ctx.model.bytes_grad
+        return [ctx.add(Reduce(
+            phase="grad_sync", direction="bwd", layer=layer, deps=(ctx.layer_bwd_done[layer],),
+            groups=tuple(g), roots_G=np.array(r), bytes_G=np.full(len(g), grad_bytes),
+            experts_G=np.array(e), label="sparse_reduce_scatter"))
+            for g, r, e in _disjoint_rounds(groups)]
+
+    def lower_grad_sync(self, ctx) -> list[int]:
+        """Owners hold each expert's only optimizer copy (replica grads were reduced per
+        layer), so only the dense grads are all-reduced."""
+        return ctx.emit_dense_grad_allreduce() + list(ctx.layer_grad_ops)
+
+    def lower_optimizer(self, ctx) -> list[int]:
+        """GPU Adam over each owner's experts plus its ZeRO-1 dense shard."""
+        return emit_gpu_optimizer(ctx, _owned_params_R(ctx.decision, ctx.model),
+                                  ctx.optimizer_deps(), label="adam_owners")
+
+    def memory_footprint(self, decision: Decision, model: ModelSpec, cluster: Cluster
+                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Owned experts: weights, grads, optimizer state. Materialised replicas: weights and
+        grads of every layer's extra slots (``buffers`` / ``grads``), or, with
+        ``rematerialize``, of the largest layer only (freed after use); dense as ZeRO-1."""
+        G, pl = cluster.world_size, decision.placement
+        P = float(model.params_per_expert)
+        owned_R = _owned_params_R(decision, model)
+        O = int(decision.info["owned_slots"])
+        extra_LR = (pl.phy2log_LP.reshape(pl.num_layers, G, -1)[:, :, O:] >= 0).sum(2)
+        extra_R = (extra_LR.max(0) if decision.info.get("rematerialize") else extra_LR.sum(0))
+        dense = model.num_layers * model.dense_params
+        gpu = {"weights": (owned_R + dense) * model.bytes_weight,
+               "grads": (owned_R + dense + extra_R * P) * model.bytes_grad,
+               "optimizer": owned_R * model.bytes_optim
+               + dense_params_R(model, G) * model.bytes_optim,
+               "buffers": extra_R * P * model.bytes_weight}
+        return gpu, {}
+
+
+def materialised_groups(decision: Decision, layer: int) -> list[tuple[np.ndarray, int, int]]:
+    """``[(ranks, owner, expert)]`` for every expert of ``layer`` materialised off its owner:
+    the owner plus the devices holding an extra copy (owner first)."""
+    pl = decision.placement
+    O = int(decision.info["owned_slots"])
+    owners = np.asarray(decision.info["owners_LE"])[layer]
+    extra = pl.layer(layer).reshape(pl.num_ranks, -1)[:, O:]
+    out = []
+    for e in np.unique(extra[extra >= 0]):
+        holders = np.flatnonzero((extra == e).any(1))
+        out.append((np.concatenate(([owners[e]], holders[holders != owners[e]])),
+                    int(owners[e]), int(e)))
+    return out
+
+
+def _disjoint_rounds(groups: list[tuple[np.ndarray, int, int]]
+                     ) -> list[tuple[list[np.ndarray], list[int], list[int]]]:
+    """Pack ``(ranks, root, expert)`` groups first-fit into rounds of pairwise disjoint groups
+    (one grouped collective op per round): ``[(groups, roots, experts)]``."""
+    rounds: list[tuple[list, list, list, set]] = []
+    for ranks, root, e in groups:
+        members = set(ranks.tolist())
+        for gs, rs, es, used in rounds:
+            if not used & members:
+                gs.append(ranks)
+                rs.append(root)
+                es.append(e)
+                used |= members
+                break
+        else:
+            rounds.append(([ranks], [root], [e], members))
+    return [(gs, rs, es) for gs, rs, es, _ in rounds]
+
+
+def _owned_params_R(decision: Decision, model: ModelSpec) -> np.ndarray:
+    """Expert parameters each device owns, all layers: ``[R]``."""
+    pl = decision.placement
+    owners = np.asarray(decision.info["owners_LE"]).ravel()
+    return np.bincount(owners, minlength=pl.num_ranks) * float(model.params_per_expert)
+
+
+def _mean_load_LE(history: History, window: int, L: int, E: int) -> np.ndarray:
+    """Sliding-mean expert load over the last ``window`` iterations, ``[L, E]``; uniform when
+    there is no history."""
+    per_it = per_iteration_load_TLE(history, window)
+    if per_it.shape[0] == 0:
+        return np.ones((L, E))
+    return per_it.mean(axis=0)

@@ -1,0 +1,351 @@
+"""An optimal bound: an integer program over this iteration's counts (an *oracle* policy).
+
+Ours (see POLICIES.md, "An optimal bound"); solved with PuLP (COIN-OR CBC, bundled, or HiGHS
+through ``highspy``). It is handed ``History.current_TLRE`` — the counts of the iteration it
+places — so no real system can match it; it gives every heuristic a gap to report
+(:func:`gap_to_oracle`).
+
+Per layer, with ``load_e`` the tokens of expert ``e`` this iteration (all passes and sources),
+``G`` GPUs and ``S`` slots per GPU (the memory limit is the slot count)::
+
+    x[e,g] ∈ {0, 1}        copies of e on GPU g
+    y[e,g] ≥ 0             tokens of e processed on GPU g (fractional)
+    Σ_e x[e,g] ≤ S         slots;        Σ_g x[e,g] ≥ 1   every expert placed
+    Σ_g y[e,g] = load_e    all tokens;   y[e,g] ≤ load_e · x[e,g]
+    z ≥ Σ_e y[e,g]         per-GPU load
+    objective  max_load:   minimise z
+               layer_time: minimise 3·z·f/peak + 4·c, with c ≥ send_g·β_g, c ≥ recv_g·β_g,
+                           send_g = Σ_e (n[g,e] − ℓ[e,g]), recv_g = Σ_e (y[e,g] − ℓ[e,g]),
+                           ℓ[e,g] ≤ n[g,e]·x[e,g], ℓ[e,g] ≤ y[e,g] (tokens that stay local),
+                           β = token_bytes / bw (inter-node bandwidth when the cluster has more
+                           than one node, else intra-node): the straggler's dispatch time, four
+                           all-to-alls per layer, three compute passes (as LAER's model).
+
+``x`` is binary rather than a general integer: a second copy of an expert on the same GPU sends
+tokens to the same GPU, so it never lowers either objective. For ``max_load`` the GPUs are
+interchangeable, so their loads are ordered (``load_g ≥ load_{g+1}``) to break symmetry. CBC is
+warm-started from LAER's precise split placed greedily.
+
+``info``: ``status_L`` (solver status, e.g. ``optimal`` or ``time_limit``), ``max_load_L`` (the
+ILP's max GPU load, tokens, with its own fractional split), ``load_bound_L`` (a proven lower
+bound on any placement's max load with ``S`` slots: the solver's optimum when proven, else the
+combinatorial bound of :func:`max_load_lower_bound`), ``gap_L`` (``(found − bound) / found``,
+of the objective), ``even_split_max_load_L`` (max load when the placement is executed with the
+``even`` routing it reports — the executable rules cannot realise arbitrary splits).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pulp
+
+from moesim.errors import MoesimError
+from moesim.placement import Decision, Placement
+from moesim.policies.base import History, Policy, register_policy
+from moesim.policies.laer_fsep import copies_to_phy2log, greedy_place, precise_replicas
+from moesim.policies.primitives import gpu_load, slot_capacity
+from moesim.specs import Cluster, ModelSpec
+
+OBJECTIVES = ("max_load", "layer_time")
+SOLVERS = ("cbc", "highs")
+
+
+def _highs_available() -> bool:
+    try:
+        import highspy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def max_load_lower_bound(load_E: np.ndarray, num_ranks: int, slots_per_rank: int) -> float:
+    """A lower bound on the max GPU load of any placement with ``S`` slots per GPU.
+
+    ``z ≥ Σ load / G``, and an expert needs ``≥ max(1, ceil(load_e / z))`` copies on distinct
+    GPUs (no GPU takes more than ``z``), so ``Σ_e max(1, ceil(load_e / z)) ≤ G·S`` and
+    ``load_e / z ≤ G``; the smallest ``z`` meeting all three is returned.
+    """
+    load = np.asarray(load_E, dtype=np.float64)
+    G, slots = num_ranks, num_ranks * slots_per_rank
+    base = max(load.sum() / G, load.max(initial=0.0) / G)
+    if base <= 0:
+        return 0.0
+    k = np.arange(1, G + 1)
+    cand = np.unique(np.concatenate([(load[:, None] / k[None, :]).ravel(), [base]]))
+    cand = cand[cand >= base]
+
+    def fits(z: float) -> bool:
+        return np.maximum(1, np.ceil(load / z - 1e-9)).sum() <= slots
+
+    lo, hi = 0, len(cand) - 1
+    if not fits(cand[hi]):
+        return float(cand[hi])
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(cand[mid]) else (mid + 1, hi)
+    return float(cand[lo])
+
+
+def _var(prob: pulp.LpProblem, name: str, binary: bool = False) -> pulp.LpVariable:
+    """A non-negative variable attached to ``prob`` (PuLP ≥ 3.3's API when present)."""
+    cat = pulp.LpBinary if binary else pulp.LpContinuous
+    if hasattr(prob, "add_variable"):
+        return prob.add_variable(name, lowBound=0, upBound=1 if binary else None, cat=cat)
+    return pulp.LpVariable(name, lowBound=0, upBound=1 if binary else None, cat=cat)
+
+
+@dataclass
+class _Layer:
+    """One layer's integer program and its variables."""
+
+    prob: pulp.LpProblem
+    x: list
+    y: list
+    z: pulp.LpVariable
+
+
+def _build(load_E: np.ndarray, counts_GE: np.ndarray, S: int, objective: str, comp_s: float,
+           comm_s: float) -> _Layer:
+    """The PuLP model of one layer (loads scaled to a mean GPU load of 1)."""
+    E, G = load_E.shape[0], counts_GE.shape[0]
+    prob = pulp.LpProblem("oracle_layer", pulp.LpMinimize)
+    x = [[_var(prob, f"x_{e}_{g}", binary=True) for g in range(G)] for e in range(E)]
+    y = [[_var(prob, f"y_{e}_{g}") for g in range(G)] for e in range(E)]
+    z = _var(prob, "z")
+    gpu = [pulp.lpSum(y[e][g] for e in range(E)) for g in range(G)]
+    for g in range(G):
+        prob += pulp.lpSum(x[e][g] for e in range(E)) <= S, f"slots_{g}"
+        prob += gpu[g] <= z, f"zmax_{g}"
+    for e in range(E):
+        prob += pulp.lpSum(x[e]) >= 1, f"placed_{e}"
+        prob += pulp.lpSum(y[e]) == float(load_E[e]), f"tokens_{e}"
+        for g in range(G):
+            prob += y[e][g] <= float(load_E[e]) * x[e][g], f"link_{e}_{g}"
+    if objective == "max_load":
+        for g in range(G - 1):
+            prob += gpu[g] >= gpu[g + 1], f"sym_{g}"
+        prob += z
+    else:
+        c = _dispatch_time(prob, x, y, gpu, counts_GE, comm_s)
+        prob += 3.0 * comp_s * z + 4.0 * c
+    return _Layer(prob, x, y, z)
+
+
+def _dispatch_time(prob: pulp.LpProblem, x: list, y: list, gpu: list, counts_GE: np.ndarray,
+                   comm_s: float) -> pulp.LpVariable:
+    """``c ≥ β·send_g`` and ``c ≥ β·recv_g`` for every GPU, with local tokens ``ℓ[e,g] ≤
+    n[g,e]·x[e,g]``, ``ℓ[e,g] ≤ y[e,g]`` (module docstring); returns ``c``."""
+    G, E = counts_GE.shape
+    c = _var(prob, "c")
+    for g in range(G):
+        loc = [_var(prob, f"l_{e}_{g}") for e in range(E)]
+        for e in range(E):
+            prob += loc[e] <= float(counts_GE[g, e]) * x[e][g], f"lx_{e}_{g}"
+            prob += loc[e] <= y[e][g], f"ly_{e}_{g}"
+        kept = pulp.lpSum(loc)
+        prob += c >= comm_s * (float(counts_GE[g].sum()) - kept), f"send_{g}"
+        prob += c >= comm_s * (gpu[g] - kept), f"recv_{g}"
+    return c
+
+
+def _warm_start(layer: _Layer, load_E: np.ndarray, S: int, gpus_per_node: int,
+                sort_gpus: bool) -> np.ndarray:
+    """Seed the solver with LAER's precise split, placed greedily, tokens split evenly; GPUs
+    ordered by decreasing load when the model orders them (symmetry breaking). Returns the
+    seed's copies ``[G, E]``."""
+    E, G = len(layer.x), len(layer.x[0])
+    r_E = precise_replicas(load_E, G * S, 1, G)
+    copies = greedy_place(r_E, load_E, gpus_per_node, np.full(G, S), allow_duplicates=False,
+                          skip_unplaceable=True)
+    copies = np.minimum(copies, 1)
+    share = copies * (load_E / np.maximum(copies.sum(0), 1))[None, :]
+    if sort_gpus:
+        order = np.argsort(-share.sum(1), kind="stable")
+        copies, share = copies[order], share[order]
+    for e in range(E):
+        for g in range(G):
+            layer.x[e][g].setInitialValue(int(copies[g, e]))
+            layer.y[e][g].setInitialValue(float(share[g, e]))
+    layer.z.setInitialValue(float(share.sum(1).max()))
+    return copies
+
+
+def _objective(x_GE: np.ndarray, y_GE: np.ndarray, counts_GE: np.ndarray, objective: str,
+               comp_s: float, comm_s: float) -> float:
+    """The program's objective for a solution (scaled units), recomputed from ``x`` and ``y``."""
+    z = float(y_GE.sum(1).max())
+    if objective == "max_load":
+        return z
+    kept = np.minimum(counts_GE, y_GE) * (x_GE > 0)
+    send = (counts_GE - kept).sum(1)
+    recv = (y_GE - kept).sum(1)
+    return 3.0 * comp_s * z + 4.0 * comm_s * float(np.maximum(send, recv).max())
+
+
+@register_policy("oracle_ilp")
+class OracleIlp(Policy):
+    """Per-layer integer program on the current iteration's counts (an upper-bound oracle)."""
+
+    oracle = True
+
+    @dataclass(frozen=True, kw_only=True)
+    class Config:
+        """``slots_per_rank`` (S): expert slots per GPU (the memory limit). ``objective``:
+        ``max_load`` or ``layer_time``. ``solver``: ``cbc`` (bundled) or ``highs`` (needs
+        ``highspy``). ``time_limit_s``: per layer. ``mip_gap``: relative gap at which the
+        solver may stop. ``threads``: solver threads. ``capacity_factor``: ``None`` = dropless."""
+
+        slots_per_rank: int = 2
+        objective: str = "max_load"
+        solver: str = "cbc"
+        time_limit_s: float = 10.0
+        mip_gap: float = 1e-4
+        threads: int = 1
+        capacity_factor: float | None = None
+
+        def __post_init__(self) -> None:
+            for name in ("slots_per_rank", "threads"):
+                v = getattr(self, name)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise MoesimError(f"oracle_ilp: {name} must be a positive integer, got "
+                                      f"{v!r}")
+            if self.objective not in OBJECTIVES:
+                raise MoesimError(f"oracle_ilp: objective={self.objective!r}; use one of "
+                                  f"{', '.join(OBJECTIVES)}")
+            if self.solver not in SOLVERS:
+                raise MoesimError(f"oracle_ilp: solver={self.solver!r}; use one of "
+                                  f"{', '.join(SOLVERS)}")
+            if self.solver == "highs" and not _highs_available():
+                raise MoesimError("oracle_ilp: solver='highs' needs the highspy package; "
+                                  "pip install highspy, or use solver='cbc'")
+            if not (isinstance(self.time_limit_s, (int, float)) and self.time_limit_s > 0):
+                raise MoesimError(f"oracle_ilp: time_limit_s must be > 0 seconds, got "
+                                  f"{self.time_limit_s!r}")
+            if not (isinstance(self.mip_gap, (int, float)) and 0 <= self.mip_gap < 1):
+                raise MoesimError(f"oracle_ilp: mip_gap must be in [0, 1), got {self.mip_gap!r}")
+            cf = self.capacity_factor
+            if cf is not None and not (isinstance(cf, (int, float)) and cf > 0):
+                raise MoesimError(f"oracle_ilp: capacity_factor must be > 0 or None "
+                                  f"(dropless), got {cf!r}")
+
+    def decide(self, history: History, model: ModelSpec, cluster: Cluster,
+               rng: np.random.Generator) -> Decision:
+        """Solve each layer on ``history.current_TLRE``; slot rows ``[L, G·S]``."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        G, E, L, S = cluster.world_size, model.num_experts, model.num_layers, cfg.slots_per_rank
+        if G * S < E:
+            raise MoesimError(f"oracle_ilp: {G} GPUs × slots_per_rank={S} cannot hold {E} "
+                              f"experts; raise slots_per_rank to {-(-E // G)} or more")
+        if history.current_TLRE is None:
+            raise MoesimError("oracle_ilp needs the current iteration's counts; run it through "
+                              "the simulator, which hands oracle policies History.current_TLRE")
+        counts_LGE = np.asarray(history.current_TLRE, dtype=np.float64).sum(axis=0)
+        rows, info = [], {k: [] for k in ("status_L", "max_load_L", "load_bound_L", "gap_L",
+                                          "objective_value_L", "even_split_max_load_L")}
+        for l in range(L):
+            row, facts = self._solve_layer(counts_LGE[l], model, cluster)
+            rows.append(row)
+            for key, value in facts.items():
+                info[key + "_L"].append(value)
+        info.update(objective=cfg.objective, solver=cfg.solver)
+        cap = slot_capacity(cfg.capacity_factor, model.tokens_per_rank, model.top_k, G * S)
+        return Decision(Placement(np.stack(rows), G, S, E), routing="even", slot_capacity=cap,
+                        planner_time_s=time.perf_counter() - t0, info=info)
+
+    def _solve_layer(self, counts_GE: np.ndarray, model: ModelSpec,
+                     cluster: Cluster) -> tuple[np.ndarray, dict]:
+        """One layer's slot row ``[G·S]`` and its solver facts."""
+        cfg = self.config
+        G, E = counts_GE.shape
+        S = cfg.slots_per_rank
+        load = counts_GE.sum(0)
+        scale = load.sum() / G if load.sum() > 0 else 1.0
+        load_n, counts_n = load / scale, counts_GE / scale
+        link = cluster.inter if cluster.num_nodes > 1 else cluster.intra
+        comp_s = scale * model.expert_flops_per_token / cluster.hardware.peak_flops
+        comm_s = scale * model.token_bytes / (link.bw_GBps * 1e9)
+        layer = _build(load_n, counts_n, S, cfg.objective, comp_s, comm_s)
+        seed = _warm_start(layer, load_n, S, cluster.gpus_per_node, cfg.objective == "max_load")
+        status = self._run(layer.prob)
+        if status == "no_solution":      # keep the (feasible) seed; its values are still set
+            x, y = seed, seed * (load_n / np.maximum(seed.sum(0), 1))[None, :]
+        else:
+            x = np.array([[round(v.varValue or 0.0) for v in row] for row in layer.x],
+                         dtype=np.int64).T                                   # [G, E]
+            y = np.array([[v.varValue or 0.0 for v in row] for row in layer.y]).T
+        found = _objective(x, y, counts_n, cfg.objective, comp_s, comm_s)
+        lb_load, lb_obj = self._bounds(status, found, load_n, G, comp_s)
+        row = copies_to_phy2log(x, S)
+        unit = scale if cfg.objective == "max_load" else 1.0
+        return row, {"status": status, "max_load": float(y.sum(1).max() * scale),
+                     "load_bound": float(lb_load * scale),
+                     "gap": float((found - lb_obj) / found) if found > 0 else 0.0,
+                     "objective_value": float(found * unit),
+                     "even_split_max_load": float(gpu_load(row, load, S).max())}
+
+    def _bounds(self, status: str, found: float, load_E: np.ndarray, G: int,
+                comp_s: float) -> tuple[float, float]:
+        """Proven lower bounds ``(max load, objective)`` in scaled units: the combinatorial
+        bound (``layer_time``: its compute term, communication ≥ 0), raised to
+        ``found·(1 − mip_gap)`` when the solver proved optimality within ``mip_gap``."""
+        cfg = self.config
+        lb_load = max_load_lower_bound(load_E, G, cfg.slots_per_rank)
+        lb_obj = lb_load if cfg.objective == "max_load" else 3.0 * comp_s * lb_load
+        if status == "optimal":
+            lb_obj = max(lb_obj, found * (1.0 - cfg.mip_gap))
+            if cfg.objective == "max_load":
+                lb_load = lb_obj
+        return lb_load, lb_obj
+
+    def _run(self, prob: pulp.LpProblem) -> str:
+        """Solve with the configured solver; returns ``optimal``, ``time_limit`` (a feasible
+        solution, optimality not proven) or ``no_solution`` (the warm-start seed is kept)."""
+        cfg = self.config
+        opts = dict(msg=False, timeLimit=cfg.time_limit_s, gapRel=cfg.mip_gap,
+                    threads=cfg.threads)
+        if cfg.solver == "cbc":
+            with warnings.catch_warnings():   # PuLP 3.3 deprecates the bundled CBC for 4.0
+                warnings.simplefilter("ignore", DeprecationWarning)
+                solver = pulp.COIN_CMD(warmStart=True, **opts)
+                if not solver.available():
+                    solver = pulp.PULP_CBC_CMD(warmStart=True, **opts)
+        else:
+            solver = pulp.HiGHS(**opts)
+        prob.solve(solver)
+        if prob.sol_status == pulp.LpSolutionOptimal:
+            return "optimal"
+        if prob.sol_status == pulp.LpSolutionIntegerFeasible:
+            return "time_limit"
+        return "no_solution"
+
+
+def _heuristic_max_load_L(decision: Decision, load_LE: np.ndarray) -> np.ndarray:
+    """Max GPU load per layer, ``[L]``, with each expert split evenly over its replicas."""
+    pl = decision.placement
+    return np.array([gpu_load(pl.layer(l), load_LE[l], pl.slots_per_rank).max()
+                     for l in range(pl.num_layers)])
+
+
+def gap_to_oracle(decision_heuristic: Decision | Mapping[str, Decision],
+                  decision_oracle: Decision,
+                  load_LE: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+    """Relative gap of a heuristic's max GPU load to the ILP's lower bound, per layer ``[L]``:
+    ``(max_g load_g − bound) / bound`` (0 = provably optimal).
+
+    ``load_LE``: the loads the oracle was solved on (this iteration's tokens per expert). The
+    heuristic's GPU load splits each expert's load evenly over its replicas (routing-rule
+    independent). Pass a mapping ``name → Decision`` to get a dict of gaps.
+    """
+    if isinstance(decision_heuristic, Mapping):
+        return {name: gap_to_oracle(d, decision_oracle, load_LE)
+                for name, d in decision_heuristic.items()}
+    bound = np.asarray(decision_oracle.info["load_bound_L"], dtype=np.float64)
+    heur = _heuristic_max_load_L(decision_heuristic, np.asarray(load_LE, dtype=np.float64))
+    return np.where(bound > 0, (heur - bound) / np.where(bound > 0, bound, 1.0), 0.0)
+
