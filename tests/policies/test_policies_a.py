@@ -400,3 +400,19 @@ def test_fastermoe_lowering_broadcasts_and_reduces_shadows() -> None:
     owned_R = np.full(4, 2 * model.params_per_expert)              # 2 owned experts per GPU
     dense_R = model.dense_params / 4
     np.testing.assert_allclose(gpu["optimizer"], (owned_R + dense_R) * model.bytes_optim)
+
+
+def test_smartmoe_rotates_packs_so_hot_experts_spread_over_ranks():
+    """Same load in every layer: each layer's hottest expert lands on a different rank, and the
+    per-layer GPU loads are the same multiset as without rotation."""
+    from moesim.policies.primitives import gpu_load
+    from moesim.policies.smartmoe import permute_greedy
+
+    load = np.array([100.0, 50, 30, 20, 10, 5, 3, 1])
+    base = np.sort(gpu_load(permute_greedy(load, 4, 2), load, 2))
+    hot_rank = []
+    for layer in range(4):
+        cand = permute_greedy(load, 4, 2, rotate=layer)
+        assert np.array_equal(np.sort(gpu_load(cand, load, 2)), base)
+        hot_rank.append(int(np.flatnonzero(cand == 0)[0]) // 2)
+    assert sorted(hot_rank) == [0, 1, 2, 3]
