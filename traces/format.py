@@ -16,14 +16,23 @@ A :class:`RoutingTrace` holds
 
 Invariants (checked by :func:`validate`): counts are finite non-negative integers; for fixed-k
 traces every ``counts[t, l, r, :]`` sums to ``tokens_per_rank · top_k`` (for variable-k traces,
-at most that); the metadata's sizes equal the array's; per-token ids, when present, reproduce the
-counts exactly.
+at most that); the metadata's sizes equal the array's; the number of passes is a multiple of
+``micro_batches_per_iteration``; per-token ids, when present, lie in ``[-1, E)``, never repeat
+within a token, and reproduce the counts exactly.
+
+``variable_k`` means "a row may sum to *less* than ``tokens_per_rank · top_k``": tokens that
+picked fewer than ``top_k`` experts, or passes with fewer tokens (inference batches, padding,
+dropped tokens). Counts alone cannot tell these apart, so one flag covers both; ``top_k`` is then
+the most experts one token picks and ``tokens_per_rank`` the most tokens a rank sends.
 
 On disk
 -------
-``.npz`` (one file; read with ``allow_pickle=False``) holds arrays ``counts`` and optionally
-``topk``, and a uint8 array ``meta_json``. The directory form (for traces larger than RAM) holds
-``meta.json`` and raw ``counts.npy`` / ``topk.npy`` that are memory-mapped on load.
+``.npz`` (one compressed file; read with ``allow_pickle=False``) holds arrays ``counts`` and
+optionally ``topk``, and a uint8 array ``meta_json`` (UTF-8 JSON). The directory form (for
+traces larger than RAM) holds ``meta.json`` and raw ``counts.npy`` / ``topk.npy`` that are
+memory-mapped on load. Both are written atomically by :func:`moesim.traces.save_trace` and read
+(then validated) by :func:`moesim.traces.load_trace`; ``meta.extra`` is free-form JSON (importers
+record e.g. ``dropped_zero_layers``, the synthesizer its ``synth_config``).
 
 Example meta::
 
@@ -73,6 +82,10 @@ class TraceMeta:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def replace(self, **changes) -> TraceMeta:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
 
 @dataclass(frozen=True)
 class RoutingTrace:
@@ -94,3 +107,21 @@ class RoutingTrace:
         """Counts ``[passes, L, R, E]`` of one iteration (0-based index into this trace)."""
         mb = self.meta.micro_batches_per_iteration
         return self.counts_TLRE[iteration * mb:(iteration + 1) * mb]
+
+    def select_iterations(self, start: int | None, stop: int | None) -> RoutingTrace:
+        """The iterations ``start:stop`` (0-based indices into this trace) as a new trace.
+
+        Slices are views (no copy); ``first_iteration`` moves to the first kept iteration.
+        """
+        mb = self.meta.micro_batches_per_iteration
+        start, stop, _ = slice(start, stop).indices(self.num_iterations)
+        stop = max(stop, start)
+        topk = None if self.topk_TLRNK is None else self.topk_TLRNK[start * mb:stop * mb]
+        first = self.meta.first_iteration + start * self.meta.iteration_stride
+        return RoutingTrace(self.counts_TLRE[start * mb:stop * mb],
+                            self.meta.replace(first_iteration=first), topk)
+
+    def iteration_numbers(self) -> np.ndarray:
+        """Training-iteration number of each iteration in this trace, int64 ``[I]``."""
+        m = self.meta
+        return m.first_iteration + m.iteration_stride * np.arange(self.num_iterations)

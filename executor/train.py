@@ -1,0 +1,620 @@
+"""Executor train mode: train the tiny MoE LM for real under a placement policy; time-to-loss.
+
+Shape legend: ``L`` MoE layers, ``E`` experts, ``W`` ranks, ``S`` slots per rank, ``P = W·S``
+slots, ``N`` tokens per rank, ``D`` model width, ``F`` expert width, ``K`` top-k.
+
+Every step (one pass = one iteration) on each of ``W`` gloo ranks:
+
+1. ``route`` — the policy decides this step's placement from the routing counts of earlier steps
+   (``make_policy(name).decide(History(...), ModelSpec, Cluster, rng)``; every rank calls it with
+   the same inputs and seed, so all hold the same :class:`~moesim.placement.Decision`).
+2. ``param_gather`` — **master copies**: expert ``e``'s weights and Adam state live only on its
+   home rank ``e·W // E``; each step the home sends a fresh copy to every slot holding ``e``
+   (one ``all_to_all_single``). Replicas are therefore identical by construction, and a placement
+   change costs nothing extra beyond this copy.
+3. ``dispatch`` / ``expert`` / ``combine`` — the dense model runs data-parallel; each MoE layer
+   splits a rank's token assignments over ``e``'s replicas with the Decision's routing rule
+   (:func:`moesim.routing.split_tokens`, the simulator's own function), drops what exceeds
+   ``slot_capacity`` per (source, slot) (first choices queue first), and moves tokens with
+   differentiable ``all_to_all_single`` calls (a small autograd Function below).
+4. ``grad_sync`` — dense gradients are all-reduced; every replica's gradient is sent to the
+   expert's home (one ``all_to_all_single``) and summed there, i.e. replica gradients are reduced
+   onto the master copy, then averaged over ranks.
+5. ``optimizer`` — Adam on the dense parameters (everywhere, identically) and on the master
+   experts (at their homes).
+
+Logged per step: global mean LM loss, dropped assignments, wall time (max over ranks).
+Time-to-target-loss is the wall time until the mean LM loss over the last ``smooth`` steps first
+falls to the target (SwiftMoE's headline metric). The same model trained in one process with
+``groups=W`` (:func:`reference_losses`) gives the same losses when nothing is dropped.
+
+This file is longer than most (~350 lines) because the per-rank step is one piece: splitting it
+across modules would scatter the order of collectives every rank must agree on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as std_mp
+import os
+import socket
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moesim.errors import MoesimError
+from moesim.placement import Decision
+from moesim.policies import History, make_policy, policy_class
+from moesim.routing import split_tokens
+from moesim.specs import Cluster, ModelSpec, load_cluster
+from moesim.traces.record_train import Corpus, load_corpus, sample_batch
+from moesim.traces.tinylm import Adam, TinyLMConfig, TinyMoELM, build_model, expert_ffn
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Knobs of one distributed training run (the same for every policy compared)."""
+
+    model: TinyLMConfig = field(default_factory=lambda: TinyLMConfig(
+        num_layers=2, d_model=64, ffn_hidden=128, num_experts=8, top_k=2, seq_len=64))
+    world_size: int = 2
+    tokens_per_rank: int = 256
+    steps: int = 60
+    lr: float = 3e-3
+    seed: int = 0
+    capacity_factor: float | None = 1.0
+    slots_per_rank: int | None = None
+    target_loss: float | None = None
+    smooth: int = 5
+    timeout_s: float = 300.0
+    corpus_files: tuple[str, ...] | None = None
+    max_corpus_bytes: int = 2_000_000
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.world_size <= 16:
+            raise MoesimError(f"world_size={self.world_size} must be between 1 and 16")
+        if self.tokens_per_rank % self.model.seq_len:
+            raise MoesimError(f"tokens_per_rank={self.tokens_per_rank} must be a multiple of "
+                              f"seq_len={self.model.seq_len}")
+        if self.model.capacity_factor is not None:
+            raise MoesimError("set capacity_factor on TrainConfig (the policy applies it), "
+                              "not on the model")
+        if self.steps < 1 or self.smooth < 1 or not self.timeout_s > 0:
+            raise MoesimError("steps and smooth must be >= 1 and timeout_s > 0")
+
+
+def model_spec(cfg: TrainConfig) -> ModelSpec:
+    """The :class:`ModelSpec` policies see for the tiny LM."""
+    m = cfg.model
+    return ModelSpec(name="tinylm", num_layers=m.num_layers, hidden_size=m.d_model,
+                     ffn_hidden_size=m.ffn_hidden, num_experts=m.num_experts, top_k=m.top_k,
+                     gated=False, seq_len=m.seq_len, tokens_per_rank=cfg.tokens_per_rank,
+                     bytes_weight=4.0, bytes_grad=4.0, bytes_activation=4.0)
+
+
+def cpu_cluster(world_size: int) -> Cluster:
+    """The CPU/gloo cluster preset reshaped to one node of ``world_size`` ranks."""
+    return load_cluster("cpu-gloo-4").with_shape(1, world_size)
+
+
+def policy_knobs(name: str, cfg: TrainConfig) -> dict:
+    """Capacity factor and slots per rank, for the policies that have those knobs."""
+    fields = set(policy_class(name).Config.__dataclass_fields__)
+    knobs: dict = {}
+    if "capacity_factor" in fields:
+        knobs["capacity_factor"] = cfg.capacity_factor
+    if "slots_per_rank" in fields:
+        E, W = cfg.model.num_experts, cfg.world_size
+        knobs["slots_per_rank"] = cfg.slots_per_rank or math.ceil(1.5 * E / W)
+    return knobs
+
+
+def global_batch(corpus, cfg: TrainConfig, rng: np.random.Generator):
+    """The step's whole batch ``[W·N/S, S]`` (inputs, targets); rank ``r`` takes block ``r``."""
+    return sample_batch(corpus, cfg.world_size * cfg.tokens_per_rank // cfg.model.seq_len,
+                        cfg.model.seq_len, rng)
+
+
+# ----------------------------------------------------------------------------- placement maps
+
+def home_rank(e: int, num_experts: int, world: int) -> int:
+    """The rank holding expert ``e``'s master weights and optimizer state."""
+    return e * world // num_experts
+
+
+def slot_moves(decision: Decision, src: int, dst: int, E: int, W: int) -> list[tuple[int, int]]:
+    """``(layer, expert)`` of each slot of rank ``dst`` whose master lives on ``src``, in order."""
+    pl = decision.placement
+    S = pl.slots_per_rank
+    out = []
+    for l in range(pl.num_layers):
+        for p in range(dst * S, (dst + 1) * S):
+            e = int(pl.phy2log_LP[l, p])
+            if e >= 0 and home_rank(e, E, W) == src:
+                out.append((l, e))
+    return out
+
+
+class Experts:
+    """This rank's master experts (+ Adam) and the slot copies of the current step."""
+
+    def __init__(self, full: TinyMoELM, rank: int, world: int, lr: float) -> None:
+        E = full.cfg.num_experts
+        self.rank, self.world, self.E = rank, world, E
+        self.master = {}
+        for l, block in enumerate(full.blocks):
+            for e in range(E):
+                if home_rank(e, E, world) == rank:
+                    w = torch.cat([block.moe.w1[e].detach().reshape(-1),
+                                   block.moe.w2[e].detach().reshape(-1)])
+                    self.master[l, e] = torch.nn.Parameter(w.clone())
+        self.opt = Adam(list(self.master.values()), lr=lr) if self.master else None
+        self.shape = (full.cfg.d_model, full.cfg.ffn_hidden)
+        self.slots: dict[tuple[int, int], torch.Tensor] = {}
+
+    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        D, F = self.shape
+        return flat[:D * F].view(D, F), flat[D * F:].view(F, D)
+
+    def gather(self, decision: Decision) -> None:
+        """``param_gather``: slot copies ``{(layer, slot): flat weights}`` from the homes."""
+        W, E, S = self.world, self.E, decision.placement.slots_per_rank
+        send = [torch.cat([self.master[k].detach() for k in slot_moves(decision, self.rank, d,
+                                                                       E, W)] or [_empty()])
+                for d in range(W)]
+        moves = [slot_moves(decision, s, self.rank, E, W) for s in range(W)]
+        recv = _exchange(send, [len(m) * self._numel() for m in moves])
+        by_key = {}
+        for s in range(W):
+            for i, key in enumerate(moves[s]):
+                by_key.setdefault(key, []).append(recv[s][i * self._numel():(i + 1)
+                                                          * self._numel()])
+        self.slots = {}
+        pl = decision.placement
+        for l in range(pl.num_layers):
+            for j, p in enumerate(range(self.rank * S, (self.rank + 1) * S)):
+                e = int(pl.phy2log_LP[l, p])
+                if e >= 0:
+                    self.slots[l, j] = by_key[l, e].pop(0).clone().requires_grad_(True)
+
+    def _numel(self) -> int:
+        D, F = self.shape
+        return 2 * D * F
+
+    def reduce_grads(self, decision: Decision) -> None:
+        """``grad_sync``: replica gradients summed onto the masters, averaged over ranks."""
+        W, E, S = self.world, self.E, decision.placement.slots_per_rank
+        pl = decision.placement
+        per_dst: list[list[torch.Tensor]] = [[] for _ in range(W)]
+        for l in range(pl.num_layers):
+            for j, p in enumerate(range(self.rank * S, (self.rank + 1) * S)):
+                e = int(pl.phy2log_LP[l, p])
+                if e >= 0:
+                    t = self.slots[l, j]
+                    g = t.grad if t.grad is not None else torch.zeros_like(t)
+                    per_dst[home_rank(e, E, W)].append(g)
+        send = [torch.cat(x) if x else _empty() for x in per_dst]
+        moves = [slot_moves(decision, self.rank, s, E, W) for s in range(W)]
+        recv = _exchange(send, [len(m) * self._numel() for m in moves])
+        for p in self.master.values():
+            p.grad = torch.zeros_like(p)
+        for s in range(W):
+            for i, key in enumerate(moves[s]):
+                self.master[key].grad += recv[s][i * self._numel():(i + 1) * self._numel()]
+        for p in self.master.values():
+            p.grad /= W
+
+
+def _empty() -> torch.Tensor:
+    return torch.zeros(0)
+
+
+def _exchange(send: list[torch.Tensor], recv_sizes: list[int]) -> list[torch.Tensor]:
+    """Plain (non-autograd) ``all_to_all_single`` of per-destination flat float tensors."""
+    inp = torch.cat(send).contiguous()
+    out = torch.empty(sum(recv_sizes))
+    dist.all_to_all_single(out, inp, recv_sizes, [t.numel() for t in send])
+    return list(torch.split(out, recv_sizes))
+
+
+# ----------------------------------------------------------------------------- the MoE layer
+
+class DistributedExperts:
+    """``expert_fn`` for :class:`TinyMoELM`: dispatch to the slots, compute, combine."""
+
+    def __init__(self, experts: Experts, decision: Decision, cluster: Cluster, K: int) -> None:
+        self.ex, self.dec, self.cluster, self.K = experts, decision, cluster, K
+        self.counts_LE: dict[int, np.ndarray] = {}
+        self.dropped = 0
+
+    def slot_of_assignments(self, layer: int, e_A: np.ndarray) -> np.ndarray:
+        """Slot of each assignment (``A = K·N`` in choice-major order), ``-1`` if dropped."""
+        pl, W, E = self.dec.placement, self.ex.world, self.ex.E
+        counts_RE = np.zeros((W, E), dtype=np.int64)
+        counts_RE[self.ex.rank] = np.bincount(e_A, minlength=E)
+        tokens_P = split_tokens(counts_RE, pl.layer(layer), W, pl.slots_per_rank,
+                                self.dec.routing, self.cluster.gpus_per_node,
+                                self.dec.info.get("ep_size"))[self.ex.rank]
+        order = np.argsort(e_A, kind="stable")
+        slot_sorted = np.concatenate([np.repeat(np.flatnonzero(pl.layer(layer) == e),
+                                                tokens_P[pl.layer(layer) == e])
+                                      for e in range(E)] + [np.zeros(0, np.int64)])
+        slot_A = np.empty_like(e_A)
+        slot_A[order] = slot_sorted
+        cap = self.dec.slot_capacity
+        if cap is not None:
+            pos = _rank_within(slot_A)
+            slot_A = np.where(pos < cap, slot_A, -1)
+        return slot_A
+
+    def __call__(self, layer: int, h_ND: torch.Tensor, topk_NK: torch.Tensor,
+                 gates_NK: torch.Tensor, keep_NK: torch.Tensor) -> torch.Tensor:
+        N, K = topk_NK.shape
+        e_A = topk_NK.t().reshape(-1).numpy().astype(np.int64)
+        self.counts_LE[layer] = np.bincount(e_A, minlength=self.ex.E)
+        slot_A = self.slot_of_assignments(layer, e_A)
+        kept = np.flatnonzero(slot_A >= 0)
+        kept = kept[np.argsort(slot_A[kept], kind="stable")]
+        self.dropped += int(len(e_A) - len(kept))
+        tok, choice = kept % N, kept // N
+        P, S = self.dec.placement.num_slots, self.dec.placement.slots_per_rank
+        kept_P = torch.from_numpy(np.bincount(slot_A[kept], minlength=P))
+        all_P = [torch.zeros_like(kept_P) for _ in range(self.ex.world)]
+        dist.all_gather(all_P, kept_P)
+        kept_RP = torch.stack(all_P).numpy()
+        send_split = kept_RP[self.ex.rank].reshape(-1, S).sum(1).tolist()
+        mine = kept_RP[:, self.ex.rank * S:(self.ex.rank + 1) * S]
+        recv_split = mine.sum(1).tolist()
+        recv = _a2a(h_ND[torch.from_numpy(tok)], recv_split, send_split)
+        out = self.compute(layer, recv, mine)
+        back = _a2a(out, send_split, recv_split)
+        w = gates_NK[torch.from_numpy(tok), torch.from_numpy(choice)]
+        return torch.zeros_like(h_ND).index_add(0, torch.from_numpy(tok), back * w[:, None])
+
+    def compute(self, layer: int, recv_MD: torch.Tensor, mine_RS: np.ndarray) -> torch.Tensor:
+        """``expert``: rows arrive grouped by source, then by local slot; outputs keep order."""
+        slot_M = np.concatenate([np.repeat(np.arange(mine_RS.shape[1]), row) for row in mine_RS]
+                                + [np.zeros(0, np.int64)])
+        pieces, index = [], []
+        for j in range(mine_RS.shape[1]):
+            rows = np.flatnonzero(slot_M == j)
+            if len(rows):
+                w1, w2 = self.ex.split(self.ex.slots[layer, j])
+                pieces.append(expert_ffn(recv_MD[torch.from_numpy(rows)], w1, w2))
+                index.append(rows)
+        if not pieces:
+            return recv_MD * 0.0
+        inv = np.argsort(np.concatenate(index))
+        return torch.cat(pieces)[torch.from_numpy(inv)]
+
+
+def _rank_within(slot_A: np.ndarray) -> np.ndarray:
+    """Position of each assignment among those (earlier in order) with the same slot."""
+    order = np.argsort(slot_A, kind="stable")
+    s = slot_A[order]
+    starts = np.searchsorted(s, s, side="left")
+    pos = np.empty_like(slot_A)
+    pos[order] = np.arange(len(s)) - starts
+    return pos
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable ``all_to_all_single``: the backward sends gradients the reverse way."""
+
+    @staticmethod
+    def forward(ctx, x_MD: torch.Tensor, out_split: list[int], in_split: list[int]):
+        ctx.splits = (out_split, in_split)
+        out = x_MD.new_empty(sum(out_split), x_MD.shape[1])
+        dist.all_to_all_single(out, x_MD.contiguous(), out_split, in_split)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_MD: torch.Tensor):
+        out_split, in_split = ctx.splits
+        grad_in = grad_MD.new_empty(sum(in_split), grad_MD.shape[1])
+        dist.all_to_all_single(grad_in, grad_MD.contiguous(), in_split, out_split)
+        return grad_in, None, None
+
+
+def _a2a(x_MD: torch.Tensor, out_split: list[int], in_split: list[int]) -> torch.Tensor:
+    return _AllToAll.apply(x_MD, out_split, in_split)
+
+
+# ----------------------------------------------------------------------------- one rank
+
+def _dense_params(model: TinyMoELM) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if not n.endswith(("moe.w1", "moe.w2"))]
+
+
+def _average_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """``grad_sync`` of the dense part: one all-reduce of all gradients, divided by ``world``."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, torch.split(flat, [g.numel() for g in grads]), strict=True):
+        p.grad = g.view_as(p)
+
+
+def _local_block(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    return x.view(world, -1, x.shape[1])[rank]
+
+
+def _train_rank(rank: int, cfg: TrainConfig, policy_name: str, corpus: Corpus) -> list[dict]:
+    """The training loop of one rank; returns per-step records (identical on every rank)."""
+    W = cfg.world_size
+    model = build_model(cfg.model, cfg.seed)
+    experts = Experts(model, rank, W, cfg.lr)
+    dense = _dense_params(model)
+    opt = Adam(dense, lr=cfg.lr)
+    policy = make_policy(policy_name, policy_knobs(policy_name, cfg))
+    spec, cluster = model_spec(cfg), cpu_cluster(W)
+    data_rng, policy_rng = np.random.default_rng(cfg.seed), np.random.default_rng(cfg.seed + 1)
+    past: list[np.ndarray] = []
+    decision, records, wall = None, [], 0.0
+    for step in range(cfg.steps):
+        start = time.perf_counter()
+        history = History(step, _past_array(past, spec, W), 1, decision)
+        decision = policy.decide(history, spec, cluster, policy_rng)
+        experts.gather(decision)
+        x, y = global_batch(corpus, cfg, data_rng)
+        fn = DistributedExperts(experts, decision, cluster, cfg.model.top_k)
+        loss, lm, _ = model(_local_block(x, rank, W), _local_block(y, rank, W), 1, fn)
+        opt.zero_grad()
+        loss.backward()
+        _average_grads(dense, W)
+        experts.reduce_grads(decision)
+        opt.step()
+        if experts.opt is not None:
+            experts.opt.step()
+        stats = torch.tensor([float(lm.detach()), float(fn.dropped)], dtype=torch.float64)
+        dist.all_reduce(stats)
+        counts = _gather_counts(fn, cfg, W)
+        past.append(counts)
+        step_s = torch.tensor([time.perf_counter() - start])
+        dist.all_reduce(step_s, op=dist.ReduceOp.MAX)
+        wall += float(step_s)
+        records.append({"step": step, "loss": float(stats[0]) / W, "dropped": int(stats[1]),
+                        "step_time_s": float(step_s), "wall_s": wall,
+                        "replicas_max": int(decision.placement.logcnt_LE.max())})
+    return records
+
+
+def _past_array(past: list[np.ndarray], spec: ModelSpec, W: int) -> np.ndarray:
+    if not past:
+        return np.zeros((0, spec.num_layers, W, spec.num_experts), dtype=np.int64)
+    return np.stack(past)
+
+
+def _gather_counts(fn: DistributedExperts, cfg: TrainConfig, W: int) -> np.ndarray:
+    """This step's chosen counts of all ranks, ``[L, R, E]``."""
+    mine = torch.from_numpy(np.stack([fn.counts_LE[l] for l in range(cfg.model.num_layers)]))
+    parts = [torch.zeros_like(mine) for _ in range(W)]
+    dist.all_gather(parts, mine)
+    return torch.stack(parts, dim=1).numpy()
+
+
+def _worker(rank: int, cfg: TrainConfig, policy_name: str, corpus: Corpus, port: int,
+            queue) -> None:
+    """Process entry: join the gloo group, train, report (rank 0) or the error (any rank)."""
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=cfg.world_size,
+                                timeout=timedelta(seconds=cfg.timeout_s))
+        try:
+            records = _train_rank(rank, cfg, policy_name, corpus)
+        finally:
+            dist.destroy_process_group()
+        if rank == 0:
+            queue.put(("ok", records))
+    except Exception as exc:  # noqa: BLE001 - forwarded to the parent as one line
+        last = traceback.format_exc().strip().splitlines()[-1]
+        queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc} ({last})"))
+
+
+# ----------------------------------------------------------------------------- launching
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (fresh for every run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _mp_context():
+    """``forkserver`` where available: its server imports torch and moesim once, and every rank
+    of every later run forks from it (a fresh process, no OpenMP state inherited from the
+    caller). ``spawn`` elsewhere."""
+    if "forkserver" in std_mp.get_all_start_methods():
+        ctx = std_mp.get_context("forkserver")
+        # not this module itself: under ``python -m`` the children re-run it as __mp_main__
+        ctx.set_forkserver_preload(["torch", "moesim.policies", "moesim.traces.record_train",
+                                    "moesim.routing", "moesim.specs"])
+        return ctx
+    return std_mp.get_context("spawn")
+
+
+def run_policy(cfg: TrainConfig, policy_name: str) -> list[dict]:
+    """Train under one policy on ``cfg.world_size`` spawned gloo processes; per-step records."""
+    make_policy(policy_name, policy_knobs(policy_name, cfg))  # fail fast on bad knobs
+    if policy_class(policy_name).oracle:
+        raise MoesimError(f"{policy_name!r} is an oracle (it needs a step's routing before "
+                          "deciding it); train mode runs non-oracle policies only")
+    ctx = _mp_context()
+    queue = ctx.Queue()
+    port = free_port()
+    corpus = load_corpus(cfg.corpus_files, cfg.max_corpus_bytes)
+    procs = [ctx.Process(target=_worker, args=(r, cfg, policy_name, corpus, port, queue),
+                         daemon=True)
+             for r in range(cfg.world_size)]
+    for p in procs:
+        p.start()
+    try:
+        status, payload = queue.get(timeout=cfg.timeout_s)
+    except Exception:  # queue.Empty
+        status, payload = "error", f"no result within {cfg.timeout_s:.0f} s"
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    if status != "ok":
+        raise MoesimError(f"train run with policy {policy_name!r} failed: {payload}")
+    return payload
+
+
+def running_mean(values: list[float], window: int) -> np.ndarray:
+    """Mean of the last ``window`` values at each position (fewer at the start)."""
+    c = np.cumsum(np.concatenate([[0.0], values]))
+    i = np.arange(1, len(values) + 1)
+    lo = np.maximum(0, i - window)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def time_to_target(records: list[dict], target: float | None, smooth: int) -> float | None:
+    """Wall time at which the mean loss of the last ``smooth`` steps first reaches ``target``."""
+    if target is None:
+        return None
+    hit = np.flatnonzero(running_mean([r["loss"] for r in records], smooth) <= target)
+    return records[int(hit[0])]["wall_s"] if len(hit) else None
+
+
+def reference_losses(cfg: TrainConfig, steps: int) -> list[float]:
+    """Single-process training of the same model on the same data (``groups = W``, no drops)."""
+    model = build_model(cfg.model, cfg.seed)
+    opt = Adam(list(model.parameters()), lr=cfg.lr)
+    corpus = load_corpus(cfg.corpus_files, cfg.max_corpus_bytes)
+    rng = np.random.default_rng(cfg.seed)
+    out = []
+    for _ in range(steps):
+        x, y = global_batch(corpus, cfg, rng)
+        loss, lm, _ = model(x, y, groups=cfg.world_size)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(float(lm.detach()))
+    return out
+
+
+def compare_policies(cfg: TrainConfig, policies: list[str], out_dir: str | Path | None = None,
+                     log=print) -> dict:
+    """Train under each policy; summary (+ ``train_results.json`` and a PNG when ``out_dir``)."""
+    runs, summary = {}, {}
+    for name in policies:
+        t0 = time.perf_counter()
+        runs[name] = run_policy(cfg, name)
+        recs = runs[name]
+        summary[name] = {
+            "final_loss": float(np.mean([r["loss"] for r in recs[-cfg.smooth:]])),
+            "total_wall_s": recs[-1]["wall_s"],
+            "dropped_fraction": sum(r["dropped"] for r in recs)
+            / (len(recs) * cfg.world_size * cfg.tokens_per_rank * cfg.model.top_k
+               * cfg.model.num_layers),
+            "time_to_target_s": time_to_target(recs, cfg.target_loss, cfg.smooth),
+            "launch_overhead_s": time.perf_counter() - t0 - recs[-1]["wall_s"],
+        }
+        if log:
+            log(f"{name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary[name].items()))
+    result = {"config": _config_dict(cfg), "policies": summary, "steps": runs}
+    if out_dir is not None:
+        write_results(result, Path(out_dir))
+    return result
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d["torch_version"] = torch.__version__
+    return d
+
+
+def write_results(result: dict, out_dir: Path) -> None:
+    """``train_results.json`` and ``loss_vs_time.png`` (loss vs wall clock, drops per step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_results.json").write_text(json.dumps(result, indent=1))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    smooth = result["config"]["smooth"]
+    for name, recs in result["steps"].items():
+        ax1.plot([r["wall_s"] for r in recs], running_mean([r["loss"] for r in recs], smooth),
+                 label=name)
+        ax2.plot([r["step"] for r in recs], [r["dropped"] for r in recs], label=name)
+    target = result["config"]["target_loss"]
+    if target is not None:
+        ax1.axhline(target, color="grey", linestyle=":", label="target")
+    ax1.set(xlabel="wall clock (s)", ylabel=f"LM loss, mean of last {smooth} steps",
+            title="loss vs time")
+    ax2.set(xlabel="step", ylabel="dropped assignments", title="drops per step")
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss_vs_time.png", dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m moesim.executor.train",
+                                description="Train the tiny MoE LM on gloo ranks under "
+                                            "placement policies; report time-to-target-loss.")
+    p.add_argument("--policies", default="static_ep", help="comma-separated policy names")
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--target-loss", type=float, default=None)
+    p.add_argument("--capacity-factor", type=_cf, default=1.0, help="'none' for dropless")
+    p.add_argument("--slots-per-rank", type=int, default=None,
+                   help="for policies with that knob (default ceil(1.5·E/W))")
+    p.add_argument("--tokens-per-rank", type=int, default=256)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--aux-loss-coef", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per policy run")
+    p.add_argument("--out", default=None, help="directory for train_results.json and the PNG")
+    return p
+
+
+def _cf(text: str) -> float | None:
+    return None if text.lower() in ("none", "dropless") else float(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        model = replace(TrainConfig().model, num_experts=args.experts, num_layers=args.layers,
+                        aux_loss_coef=args.aux_loss_coef)
+        cfg = TrainConfig(model=model, world_size=args.world_size, steps=args.steps,
+                          tokens_per_rank=args.tokens_per_rank, lr=args.lr, seed=args.seed,
+                          capacity_factor=args.capacity_factor,
+                          slots_per_rank=args.slots_per_rank, target_loss=args.target_loss,
+                          timeout_s=args.timeout)
+        compare_policies(cfg, [s.strip() for s in args.policies.split(",") if s.strip()],
+                         args.out)
+    except MoesimError as exc:
+        print(f"moesim: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())

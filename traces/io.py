@@ -1,0 +1,220 @@
+"""Reading and writing routing traces (format: :mod:`moesim.traces.format`).
+
+Two forms, chosen by the path:
+
+- ``*.npz`` — one zip archive with arrays ``counts``, optional ``topk`` and ``meta_json`` (uint8
+  UTF-8 JSON). Read with ``allow_pickle=False``: a trace file can never run code.
+- any other path — a directory with ``meta.json``, ``counts.npy`` and optional ``topk.npy``;
+  the arrays are memory-mapped read-only on load (``np.load(mmap_mode="r")``), for traces larger
+  than RAM.
+
+Writes are atomic: a ``.npz`` goes to a temporary file in the target's directory and is moved
+into place with ``os.replace``; a directory is built under a temporary name beside the target and
+renamed. A crash leaves either the old trace or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from moesim.errors import TraceError
+from moesim.traces.format import RoutingTrace
+from moesim.traces.validate import meta_from_dict, validate
+
+META_FILE = "meta.json"
+COUNTS_FILE = "counts.npy"
+TOPK_FILE = "topk.npy"
+
+# What a corrupt or truncated file can raise inside numpy / zipfile / json.
+_READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
+                UnicodeDecodeError, OverflowError, MemoryError, TypeError, RuntimeError)
+
+
+def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> Path:
+    """Validate ``trace`` and write it to ``path`` atomically; return the path.
+
+    ``*.npz`` writes one compressed archive, any other path a directory (see the module
+    docstring). An existing trace (or empty directory) at ``path`` is replaced; a directory
+    holding anything else is refused.
+    """
+    validate(trace)
+    path = Path(path)
+    if path.suffix == ".npz":
+        _save_npz(trace, path)
+    else:
+        _save_dir(trace, path)
+    return path
+
+
+def load_trace(path: str | os.PathLike) -> RoutingTrace:
+    """Read and validate a trace written by :func:`save_trace` (``.npz`` file or directory)."""
+    path = Path(path)
+    if path.is_dir():
+        trace = _load_dir(path)
+    elif path.exists():
+        trace = _load_npz(path)
+    else:
+        raise TraceError(f"no trace at {path}; check the path (a .npz file or a trace directory)")
+    return validate(trace)
+
+
+def _meta_bytes(trace: RoutingTrace) -> bytes:
+    return json.dumps(trace.meta.to_dict(), indent=1, sort_keys=True,
+                      default=_json_default).encode("utf-8")
+
+
+def _json_default(value):
+    """numpy scalars and arrays in ``meta.extra`` become plain JSON numbers and lists."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TraceError(f"metadata extra holds a {type(value).__name__}, which JSON cannot store; "
+                     "keep extra to numbers, strings, lists and dicts")
+
+
+def _save_npz(trace: RoutingTrace, path: Path) -> None:
+    arrays = {"counts": np.asarray(trace.counts_TLRE, dtype=np.int64),
+              "meta_json": np.frombuffer(_meta_bytes(trace), dtype=np.uint8)}
+    if trace.topk_TLRNK is not None:
+        arrays["topk"] = np.asarray(trace.topk_TLRNK, dtype=np.int32)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a trace is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _save_dir(trace: RoutingTrace, path: Path) -> None:
+    replaceable = path.is_dir() and ((path / META_FILE).exists() or not any(path.iterdir()))
+    if path.exists() and not replaceable:
+        raise TraceError(f"{path} exists and is not a trace directory; choose another output "
+                         "path (use a .npz suffix for a single file)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        np.save(tmp / COUNTS_FILE, np.asarray(trace.counts_TLRE, dtype=np.int64))
+        if trace.topk_TLRNK is not None:
+            np.save(tmp / TOPK_FILE, np.asarray(trace.topk_TLRNK, dtype=np.int32))
+        (tmp / META_FILE).write_bytes(_meta_bytes(trace))
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Rename ``new`` to ``path``, moving an existing trace directory aside first."""
+    if not path.exists():
+        os.rename(new, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.rmdir(old)
+    os.rename(path, old)
+    os.rename(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _parse_meta(raw: bytes, where: str):
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise TraceError(f"{where} is not valid JSON ({exc}); the file is corrupt, "
+                         "re-export the trace") from None
+    return meta_from_dict(data, where)
+
+
+def _load_npz(path: Path) -> RoutingTrace:
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise TraceError(f"{path} is a bare .npy array, not a trace archive; "
+                             "write traces with moesim (save_trace)")
+        with archive:
+            names = set(archive.files)
+            for name in ("counts", "meta_json"):
+                if name not in names:
+                    raise TraceError(f"{path} lacks the array {name!r}; it is not a moesim "
+                                     "trace or is truncated, re-export it")
+            meta = _parse_meta(_member(archive, "meta_json", path).tobytes(),
+                               f"{path}:meta_json")
+            counts = _member(archive, "counts", path)
+            topk = _member(archive, "topk", path) if "topk" in names else None
+    except TraceError:
+        raise
+    except _READ_ERRORS as exc:
+        raise TraceError(f"{path} is not a readable .npz trace ({type(exc).__name__}: "
+                         f"{_short(exc)}); the file is truncated or corrupt, "
+                         "re-export it") from None
+    return RoutingTrace(counts, meta, topk)
+
+
+def _member(archive, name: str, path: Path) -> np.ndarray:
+    """One array of an open ``.npz``; numpy hands back raw bytes for a non-.npy member."""
+    value = archive[name]
+    if not isinstance(value, np.ndarray):
+        raise TraceError(f"{path}: member {name!r} is not a .npy array; the file is corrupt, "
+                         "re-export it")
+    return value
+
+
+def _load_dir(path: Path) -> RoutingTrace:
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise TraceError(f"{path} has no {META_FILE}; it is not a moesim trace directory")
+    meta = _parse_meta(meta_path.read_bytes(), str(meta_path))
+    counts = _mmap(path / COUNTS_FILE, required=True)
+    topk = _mmap(path / TOPK_FILE, required=False)
+    return RoutingTrace(counts, meta, topk)
+
+
+def _mmap(path: Path, required: bool) -> np.ndarray | None:
+    if not path.exists():
+        if required:
+            raise TraceError(f"{path} is missing; the trace directory is incomplete, "
+                             "re-export it")
+        return None
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except _READ_ERRORS as exc:
+        raise TraceError(f"{path} is not a readable .npy array ({type(exc).__name__}: "
+                         f"{_short(exc)}); the file is truncated or corrupt, "
+                         "re-export it") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:120] + ("..." if len(text) > 120 else "")
+
+
+def atomic_write_text_lines(path: Path, header: str, table_NC: np.ndarray) -> Path:
+    """Write ``header`` and integer rows ``table_NC`` as CSV via a temp file + ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            np.savetxt(f, table_NC, fmt="%d", delimiter=",", header=header, comments="")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
