@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/planner_speed.py [--repeats 7] [--gpus 64 256 1024] [--experts 32 256]
+    python benchmarks/planner_speed.py --compare [--repeats 15] [--gpus 64 1024] [--experts 32]
 
 For each policy, GPU count (8 GPUs per node) and expert count it times ``decide`` for **one MoE
 layer** on a synthetic skewed trace (6 iterations, per-layer Dirichlet(0.4) popularity, 8192
@@ -13,6 +14,10 @@ processes share the cores; CPU time is the fairer figure then). Slots per GPU:
 with ``overlap_degree`` forced above its extra slots, i.e. on its costlier proportional
 materialisation branch. EPLB re-plans every iteration.
 
+``--compare`` times only LAER-MoE, against the planner it replaced (the frozen copy in
+``tests/policies/laer_reference.py``, swapped in for ``laer_fsep.plan_layer``), alternating the
+two in the same process so both see the same machine load.
+
 LAER-MoE (arXiv 2602.11686) reports its C++ planner at 0.5 ms for 64 GPUs and 0.1–0.28 s for
 1024 GPUs, with E = 32.
 """
@@ -21,12 +26,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from contextlib import nullcontext
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
 from moesim.errors import MoesimError
-from moesim.policies import History, available_policies, make_policy
+from moesim.policies import History, available_policies, laer_fsep, make_policy
 from moesim.specs import Cluster, HardwareProfile, LinkLevel, ModelSpec
 
 GPUS_PER_NODE = 8
@@ -74,18 +83,50 @@ def _knobs(name: str, slots: int) -> dict | None:
 def time_policy(name: str, num_experts: int, num_gpus: int,
                 repeats: int) -> tuple[float, float]:
     """Median planner wall time and CPU time of this process (s) of one layer's decision."""
+    runs = _runs(name, num_experts, num_gpus, repeats, [None])[None]
+    return float(np.median(runs[0])), float(np.median(runs[1]))
+
+
+def _runs(name: str, num_experts: int, num_gpus: int, repeats: int,
+          planners: list) -> dict:
+    """Wall and CPU times ``([s], [s])`` of ``repeats`` decisions (after one warm-up) per entry
+    of ``planners`` (``None``: as registered; else a ``plan_layer`` swapped into
+    ``laer_fsep``), alternating them run by run."""
     model, cluster = _model(num_experts), _cluster(num_gpus)
     slots = max(2, math.ceil(2 * num_experts / num_gpus))
     policy = make_policy(name, _knobs(name, slots))
     history = _history(model, num_gpus)
-    walls, cpus = [], []
+    out = {p: ([], []) for p in planners}
     for r in range(repeats + 1):
-        c0 = time.process_time()
-        d = policy.decide(history, model, cluster, np.random.default_rng(r))
-        if r:
-            walls.append(d.planner_time_s)
-            cpus.append(time.process_time() - c0)
-    return float(np.median(walls)), float(np.median(cpus))
+        for p in planners:
+            rng = np.random.default_rng(r)
+            with mock.patch.object(laer_fsep, "plan_layer", p) if p else nullcontext():
+                c0 = time.process_time()
+                d = policy.decide(history, model, cluster, rng)
+                cpu = time.process_time() - c0
+            if r:
+                out[p][0].append(d.planner_time_s)
+                out[p][1].append(cpu)
+    return out
+
+
+def compare_laer(experts: list[int], gpus: list[int], repeats: int) -> None:
+    """Print LAER-MoE's planner times beside the frozen pre-speed-up planner's."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "policies"))
+    import laer_reference
+
+    print(f"{'E':>4} {'G':>5} {'new wall':>9} {'new cpu':>9} {'old wall':>9} {'old cpu':>9} "
+          f"{'cpu speed-up':>13}")
+    for E in experts:
+        for G in gpus:
+            runs = _runs("laer_fsep", E, G, repeats, [None, laer_reference.plan_layer])
+            new, old = ([float(np.median(x)) * 1e3 for x in runs[p]]
+                        for p in (None, laer_reference.plan_layer))
+            print(f"{E:>4} {G:>5} {new[0]:>9.3f} {new[1]:>9.3f} {old[0]:>9.3f} {old[1]:>9.3f} "
+                  f"{old[1] / new[1]:>12.2f}x")
+    print(f"\nms per one-layer decision, median of {repeats} runs (old and new alternating), "
+          f"{GPUS_PER_NODE} GPUs per node, C = max(2, 2E/G); LAER paper (C++): 0.5 ms at "
+          "G=64, 100–280 ms at G=1024 (E=32)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,7 +134,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--gpus", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--experts", type=int, nargs="+", default=[32, 256])
+    ap.add_argument("--compare", action="store_true",
+                    help="time LAER-MoE against the planner it replaced, side by side")
     args = ap.parse_args(argv)
+    if args.compare:
+        compare_laer(args.experts, args.gpus, args.repeats)
+        return
     names = [n for n in ("laer_fsep", "hecate", "swiftmoe", "eplb")
              if n in available_policies()]
     head = f"{'policy':<10} {'E':>4} " + " ".join(f"{f'G={g}':>15}" for g in args.gpus)

@@ -14,6 +14,8 @@ Semantics shared by both backends:
 - A collective's group starts when all of its members have arrived and ends for all members at
   once, so a late rank delays the group (stragglers). Groups of one op run independently.
 - Ranks not named by an op skip it (compute ops: ``ranks``; collectives: members of ``groups``).
+  A rank that skips an op passes its deps through: a later op depending on it waits, on that
+  rank, only for what the skipped op depended on.
 
 Phases have one name everywhere (lowering, cost model, executor timers, RunResult, figures):
 ``PHASES``. ``direction`` is ``fwd``, ``bwd`` or ``step`` (once-per-iteration work).
@@ -66,7 +68,13 @@ class Compute(Op):
     ``r``); the cost model then applies the GEMM efficiency curve per slot, with ``gemm_passes``
     weight reads per slot (1 forward, 2 backward: dgrad + wgrad), and the executor runs those
     FFNs. ``kind`` says what the work is: ``expert_ffn``, ``attention``, ``router``, ``other``.
-    ``ranks`` (optional) restricts the op to some ranks; others skip it.
+    ``ranks`` (optional) restricts the op to some ranks; others skip it. Per-rank arrays
+    (``flops_R``, ``bytes_R``, ``gemm_tokens_RS``) are indexed by world rank either way.
+
+    Cost-model facts (added; optional): ``weight_bytes`` is one slot's expert weight (bytes read
+    per GEMM pass) and ``flops_per_token`` one token's forward FLOPs through one expert, both for
+    ``gemm_tokens_RS`` ops; ``gemm_rows`` is the row count ``m`` of a non-expert op's GEMMs
+    (tokens per rank), which picks its efficiency on the GEMM curve (0: elementwise).
     """
 
     flops_R: np.ndarray
@@ -75,6 +83,9 @@ class Compute(Op):
     gemm_tokens_RS: np.ndarray | None = None
     gemm_passes: int = 1
     ranks: np.ndarray | None = None
+    weight_bytes: float = 0.0
+    flops_per_token: float = 0.0
+    gemm_rows: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +93,18 @@ class HostCompute(Op):
     """CPU work per rank, e.g. a CPU Adam step over ``bytes_R`` of optimizer state."""
 
     bytes_R: np.ndarray
+    stream: str = "host"
+    ranks: np.ndarray | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostCopy(Op):
+    """A PCIe copy per rank between GPU and host memory (``cluster.host`` link): ``bytes_R``
+    moves device→host when ``to_host`` else host→device (SwiftMoE's offloaded optimizer pulls
+    gradients down and pushes updated weights up)."""
+
+    bytes_R: np.ndarray
+    to_host: bool = True
     stream: str = "host"
     ranks: np.ndarray | None = None
 

@@ -15,6 +15,16 @@ Adding a policy is one file in ``policies/`` and one decorator::
             slots_per_rank: int = 2
         def decide(self, history, model, cluster, rng): ...
 
+Lowering hooks: the simulator and the executor turn each decision into an op program with
+:func:`moesim.lowering.lower_iteration`, which calls the policy back at fixed points —
+``lower_relayout`` (iteration start), ``lower_after_route`` (between router and dispatch),
+``lower_param_gather`` (before a layer's expert compute, on the prefetch stream),
+``lower_layer_grads`` (after a layer's last backward), ``lower_grad_sync`` and
+``lower_optimizer`` (once per iteration) — and asks ``memory_footprint`` for the plan's static
+memory. The defaults are static expert parallelism (see ``policies/static_ep.py``, the worked
+example); a policy overrides only what it does differently, usually with a few ``ctx.add(op)``
+calls or the ``ctx.emit_*`` helpers.
+
 Shape legend: ``T`` passes, ``L`` layers, ``R`` source ranks, ``E`` experts.
 """
 
@@ -22,13 +32,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from moesim.errors import MoesimError
 from moesim.placement import Decision
 from moesim.specs import Cluster, ModelSpec
+
+if TYPE_CHECKING:  # the lowering imports nothing from policies; hooks only receive its context
+    from moesim.lowering import LoweringContext
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,75 @@ class Policy:
     def decide(self, history: History, model: ModelSpec, cluster: Cluster,
                rng: np.random.Generator) -> Decision:
         raise NotImplementedError(f"{type(self).__name__} must implement decide()")
+
+    # -- lowering hooks ---------------------------------------------------------------------
+    # ``moesim.lowering.lower_iteration`` calls these while it writes one iteration's Program;
+    # ``ctx`` is a :class:`moesim.lowering.LoweringContext` (program, decision, previous, model,
+    # cluster, routed token counts, op-index anchors, and ``emit_*`` helpers). Each hook appends
+    # ops with ``ctx.add(op)`` and returns the indices of ops that later work must wait for
+    # (``[]`` if none). The defaults are static expert parallelism's behaviour, so a policy
+    # overrides only what it does differently. Hooks must not mutate the decision.
+
+    def lower_relayout(self, ctx: LoweringContext) -> list[int]:
+        """Move weights from ``ctx.previous``'s placement to ``ctx.decision``'s, at the start
+        of the iteration (phase ``relayout``); the first forward waits for the returned ops.
+
+        Default: one ``SendRecv`` of each changed slot's expert weights from a rank that held
+        that expert before (same rank, else same node, else round-robin over holders); nothing
+        when the placement did not change. SwiftMoE / FlexMoE override it (weights from the
+        optimizer's shards, or weights + optimizer state)."""
+        return ctx.emit_relayout_sendrecv()
+
+    def lower_after_route(self, ctx: LoweringContext, micro_batch: int,
+                          layer: int) -> list[int]:
+        """Ops between a layer's router and its dispatch all-to-all (e.g. SwiftMoE's
+        all-reduce of the E-length count vector, Hecate's re-plan after gating). The dispatch
+        waits for the returned ops. Default: none."""
+        return []
+
+    def lower_param_gather(self, ctx: LoweringContext, micro_batch: int, layer: int,
+                           direction: str) -> list[int]:
+        """Materialise ``layer``'s expert weights before its expert compute (``direction``
+        ``fwd`` or ``bwd``), phase ``param_gather``, normally on the ``prefetch`` stream.
+
+        Called in program order just before the layer's attention in the forward (so the
+        gather overlaps it), and in the backward just after the expert backward of the layer
+        above (overlapping that layer's dispatch-bwd and dense backward). ``ctx.gather_anchor``
+        is the op whose end frees the buffer (the previous layer's expert compute, or -1); the
+        expert compute waits for the returned ops. Default (static EP): nothing to gather."""
+        return []
+
+    def lower_layer_grads(self, ctx: LoweringContext, layer: int) -> list[int]:
+        """Per-layer gradient ops after the last micro-batch's backward of ``layer``
+        (``ctx.layer_bwd_done[layer]`` is that expert-backward op): LAER's all-to-all reduce,
+        Hecate's SparseReduceScatter. The iteration's ``grad_sync`` waits for the returned ops.
+        Default (static EP): none (expert grads are synced once per iteration)."""
+        return []
+
+    def lower_grad_sync(self, ctx: LoweringContext) -> list[int]:
+        """Per-iteration gradient synchronisation (phase ``grad_sync``) after the backward.
+
+        Default: all-reduce each layer's expert grads among the ranks that hold replicas of
+        the same expert (static EP: the expert-data-parallel groups), then all-reduce the
+        dense grads over all ranks (data parallel)."""
+        return ctx.emit_expert_grad_allreduce() + ctx.emit_dense_grad_allreduce()
+
+    def lower_optimizer(self, ctx: LoweringContext) -> list[int]:
+        """The optimizer step (phase ``optimizer``). Default: ZeRO-1 / distributed optimizer:
+        each rank updates 1/DP of the dense state and 1/EDP of its experts' state on the GPU
+        (memory-bound Adam), then all-gathers the updated weights."""
+        return ctx.emit_zero1_optimizer()
+
+    def memory_footprint(self, decision: Decision, model: ModelSpec,
+                         cluster: Cluster) -> tuple[dict[str, np.ndarray],
+                                                    dict[str, np.ndarray]]:
+        """Static per-rank memory of this plan: ``(gpu, host)``, each a dict component →
+        ``[R]`` bytes (components ``weights``, ``grads``, ``optimizer``, ``buffers``, ...).
+        Activations and all-to-all buffers are added by the lowering from the routed tokens.
+        Default: :func:`moesim.memory.default_footprint` (static EP, ZeRO-1 optimizer on GPU)."""
+        from moesim.memory import default_footprint
+
+        return default_footprint(decision, model, cluster)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -168,5 +250,7 @@ def make_policy(name: str, knobs: dict[str, Any] | None = None) -> Policy:
         kwargs[key] = _coerce(value, fields[key].type, key)
     try:
         return cls(cls.Config(**kwargs))
-    except TypeError as exc:
+    except MoesimError:
+        raise
+    except (TypeError, ValueError) as exc:  # Config.__post_init__ names the field and the fix
         raise MoesimError(f"policy {name!r}: {exc}") from None

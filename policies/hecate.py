@@ -65,12 +65,13 @@ from moesim.errors import MoesimError
 from moesim.ops import Broadcast, Reduce, SendRecv
 from moesim.placement import Decision, Placement
 from moesim.policies.base import History, Policy, register_policy
-from moesim.policies.laer_fsep import greedy_place, precise_replicas
 from moesim.policies.primitives import (
     dense_params_R,
     emit_gpu_optimizer,
     greedy_pack_fixed,
+    greedy_place,
     per_iteration_load_TLE,
+    precise_replicas,
     slot_capacity,
 )
 from moesim.specs import Cluster, ModelSpec

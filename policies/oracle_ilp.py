@@ -47,8 +47,13 @@ import pulp
 from moesim.errors import MoesimError
 from moesim.placement import Decision, Placement
 from moesim.policies.base import History, Policy, register_policy
-from moesim.policies.laer_fsep import copies_to_phy2log, greedy_place, precise_replicas
-from moesim.policies.primitives import gpu_load, slot_capacity
+from moesim.policies.primitives import (
+    copies_to_phy2log,
+    gpu_load,
+    greedy_place,
+    precise_replicas,
+    slot_capacity,
+)
 from moesim.specs import Cluster, ModelSpec
 
 OBJECTIVES = ("max_load", "layer_time")

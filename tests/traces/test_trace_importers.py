@@ -9,7 +9,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import make_trace
 
 from moesim.cli import main
 from moesim.errors import TraceError
@@ -21,6 +20,7 @@ from moesim.traces import (
     import_smartmoe,
     load_trace,
 )
+from tests.traces.tracetoys import make_trace
 
 # ---------------------------------------------------------------------------------- SmartMoE
 

@@ -9,10 +9,10 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import make_trace
 
 from moesim.errors import TraceError
 from moesim.traces import load_trace, save_trace
+from tests.traces.tracetoys import make_trace
 
 
 def assert_same(a, b):

@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_trace
 
 from moesim.cli import main
 from moesim.errors import MoesimError
 from moesim.traces import bundled_trace_path, save_trace
 from moesim.traces.stats import default_ep_size, per_pass_stats, trace_stats
+from tests.traces.tracetoys import make_trace
 
 
 def naive_stats(counts_TLRE: np.ndarray, ep: int) -> dict[str, np.ndarray]:

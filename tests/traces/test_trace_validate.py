@@ -6,11 +6,11 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import make_trace
 
 from moesim.errors import TraceError
 from moesim.traces import RoutingTrace, validate
 from moesim.traces.validate import meta_from_dict
+from tests.traces.tracetoys import make_trace
 
 
 def with_counts(trace, counts):

@@ -1,0 +1,109 @@
+"""Turn one search configuration (a plain dict of names) into a ``moesim.simulate`` call.
+
+Kept apart from ``search`` so the search machinery is testable without the simulator, and the
+one place that knows simulate's signature stays small.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from moesim.errors import MoesimError
+
+from .runs import as_run, summarize, summarize_columns
+
+BUNDLED = ("bundled", "default")
+
+
+@lru_cache(maxsize=4)
+def load_trace_arg(name: str | None) -> Any:
+    """A RoutingTrace from a path; ``None`` or ``"bundled"`` is the bundled sample trace."""
+    from moesim.traces.io import load_trace
+
+    if name is None or str(name) in BUNDLED:
+        try:
+            from moesim.traces import bundled_trace_path
+        except ImportError:
+            raise MoesimError("this build has no bundled trace; give traces = [\"path.npz\"] "
+                              "in the spec's [search] table") from None
+        return load_trace(bundled_trace_path())
+    if not Path(name).exists():
+        raise MoesimError(f"no trace file {name!r}; check the path in the spec")
+    return load_trace(name)
+
+
+def iterations_arg(value: Any) -> Any:
+    """Spec ``iterations``: N → the first N iterations; ``"a:b"`` or (a, b) → a..b-1;
+    None → all."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return (0, value)
+    if isinstance(value, str) and ":" in value:
+        start, _, stop = value.partition(":")
+        try:
+            return (int(start or 0), int(stop))
+        except ValueError:
+            pass
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return (int(value[0]), int(value[1]))
+    raise MoesimError(f"iterations = {value!r}: give a count N or a range \"start:stop\"")
+
+
+def load_cluster_arg(text: str) -> Any:
+    """A cluster preset or file, optionally reshaped: ``NAME@N`` (N nodes) or ``NAME@NxG``."""
+    from moesim.specs import load_cluster
+
+    name, _, shape = str(text).partition("@")
+    cluster = load_cluster(name)
+    if not shape:
+        return cluster
+    nodes, _, gpus = shape.partition("x")
+    try:
+        return cluster.with_shape(int(nodes), int(gpus) if gpus else None)
+    except ValueError:
+        raise MoesimError(f"cluster {text!r}: write NAME@NODES or NAME@NODESxGPUS, e.g. "
+                          "a100-4x8-ib800@2") from None
+
+
+def build_inputs(config: dict) -> dict[str, Any]:
+    """The objects simulate takes, built from a config's names (MoesimError on bad ones)."""
+    from moesim.policies import make_policy
+    from moesim.specs import load_model
+
+    for axis in ("model", "cluster"):
+        if not config.get(axis):
+            raise MoesimError(f"configuration has no {axis}; add {axis}s = [...] to the spec's "
+                              "[search] table")
+    return {
+        "trace": load_trace_arg(config.get("trace")),
+        "model": load_model(config["model"]),
+        "cluster": load_cluster_arg(config["cluster"]),
+        "policy": make_policy(config["policy"], config.get("knobs") or {}),
+    }
+
+
+def simulate_summary(config: dict, run_dir: Path | None = None) -> dict:
+    """Simulate ``config`` and summarise it.
+
+    With ``run_dir`` the RunResult is written there (resuming a half-written one); without,
+    nothing is written and the summary comes from simulate's per-iteration rows.
+    """
+    try:
+        from moesim.simulate import simulate
+    except ModuleNotFoundError as exc:
+        raise MoesimError("the simulator (moesim.simulate) is not in this build; search "
+                          "needs it") from exc
+    inputs = build_inputs(config)
+    resume = run_dir is not None and run_dir.is_dir() and any(run_dir.iterdir())
+    result = simulate(inputs["trace"], inputs["model"], inputs["cluster"], inputs["policy"],
+                      iterations=iterations_arg(config.get("iterations")),
+                      rng_seed=int(config.get("seed") or 0), out_dir=run_dir, resume=resume,
+                      progress=False)
+    if run_dir is not None:
+        return summarize(as_run(run_dir))
+    rows = result.rows
+    return summarize_columns({k: [r.get(k, float("nan")) for r in rows]
+                              for k in (rows[0] if rows else {})})

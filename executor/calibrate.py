@@ -1,0 +1,275 @@
+"""``moesim calibrate``: fit the cost model's parameters to this machine and backend.
+
+Launches :mod:`moesim.executor.calibrate_bench` on N local ranks (the executor's own code paths:
+expert FFN per slot, the stand-in matmul, Adam, host copies, gloo / NCCL collectives), then fits
+every parameter on *relative* error (least squares on log time, or weighted by 1/t):
+
+- compute, the cost model's ``max(bytes/mem_bw, flops/(peak·eff(m))) + launch``:
+  ``launch_s`` from the smallest stand-in matmul (per-op overhead), ``peak_flops`` and
+  ``gemm_eff_curve`` tabulated at every measured ``m`` of the expert FFN sweep (forward and
+  backward; see :func:`fit_compute`); ``mem_bw_GBps`` from the optimizer step
+  (its Adam traffic per parameter as the lowering
+  counts it, ``2·bytes_optim + bytes_grad + bytes_weight``), so the memory-bound op it costs is
+  right; ``host_optimizer_GBps`` from the host Adam;
+- collectives, ``t = α + factor · S / busbw`` with nccl-tests' bus factors: one ``(α, busbw)``
+  for the intra-node level (the cost model has one per level), fitted over every kind and group
+  size (non-negative, relative error; all-to-all rows weighted ×4 as they dominate an MoE step);
+  per-kind fits are written as comments;
+- the host link (``HostCopy``): latency and bandwidth of host copies.
+
+``cores_shared_by = max(1, ranks / os.cpu_count())``; the measured slowdown of an expert forward
+when all ranks compute at once (vs rank 0 alone) is printed and written beside it — it equals
+the ratio on an idle machine and is larger (and erratic) when other work shares the cores.
+
+Output: a Cluster TOML (1 node × N ranks, the measured link) and its HardwareProfile TOML
+beside it (``<stem>-hw.toml``), both written atomically; ``moesim.specs.load_cluster(path)``
+loads them.
+
+Shape legend: ``K`` measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from moesim.errors import MoesimError
+
+GB = 1e9
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--world-size", type=int, default=2, help="ranks to measure collectives on")
+    p.add_argument("--out", default="calibrated/cpu-gloo.toml",
+                   help="cluster TOML to write (the hardware profile goes to <stem>-hw.toml)")
+    p.add_argument("--model", default="tiny-cpu", help="model whose expert shape to benchmark")
+    p.add_argument("--reps", type=int, default=7, help="repeats per collective measurement")
+    p.add_argument("--raw", default=None, help="also keep the raw measurements (JSON) here")
+    p.add_argument("--from-raw", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--hang-timeout-s", type=float, default=300.0)
+    p.set_defaults(func=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Measure (or reuse ``--from-raw``), fit, write the TOMLs, print a summary."""
+    from moesim.executor.launch import launch
+    from moesim.specs import load_model
+
+    if args.world_size < 2:
+        raise MoesimError("--world-size must be >= 2 (collectives need two ranks)")
+    if args.from_raw:
+        raw = json.loads(Path(args.from_raw).read_text())
+    else:
+        with tempfile.TemporaryDirectory(prefix="moesim-cal-") as tmp:
+            out = Path(tmp) / "raw.json"
+            launch(["--model", args.model, "--out", str(out), "--reps", str(args.reps)],
+                   args.world_size, Path(tmp) / "run", hang_timeout_s=args.hang_timeout_s,
+                   module="moesim.executor.calibrate_bench")
+            raw = json.loads(out.read_text())
+    if args.raw:
+        Path(args.raw).write_text(json.dumps(raw))
+    fit = fit_profile(raw, load_model(args.model))
+    cluster_path = write_profile(fit, raw["meta"], Path(args.out))
+    print(summary_text(fit, raw["meta"], cluster_path))
+    return 0
+
+
+# -- fitting ---------------------------------------------------------------------------------
+
+
+def fit_compute(rows: list[dict], launch: float | None = None) -> dict:
+    """``launch_s``, ``peak_flops`` and a tabulated ``eff(m)`` from expert timings.
+
+    ``launch`` (per-op overhead) is given — the time of the smallest stand-in matmul, an op with
+    almost no work — or else fitted on log time (relative error) together with a saturating
+    ``eff(m) = m / (m + m_half)``; then ``peak_flops`` is the best rate any measurement reached
+    and the curve is tabulated at every measured ``m`` as the efficiency that reproduces the
+    geometric mean of its forward and backward times — so the per-slot times the executor sees
+    at each ``m`` are reproduced up to the forward/backward asymmetry the model cannot express
+    (it assumes backward = 2 × forward). Returns the parameters and the fit's relative errors."""
+    from scipy.optimize import least_squares
+
+    m = np.array([r["m"] for r in rows], dtype=float)
+    flops = np.array([r["flops"] for r in rows], dtype=float)
+    t = np.array([r["t"] for r in rows], dtype=float)
+
+    def smooth(theta: np.ndarray) -> np.ndarray:
+        launch, peak, m_half = np.exp(theta)
+        return launch + flops * (m + m_half) / (peak * m)
+
+    if launch is None:
+        guess = np.log([max(t.min() * 0.3, 1e-7), float((flops / t).max()), 8.0])
+        launch = float(np.exp(least_squares(lambda th: np.log(smooth(th)) - np.log(t),
+                                            guess).x[0]))
+    launch = min(launch, 0.5 * float(t.min()))
+    rate = flops / np.maximum(t - launch, 1e-9)
+    peak = float(rate.max())
+    curve = []
+    for mv in np.unique(m):
+        sel = m == mv
+        curve.append((float(mv), float(np.clip(np.exp(np.log(rate[sel] / peak).mean()),
+                                               1e-3, 1.0))))
+    eff = np.interp(np.log2(m), np.log2([c[0] for c in curve]), [c[1] for c in curve])
+    rel = (launch + flops / (peak * eff)) / t - 1
+    return {"launch_s": launch, "peak_flops": peak, "curve": curve,
+            "mape_pct": float(np.mean(np.abs(rel)) * 100),
+            "max_pct": float(np.max(np.abs(rel)) * 100)}
+
+
+def _inv_rate(x: np.ndarray, t: np.ndarray, fixed: float = 0.0) -> float:
+    """``1/rate`` minimising Σ((fixed + x/rate)/t − 1)² (relative error)."""
+    a = x / t
+    return float(np.sum(a * (1 - fixed / t)) / np.sum(a * a))
+
+
+def fit_alpha_beta(x: np.ndarray, t: np.ndarray, weight: np.ndarray | None = None
+                   ) -> tuple[float, float, float]:
+    """``t ≈ α + x/β`` on relative error (rows weighted by ``weight``), non-negative:
+    ``(α, β, mape %)``."""
+    from scipy.optimize import nnls
+
+    w = np.ones_like(t) if weight is None else np.sqrt(weight)
+    A = np.stack([w / t, w * x / t], axis=1)
+    (alpha, inv_beta), _ = nnls(A, w)
+    inv_beta = max(inv_beta, 1e-15)
+    rel = (alpha + x * inv_beta) / t - 1
+    return float(alpha), float(1 / inv_beta), float(np.mean(np.abs(rel)) * 100)
+
+
+def bus_factor(kind: str, n: np.ndarray) -> np.ndarray:
+    """nccl-tests' bus-bandwidth factor of a collective kind for group size ``n``."""
+    n = np.asarray(n, dtype=float)
+    return {"all_reduce": 2 * (n - 1) / n, "broadcast": np.ones_like(n)}.get(kind, (n - 1) / n)
+
+
+A2A_WEIGHT = 4.0  # an MoE layer-pass runs 4 all-to-alls; the other collectives run per iteration
+
+
+def fit_collectives(rows: list[dict]) -> dict:
+    """One intra-node ``(α, busbw)`` over all kinds (all-to-all rows weighted
+    ``A2A_WEIGHT``: they dominate an MoE step), and per-kind fits for reference."""
+    kinds = sorted({r["kind"] for r in rows})
+    per_kind = {}
+    xs, ts, ws = [], [], []
+    for kind in kinds:
+        sel = [r for r in rows if r["kind"] == kind]
+        x = np.array([r["bytes"] for r in sel]) * bus_factor(kind, [r["n"] for r in sel])
+        t = np.array([r["t"] for r in sel])
+        per_kind[kind] = fit_alpha_beta(x, t)
+        xs.append(x)
+        ts.append(t)
+        ws.append(np.full(len(t), A2A_WEIGHT if kind == "all_to_all" else 1.0))
+    alpha, beta, mape = fit_alpha_beta(np.concatenate(xs), np.concatenate(ts),
+                                       np.concatenate(ws))
+    return {"alpha_s": alpha, "busbw_GBps": beta / GB, "mape_pct": mape,
+            "per_kind": {k: {"alpha_s": a, "busbw_GBps": b / GB, "mape_pct": e}
+                         for k, (a, b, e) in per_kind.items()}}
+
+
+def fit_profile(raw: dict, model) -> dict:
+    """All fitted parameters from the raw measurements of :mod:`calibrate_bench`."""
+    comp = raw["compute"]
+    gemm_t = [r["t"] for r in comp if r["kind"] == "gemm"]
+    c = fit_compute([r for r in comp if r["kind"] == "expert"],
+                    launch=min(gemm_t) if gemm_t else None)
+    adam = [r for r in comp if r["kind"] == "adam"]
+    per_param = 2 * model.bytes_optim + model.bytes_grad + model.bytes_weight
+    x = np.array([r["numel"] * per_param for r in adam], dtype=float)
+    t = np.array([r["t"] for r in adam])
+    mem_bw = 1 / _inv_rate(x, t, c["launch_s"])
+    host = [r for r in comp if r["kind"] == "host_adam"]
+    hx = np.array([r["numel"] * (model.bytes_optim or 12.0) for r in host], dtype=float)
+    host_bw = 1 / _inv_rate(hx, np.array([r["t"] for r in host]))
+    copies = [r for r in comp if r["kind"] == "copy"]
+    lat, copy_bw, _ = fit_alpha_beta(np.array([r["bytes"] for r in copies], dtype=float),
+                                     np.array([r["t"] for r in copies]))
+    eff = c["curve"]
+    conc = raw.get("concurrency")
+    nominal = max(1.0, raw["meta"]["world_size"] / (raw["meta"].get("cpu_count") or 1))
+    measured = (conc["together_s"] / conc["alone_s"] if conc and conc["alone_s"] > 0
+                else float("nan"))
+    return {"compute": c, "cores_shared_by": nominal, "cores_shared_measured": measured,
+            "mem_bw_GBps": mem_bw / GB, "host_optimizer_GBps": host_bw / GB,
+            "host_link": {"latency_s": lat, "bw_GBps": copy_bw / GB}, "gemm_eff_curve": eff,
+            "collectives": fit_collectives(raw["collectives"])}
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def _mem_total_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 16.0
+
+
+def write_profile(fit: dict, meta: dict, out: Path) -> Path:
+    """Write ``out`` (Cluster) and ``<stem>-hw.toml`` (HardwareProfile) atomically."""
+    import tomli_w
+
+    from moesim.results import atomic_write_bytes
+    from moesim.specs import load_cluster
+
+    world, cores = int(meta["world_size"]), int(meta.get("cpu_count") or 1)
+    shared = fit["cores_shared_by"]
+    c, coll = fit["compute"], fit["collectives"]
+    hw_path = out.with_name(f"{out.stem}-hw.toml")
+    src = (f"moesim calibrate: {meta['backend']}, torch {meta['torch']}, {world} ranks, "
+           f"{cores} CPUs, model {meta['model']}")
+    hw = {"description": f"calibrated {meta['backend']} rank ({world} ranks)", "source": src,
+          "peak_flops": c["peak_flops"], "mem_bw_GBps": fit["mem_bw_GBps"],
+          "launch_s": c["launch_s"], "gemm_eff_curve": [list(p) for p in fit["gemm_eff_curve"]],
+          "elementwise_eff": 1.0, "host_optimizer_GBps": fit["host_optimizer_GBps"],
+          "collective_latency_s": 0.0, "cores_shared_by": shared}
+    link = {"bw_GBps": coll["busbw_GBps"], "latency_s": coll["alpha_s"]}
+    total = _mem_total_gib()
+    cluster = {"description": f"1 node x {world} ranks, calibrated", "source": src,
+               "num_nodes": 1, "gpus_per_node": world, "hardware": hw_path.name,
+               "gpu_memory_GiB": round(total / world, 2), "host_memory_GiB": round(total, 2),
+               "intra": link, "inter": link,
+               "host": {"bw_GBps": fit["host_link"]["bw_GBps"],
+                        "latency_s": fit["host_link"]["latency_s"]}}
+    hw_head = (f"# Calibrated by `moesim calibrate` ({src}).\n"
+               f"# cores_shared_by = ranks / CPUs; measured slowdown with all ranks computing: "
+               f"{fit['cores_shared_measured']:.2f}.\n"
+               f"# Compute fit over expert FFN timings: MAPE {c['mape_pct']:.1f}%, "
+               f"max {c['max_pct']:.1f}% (backward modelled as 2x forward).\n"
+               "# mem_bw_GBps: effective, from the executor's Adam step; collective latency is "
+               "in the cluster's link level.\n")
+    kinds = "; ".join(f"{k}: α {v['alpha_s'] * 1e6:.0f} us, busbw {v['busbw_GBps']:.2f} GB/s "
+                      f"(MAPE {v['mape_pct']:.0f}%)" for k, v in coll["per_kind"].items())
+    cl_head = (f"# Calibrated by `moesim calibrate` ({src}).\n"
+               f"# Intra link: one α/busbw over all collectives, MAPE {coll['mape_pct']:.1f}%.\n"
+               f"# Per kind: {kinds}\n")
+    atomic_write_bytes(hw_path, (hw_head + tomli_w.dumps(hw)).encode())
+    atomic_write_bytes(out, (cl_head + tomli_w.dumps(cluster)).encode())
+    load_cluster(out)  # must load
+    return out
+
+
+def summary_text(fit: dict, meta: dict, path: Path) -> str:
+    c, coll = fit["compute"], fit["collectives"]
+    lines = [f"calibrated {meta['backend']} on {meta['world_size']} ranks "
+             f"({meta['cpu_count']} CPUs) -> {path}",
+             f"  compute: peak {c['peak_flops'] / 1e9:.1f} GFLOP/s, launch "
+             f"{c['launch_s'] * 1e6:.1f} us, eff(m) at {len(c['curve'])} points, fit MAPE "
+             f"{c['mape_pct']:.1f}% (max {c['max_pct']:.1f}%)",
+             f"  cores_shared_by {fit['cores_shared_by']:.2f} (ranks / cpus; measured slowdown "
+             f"with all ranks computing: {fit['cores_shared_measured']:.2f})",
+             f"  memory: {fit['mem_bw_GBps']:.2f} GB/s (Adam), host Adam "
+             f"{fit['host_optimizer_GBps']:.2f} GB/s, host copy "
+             f"{fit['host_link']['bw_GBps']:.2f} GB/s",
+             f"  collectives: alpha {coll['alpha_s'] * 1e6:.0f} us, busbw "
+             f"{coll['busbw_GBps']:.3f} GB/s, fit MAPE {coll['mape_pct']:.1f}%"]
+    for k, v in coll["per_kind"].items():
+        lines.append(f"    {k:<15} alpha {v['alpha_s'] * 1e6:7.0f} us  busbw "
+                     f"{v['busbw_GBps']:7.3f} GB/s  MAPE {v['mape_pct']:5.1f}%")
+    return "\n".join(lines)

@@ -1,0 +1,485 @@
+"""Walk one iteration's :class:`~moesim.ops.Program` on this rank with real tensors, timing each op.
+
+Each rank runs the ops it takes part in, in program order (a valid execution order), one at a
+time — except that on CPU the collectives of the ``prefetch`` stream (FSEP / Hecate / FasterMoE
+weight gathers) are issued asynchronously and overlap the compute after them, joined through
+``deps`` and the stream's FIFO order (on CUDA every op runs in order on the current stream; NCCL
+orders the collectives). What each op does:
+
+- ``Compute(kind="expert_ffn", phase="expert")`` — the expert FFN of every local slot on exactly
+  its tokens (forward, or dgrad + wgrad backward), see :mod:`moesim.executor.moe_layer`;
+- ``AllToAll`` of phase ``dispatch`` / ``combine`` with a forced route — the real token
+  all-to-alls (``dist.all_to_all_single`` with split sizes); any other ``AllToAll`` moves a
+  buffer of its ``bytes_RR``;
+- ``Compute(phase="optimizer")`` — Adam on this rank's slot parameters (real tensors);
+- other ``Compute`` (attention, router, dense) — a documented stand-in, since the MoE layer is
+  the object of study: real GEMM work of the op's FLOPs, as expert-shaped FFN forwards on ``m`` =
+  tokens-per-rank rows (the GEMM shape the cost model assumes for dense work, so one efficiency
+  curve serves both);
+- ``AllReduce / AllGather / ReduceScatter / Broadcast / Reduce`` — over each op group's process
+  group, moving the expert tensors named by ``experts_G`` (parameters; gradients in phase
+  ``grad_sync``), or a buffer of ``bytes_G`` for dense (``-1``) or unnamed groups;
+- ``SendRecv`` — ``dist.batch_isend_irecv`` of the named experts' parameters (or buffers);
+- ``HostCompute`` — a real Adam step on CPU over ``bytes_R / bytes_optim`` parameters;
+- ``HostCopy`` — a real copy of ``bytes_R`` bytes between device and host memory (on CPU ranks:
+  memory to memory).
+
+The optimizer ``Compute`` updates ``bytes_R / (2·bytes_optim + bytes_grad + bytes_weight)``
+parameters (the lowering's Adam traffic per parameter): this rank's expert slot parameters first
+(real tensors and their gradients), then a buffer standing in for its dense-parameter shard.
+
+Replay mode keeps the learning rate at 0: the optimizer does all its arithmetic but weights stay
+the deterministic per-(layer, expert) values, so every replica always equals the reference and
+every iteration is checkable. A collective's sizes are element counts of the model's dtype
+(``bytes / bytes_per_element``), so the executor moves what the program says.
+
+Shape legend: ``L`` MoE layers (index ``L`` = per-iteration ops), ``F`` phases, ``S`` local
+slots, ``R`` ranks.
+
+This file is longer than most (~480 lines) because it is the whole op vocabulary: one small
+``compile`` method per op type, each resolving sizes and tensors once and returning the work.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moesim.executor import moe_layer as ml
+from moesim.executor.groups import GroupCache
+from moesim.executor.replay import expert_weights, ffn_forward, layer_inputs, torch_dtype
+from moesim.executor.timing import Collective, InFlight, OpTimes, Timer
+from moesim.ops import (
+    AllGather,
+    AllReduce,
+    AllToAll,
+    Broadcast,
+    Compute,
+    GroupCollective,
+    HostCompute,
+    HostCopy,
+    Op,
+    Program,
+    Reduce,
+    ReduceScatter,
+    SendRecv,
+)
+from moesim.specs import ModelSpec
+
+# torch ≥ 2.13 renamed the tensor-form all-gather / reduce-scatter; older releases have only these
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+class Adam:
+    """A plain Adam (β 0.9/0.999) over arbitrary tensors; state keyed by the caller."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+        self.state: dict[object, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def step(self, key: object, p: torch.Tensor, g: torch.Tensor) -> None:
+        """One update of ``p`` in place from gradient ``g`` (same shape)."""
+        m, v, t = self.state.get(key) or (torch.zeros_like(p), torch.zeros_like(p), 0)
+        t += 1
+        m.mul_(0.9).add_(g, alpha=0.1)
+        v.mul_(0.999).addcmul_(g, g, value=0.001)
+        denom = (v / (1 - 0.999**t)).sqrt_().add_(1e-8)
+        p.addcdiv_(m, denom, value=-self.lr / (1 - 0.9**t))
+        self.state[key] = (m, v, t)
+
+
+class RankExecutor:
+    """One rank's interpreter; keeps slot weights, groups and buffers across iterations."""
+
+    def __init__(self, model: ModelSpec, rank: int, world_size: int, device: torch.device,
+                 lr: float = 0.0) -> None:
+        self.model, self.rank, self.world, self.device = model, rank, world_size, device
+        self.dtype = torch_dtype(model)
+        self.groups = GroupCache(world_size)
+        self.slots: dict[int, list[tuple[int, torch.Tensor]]] = {}   # layer → [(expert, flat)]
+        self.prev_slots: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self.masters: dict[tuple[int, int], torch.Tensor] = {}
+        self.slot_grads: dict[int, list[torch.Tensor]] = {}
+        self.expert_grads: dict[tuple[int, int], torch.Tensor] = {}
+        self.passes: dict[tuple[int, int], ml.LayerPass] = {}
+        self.adam = Adam(lr)
+        self.host_adam = Adam(lr)
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    # -- set-up (untimed) -----------------------------------------------------------------
+    def prepare(self, program: Program, iteration: int) -> None:
+        """Install this iteration's slots, zero grads, build forced layer inputs, make groups."""
+        self.groups.ensure(program)
+        layouts = {l: r.phy2log_P for (_, l), r in sorted(program.routes.items())}
+        for l, phy2log in layouts.items():
+            self._install_slots(l, np.asarray(phy2log), program.routes)
+        self.expert_grads = {}
+        self.passes = {}
+        self._make_masters(program)
+        for (mb, l), route in sorted(program.routes.items()):
+            inp = layer_inputs(route, self.rank, self.model, iteration, mb, l, self.dtype)
+            inp.x_NH, inp.grad_out_NH = inp.x_NH.to(self.device), inp.grad_out_NH.to(self.device)
+            inp.gate_A = inp.gate_A.to(self.device)
+            members = self._a2a_members(program, mb, l)
+            self.passes[(mb, l)] = ml.plan_pass(inp, route, self.rank, members, self.device)
+
+    def _install_slots(self, layer: int, phy2log_P: np.ndarray, routes: dict) -> None:
+        """This iteration's slots of ``layer``: a slot keeps its tensor when its expert stays
+        on this rank, else gets the expert's deterministic weights (the relayout ops then move
+        the same values for real). The previous slots stay readable as relayout sources."""
+        S = next(r.slots_per_rank for (_, l), r in routes.items() if l == layer)
+        mine = phy2log_P[self.rank * S:(self.rank + 1) * S]
+        self.prev_slots[layer] = list(self.slots.get(layer, []))
+        old = {e: t for e, t in self.slots.get(layer, [])}
+        slots = []
+        for e in mine.tolist():
+            t = old.pop(e, None) if e >= 0 else None
+            if t is None:
+                t = (expert_weights(self.model, layer, e) if e >= 0
+                     else torch.zeros(self.model.params_per_expert))
+                t = t.to(device=self.device, dtype=self.dtype)
+            slots.append((int(e), t))
+        self.slots[layer] = slots
+        self.slot_grads[layer] = [torch.zeros_like(t) for _, t in slots]
+
+    def _make_masters(self, program: Program) -> None:
+        """Master copies of the experts this rank sends without holding them (e.g. from an
+        optimizer shard's home), created before the timed walk."""
+        for op in program.ops:
+            if op.phase == "grad_sync" or op.layer < 0 or not self._takes_part(op):
+                continue
+            if isinstance(op, SendRecv) and op.experts_N is not None:
+                mine = np.asarray(op.src_N) == self.rank
+                experts = np.asarray(op.experts_N)[mine]
+            elif isinstance(op, GroupCollective) and op.experts_G is not None:
+                experts = np.asarray(op.experts_G)
+            else:
+                continue
+            held = {e for e, _ in self.slots.get(op.layer, [])}
+            held |= {e for e, _ in self.prev_slots.get(op.layer, [])}
+            for e in set(experts.tolist()) - held:
+                if e >= 0 and (op.layer, e) not in self.masters:
+                    self.masters[(op.layer, e)] = expert_weights(self.model, op.layer, e).to(
+                        device=self.device, dtype=self.dtype)
+
+    def _a2a_members(self, program: Program, mb: int, layer: int) -> list[int]:
+        for op in program.ops:
+            if isinstance(op, AllToAll) and op.micro_batch == mb and op.layer == layer \
+                    and op.phase == "dispatch" and op.ranks is not None:
+                return [int(r) for r in np.asarray(op.ranks)]
+        return list(range(self.world))
+
+    # -- the timed walk ---------------------------------------------------------------------
+    def run(self, program: Program, progress: Callable[[], None] | None = None) -> OpTimes:
+        """Execute ``program`` after a barrier; returns this rank's op times. ``progress``
+        (cheap, e.g. a heartbeat) is called after every op.
+
+        On CPU, collectives on the ``prefetch`` stream are issued asynchronously (gloo runs them
+        on its own threads) and overlap the compute that follows, as the stream semantics say;
+        a later op waits for them only through its ``deps`` or the stream's FIFO order. Their
+        end is recorded when they complete. Everything else runs in program order."""
+        work = [(i, op, self.compile(op)) for i, op in enumerate(program.ops)
+                if self._takes_part(op)]
+        overlap = self.device.type == "cpu"
+        timer = Timer(self.device)
+        pending: dict[int, InFlight] = {}
+        dist.barrier()
+        timer.begin()
+        for i, op, fn in work:
+            self._wait_for(op, pending, timer)
+            if overlap and op.stream == "prefetch" and isinstance(fn, Collective):
+                pending[i] = InFlight(i, fn.start)
+            else:
+                timer.mark_start(i)
+                fn()
+                timer.mark_end(i)
+            if progress is not None:
+                progress()
+        for i in list(pending):
+            timer.add(*pending.pop(i).join())
+        return OpTimes(events=timer.finish(), origin_s=timer.origin_s,
+                       clock="cuda" if timer.cuda else "monotonic", host=socket.gethostname())
+
+    @staticmethod
+    def _wait_for(op: Op, pending: dict[int, InFlight], timer: Timer) -> None:
+        """Join in-flight ops ``op`` depends on (its deps; the prefetch stream's FIFO)."""
+        waits = [d for d in op.deps if d in pending]
+        if op.stream == "prefetch":
+            waits += list(pending)
+        for d in dict.fromkeys(waits):
+            timer.add(*pending.pop(d).join())
+
+    def _takes_part(self, op: Op) -> bool:
+        if isinstance(op, (Compute, HostCompute, HostCopy, AllToAll)):
+            return op.ranks is None or self.rank in np.asarray(op.ranks)
+        if isinstance(op, GroupCollective):
+            return any(self.rank in np.asarray(g) for g in op.groups)
+        if isinstance(op, SendRecv):
+            return self.rank in np.asarray(op.src_N) or self.rank in np.asarray(op.dst_N)
+        return False
+
+    def execute(self, op: Op) -> None:
+        """Run one op on this rank (it takes part in it)."""
+        self.compile(op)()
+
+    def compile(self, op: Op) -> Callable[[], None]:
+        """Resolve everything about ``op`` that does not depend on data (sizes, groups,
+        buffers) and return the work itself, so the timed walk runs only the work."""
+        if isinstance(op, Compute):
+            return self._compute(op)
+        r = self.rank
+        if isinstance(op, HostCompute):
+            return self._host_adam(float(np.asarray(op.bytes_R)[r]))
+        if isinstance(op, HostCopy):
+            return self._host_copy(int(np.asarray(op.bytes_R)[r]), op.to_host)
+        if isinstance(op, AllToAll):
+            return self._all_to_all(op)  # token all-to-alls run synchronously
+        if isinstance(op, (GroupCollective, SendRecv)):
+            return Collective(self._group_collective(op) if isinstance(op, GroupCollective)
+                               else self._send_recv(op))
+        raise TypeError(f"executor cannot run {type(op).__name__}")  # pragma: no cover
+
+    # -- compute ----------------------------------------------------------------------------
+    def _compute(self, op: Compute) -> Callable[[], None]:
+        lp = self.passes.get((op.micro_batch, op.layer))
+        if op.phase == "expert" and op.kind == "expert_ffn" and lp is not None:
+            params = [t for _, t in self.slots[op.layer]]
+            if op.direction == "fwd":
+                return lambda: ml.expert_fwd(lp, params, self.model)
+            grads = self.slot_grads[op.layer]
+            return lambda: ml.expert_bwd(lp, params, grads, self.model)
+        if op.phase == "optimizer":
+            m = self.model
+            per_param = 2 * m.bytes_optim + m.bytes_grad + m.bytes_weight
+            numel = int(float(np.asarray(op.bytes_R)[self.rank]) / per_param)
+            return lambda: self._optimizer_step(numel)
+        return self._standin(float(np.asarray(op.flops_R)[self.rank]))
+
+    def _standin(self, flops: float) -> Callable[[], None]:
+        """Stand-in compute of ``flops`` on ``m`` = tokens-per-rank rows (the GEMM shape the
+        cost model assumes for dense work): expert-shaped FFN forwards, as many as the FLOPs
+        need (the last on fewer rows); work smaller than one FFN row-block (the router) is one
+        ``[m, H] @ [H, n]`` matmul."""
+        m, h = max(1, self.model.tokens_per_rank), self.model.hidden_size
+        x = self._buffer(("mm_x", m), (m, h), randn=True)
+        if flops <= 0:
+            return lambda: None
+        if flops < m * self.model.expert_flops_per_token:
+            n = max(1, round(flops / (2.0 * m * h)))
+            b, out = self._buffer(("mm_b", n), (h, n), randn=True), self._buffer(("mm_c", n),
+                                                                                 (m, n))
+            return lambda: torch.matmul(x, b, out=out)
+        w = self._buffer(("mm_w",), (self.model.params_per_expert,), randn=True)
+        rows = int(round(flops / self.model.expert_flops_per_token))
+        blocks = [x[:min(m, rows - k)] for k in range(0, rows, m)]
+
+        def work() -> None:
+            for xb in blocks:
+                ffn_forward(xb, w, self.model)
+        return work
+
+    def _optimizer_step(self, numel: int) -> None:
+        """Adam over ``numel`` parameters: slot parameters (all layers, in order) first, then a
+        buffer for the rest (the dense shard)."""
+        for l in sorted(self.slots):
+            for s, (e, p) in enumerate(self.slots[l]):
+                if e < 0 or numel <= 0:
+                    continue
+                k = min(numel, p.numel())
+                g = self.expert_grads.get((l, e), self.slot_grads[l][s])
+                self.adam.step((l, s, e, k), p[:k], g[:k])
+                numel -= k
+        if numel > 0:
+            p = self._buffer(("opt_p", numel), (numel,))
+            g = self._buffer(("opt_g", numel), (numel,), randn=True)
+            self.adam.step(("dense", numel), p, g)
+
+    def _host_copy(self, nbytes: int, to_host: bool) -> Callable[[], None]:
+        """Copy ``nbytes`` between device memory and (pinned, on CUDA) host memory."""
+        if nbytes <= 0:
+            return lambda: None
+        dev = self._buffer(("copy_dev", nbytes), (nbytes,), dtype=torch.uint8)
+        host = self._buffers.get(("copy_host", nbytes))
+        if host is None:  # pinned on CUDA, as a real offload buffer would be
+            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            self._buffers[("copy_host", nbytes)] = host
+        src, dst = (dev, host) if to_host else (host, dev)
+        return lambda: dst.copy_(src)
+
+    def _host_adam(self, state_bytes: float) -> Callable[[], None]:
+        """A CPU Adam step over the parameters whose optimizer state is ``state_bytes``."""
+        numel = int(state_bytes / (self.model.bytes_optim or 12.0))
+        if numel <= 0:
+            return lambda: None
+        cpu = torch.device("cpu")
+        p = self._buffer(("host_p", numel), (numel,), device=cpu, dtype=torch.float32)
+        g = self._buffer(("host_g", numel), (numel,), device=cpu, dtype=torch.float32,
+                         randn=True)
+        return lambda: self.host_adam.step(("host", numel), p, g)
+
+    # -- all-to-all -------------------------------------------------------------------------
+    def _all_to_all(self, op: AllToAll) -> Callable[[], None]:
+        members = (list(range(self.world)) if op.ranks is None
+                   else [int(r) for r in np.asarray(op.ranks)])
+        group = self.groups.get(tuple(sorted(members)))
+        lp = self.passes.get((op.micro_batch, op.layer))
+        if lp is not None and op.phase in ("dispatch", "combine") and not op.reduce:
+            step = {("dispatch", "fwd"): ml.dispatch_fwd, ("combine", "fwd"): ml.combine_fwd,
+                    ("combine", "bwd"): ml.combine_bwd, ("dispatch", "bwd"): ml.dispatch_bwd}
+            fn = step.get((op.phase, op.direction))
+            if fn is not None:
+                return lambda: fn(lp, group)
+        me = members.index(self.rank)
+        elem = self._elem_bytes(op.phase)
+        bytes_RR = np.asarray(op.bytes_RR, dtype=float)
+        send = [math.ceil(b / elem) for b in bytes_RR[me]]
+        recv = [math.ceil(b / elem) for b in bytes_RR[:, me]]
+        buf = self._buffer(("a2a_in", sum(send)), (sum(send),))
+        out = self._buffer(("a2a_out", sum(recv)), (sum(recv),))
+
+        def start() -> Callable[[], None]:
+            w = dist.all_to_all_single(out, buf, output_split_sizes=recv,
+                                       input_split_sizes=send, group=group, async_op=True)
+            return w.wait
+        return Collective(start)
+
+    # -- group collectives ------------------------------------------------------------------
+    def _group_collective(self, op: GroupCollective) -> Callable[[], Callable[[], None]]:
+        """A starter for this rank's group of ``op``: issues the collective (async) and returns
+        the function that waits for it and stores the result."""
+        g = next(i for i, grp in enumerate(op.groups) if self.rank in np.asarray(grp))
+        members = sorted(int(r) for r in np.asarray(op.groups[g]))
+        if len(members) < 2:
+            return lambda: (lambda: None)
+        pg = self.groups.get(tuple(members))
+        expert = -1 if op.experts_G is None else int(np.asarray(op.experts_G)[g])
+        numel = math.ceil(float(np.asarray(op.bytes_G)[g]) / self._elem_bytes(op.phase))
+        n, me = len(members), members.index(self.rank)
+        if isinstance(op, (AllGather, ReduceScatter)):
+            numel = math.ceil(numel / n) * n
+        chunk = numel // n
+        root = int(np.asarray(op.roots_G)[g]) if isinstance(op, (Broadcast, Reduce)) else 0
+        kind = type(op)
+
+        def start() -> Callable[[], None]:
+            base = self._expert_tensor(op.phase, op.layer, expert)
+            t = self._view(base, numel)
+            out = None
+            if kind is AllReduce:
+                w = dist.all_reduce(t, group=pg, async_op=True)
+            elif kind is AllGather:
+                w = _all_gather_single(t, t[me * chunk:(me + 1) * chunk].clone(), group=pg,
+                                       async_op=True)
+            elif kind is ReduceScatter:
+                out = torch.empty(chunk, dtype=t.dtype, device=t.device)
+                w = _reduce_scatter_single(out, t, group=pg, async_op=True)
+            elif kind is Broadcast:
+                w = dist.broadcast(t, src=root, group=pg, async_op=True)
+            else:
+                w = dist.reduce(t, dst=root, group=pg, async_op=True)
+
+            def finish() -> None:
+                w.wait()
+                if out is not None:
+                    t[me * chunk:(me + 1) * chunk].copy_(out)
+                if base is not None and t.data_ptr() != base.data_ptr():
+                    k = min(base.numel(), numel)
+                    base[:k].copy_(t[:k])
+            return finish
+        return start
+
+    def _send_recv(self, op: SendRecv) -> Callable[[], Callable[[], None]]:
+        """A starter for this rank's transfers of ``op`` (see :meth:`_group_collective`)."""
+        plan = []  # (peer, numel, expert, is_send)
+        for n, (s, d) in enumerate(zip(np.asarray(op.src_N).tolist(),
+                                       np.asarray(op.dst_N).tolist(), strict=True)):
+            if self.rank not in (s, d) or s == d:  # s == d: a local copy, nothing moves
+                continue
+            expert = -1 if op.experts_N is None else int(np.asarray(op.experts_N)[n])
+            numel = math.ceil(float(np.asarray(op.bytes_N)[n]) / self._elem_bytes(op.phase))
+            plan.append((d if s == self.rank else s, numel, expert, s == self.rank))
+
+        def start() -> Callable[[], None]:
+            p2p, copies = [], []
+            for peer, numel, expert, is_send in plan:
+                if is_send:
+                    base = self._expert_tensor(op.phase, op.layer, expert)
+                    p2p.append(dist.P2POp(dist.isend, self._view(base, numel).contiguous(),
+                                          peer))
+                    continue
+                buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+                p2p.append(dist.P2POp(dist.irecv, buf, peer))
+                held = self._current_slot(op.layer, expert)
+                if held is not None and op.phase != "grad_sync":
+                    copies.append((held, buf))
+            works = dist.batch_isend_irecv(p2p) if p2p else []
+
+            def finish() -> None:
+                for w in works:
+                    w.wait()
+                for base, buf in copies:
+                    k = min(base.numel(), buf.numel())
+                    base[:k].copy_(buf[:k])
+            return finish
+        return start
+
+    # -- tensors ----------------------------------------------------------------------------
+    def _elem_bytes(self, phase: str) -> float:
+        m = self.model
+        if phase == "grad_sync":
+            return m.bytes_grad
+        if phase in ("dispatch", "combine", "route", "dense", "expert"):
+            return m.bytes_activation
+        return m.bytes_weight
+
+    def _expert_tensor(self, phase: str, layer: int, expert: int) -> torch.Tensor | None:
+        """The real tensor a collective on ``(layer, expert)`` moves: the expert's gradient
+        (summed over this rank's replicas) in ``grad_sync``, else its parameters; ``None`` for
+        dense / unnamed groups or an expert this rank does not hold."""
+        if expert < 0 or layer < 0 or layer not in self.slots:
+            return None
+        if phase == "grad_sync":
+            key = (layer, expert)
+            if key not in self.expert_grads:
+                held = [self.slot_grads[layer][s] for s, (e, _) in enumerate(self.slots[layer])
+                        if e == expert]
+                self.expert_grads[key] = (torch.stack(held).sum(0) if held else
+                                          torch.zeros(self.model.params_per_expert,
+                                                      dtype=self.dtype, device=self.device))
+            return self.expert_grads[key]
+        for e, t in self.slots[layer] + self.prev_slots.get(layer, []):
+            if e == expert:
+                return t
+        return self.masters.get((layer, expert))
+
+    def _current_slot(self, layer: int, expert: int) -> torch.Tensor | None:
+        """This iteration's slot tensor of ``(layer, expert)`` on this rank, if any."""
+        for e, t in self.slots.get(layer, []):
+            if e == expert >= 0:
+                return t
+        return None
+
+    def _view(self, base: torch.Tensor | None, numel: int) -> torch.Tensor:
+        """The first ``numel`` elements of ``base`` if it is big enough, else a buffer holding
+        a copy of ``base``'s prefix."""
+        if base is not None and base.numel() >= numel:
+            return base[:numel]
+        buf = torch.zeros(numel, dtype=self.dtype, device=self.device)
+        if base is not None:
+            buf[:base.numel()].copy_(base)
+        return buf
+
+    def _buffer(self, key: tuple, shape: tuple, *, randn: bool = False,
+                device: torch.device | None = None, dtype: torch.dtype | None = None
+                ) -> torch.Tensor:
+        if key not in self._buffers:
+            dev, dt = device or self.device, dtype or self.dtype
+            self._buffers[key] = (torch.randn(shape, device=dev).to(dt) if randn
+                                  else torch.zeros(shape, device=dev, dtype=dt))
+        return self._buffers[key]

@@ -1,0 +1,176 @@
+"""Start N local ranks of :mod:`moesim.executor.worker` and watch them.
+
+It does what ``torchrun --standalone --nproc-per-node N -m moesim.executor.worker ...`` does for
+one machine — the children see the same ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` /
+``MASTER_ADDR`` / ``MASTER_PORT`` — plus what a benchmark loop needs:
+
+- a fresh rendezvous per run: a free TCP port picked at launch, so a crashed earlier run can
+  never make the next one hang on a stale store;
+- a watchdog: a rank that exits non-zero, or no rank making progress (heartbeat files) for
+  ``hang_timeout_s``, ends the whole run — every child is killed with its process group — and
+  raises a one-line :class:`MoesimError` naming the cause, within that bound;
+- partial results are finished as ``incomplete`` (never left looking complete or running).
+
+Rank 0's stdout is passed through; every rank's stderr (and other ranks' stdout) goes to
+``<out>/logs/`` only when the run fails, else to a temporary directory that is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from moesim.errors import MoesimError
+
+POLL_S = 0.2
+GRACE_S = 5.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+               LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _kill_all(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL every still-running child's process group (each child leads its own)."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - unkillable child
+            pass
+
+
+def _error_line(log: Path) -> str:
+    """The last ``moesim: error:`` line of a rank's stderr, or its last line."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if ln.startswith("moesim: error:")]
+    line = errors[-1] if errors else (lines[-1] if lines else "")
+    return line.removeprefix("moesim: error: ")
+
+
+def finish_incomplete(out_dir: Path, error: str) -> None:
+    """Mark a run directory that a dead run left ``running`` as ``incomplete``."""
+    from moesim.results import RunWriter
+
+    manifest = out_dir / "manifest.json"
+    if not manifest.is_file():
+        return
+    if json.loads(manifest.read_text()).get("status") != "running":
+        return
+    config = json.loads((out_dir / "config.json").read_text())
+    RunWriter(out_dir, config, "executor", resume=True).finish("incomplete", error=error)
+
+
+def launch(worker_args: list[str], world_size: int, out_dir: str | Path, *,
+           hang_timeout_s: float = 120.0, module: str = "moesim.executor.worker") -> None:
+    """Run ``python -m module worker_args`` as ``world_size`` ranks; raise on any failure."""
+    out_dir = Path(out_dir)
+    logs = Path(tempfile.mkdtemp(prefix="moesim-run-"))
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    files = []
+    try:
+        for r in range(world_size):
+            err = open(logs / f"rank{r}.err", "wb")  # noqa: SIM115 - closed in finally
+            out = None if r == 0 else open(logs / f"rank{r}.out", "wb")  # noqa: SIM115
+            files += [f for f in (err, out) if f is not None]
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", module, *worker_args, "--heartbeat-dir", str(logs)],
+                env=_rank_env(r, world_size, port), stdout=out, stderr=err,
+                start_new_session=True))
+        failure = _watch(procs, logs, hang_timeout_s, time.time())
+    except BaseException:
+        _kill_all(procs)
+        finish_incomplete(out_dir, "interrupted")
+        raise
+    finally:
+        for f in files:
+            f.close()
+    if failure is None:
+        shutil.rmtree(logs, ignore_errors=True)
+        return
+    _kill_all(procs)
+    finish_incomplete(out_dir, failure)
+    if "exited with code" in failure or "no rank made progress" in failure:
+        raise MoesimError(f"{failure} (logs: {_keep_logs(logs, out_dir)})")
+    shutil.rmtree(logs, ignore_errors=True)  # a user error: its one line says it all
+    raise MoesimError(failure)
+
+
+def _keep_logs(logs: Path, out_dir: Path) -> Path:
+    if out_dir.is_dir():
+        dest = out_dir / "logs"
+        shutil.copytree(logs, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("rank?"))
+        shutil.rmtree(logs, ignore_errors=True)
+        return dest
+    return logs
+
+
+def _watch(procs: list[subprocess.Popen], logs: Path, hang_timeout_s: float,
+           started: float) -> str | None:
+    """Wait for the ranks; ``None`` when all succeed, else a one-line reason (children may
+    still be running: the caller kills them)."""
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c == 0 for c in codes):
+            return None
+        bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+        if bad:
+            _grace(procs)
+            first = min(bad, key=lambda rc: _exit_order(procs[rc[0]]))
+            r, code = first
+            line = _error_line(logs / f"rank{r}.err") or "no error message"
+            return line if code == 2 else f"rank {r} exited with code {code}: {line}"
+        if _idle_s(logs, len(procs), started) > hang_timeout_s:
+            return (f"no rank made progress for {hang_timeout_s:.0f} s (hung collective or dead "
+                    "peer); killed all ranks")
+        time.sleep(POLL_S)
+
+
+def _exit_order(p: subprocess.Popen) -> int:
+    return 0 if p.returncode not in (None, 0, -signal.SIGKILL) else 1
+
+
+def _grace(procs: list[subprocess.Popen]) -> None:
+    """Give the other ranks a moment to notice the failure and exit on their own."""
+    deadline = time.monotonic() + GRACE_S
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(POLL_S)
+
+
+def _idle_s(logs: Path, world: int, started: float) -> float:
+    """Seconds since the most recent heartbeat of any rank (or the launch)."""
+    newest = started
+    for r in range(world):
+        try:
+            newest = max(newest, (logs / f"rank{r}").stat().st_mtime)
+        except FileNotFoundError:
+            pass
+    return time.time() - newest

@@ -1,0 +1,274 @@
+"""``moesim validate``: executor vs simulator on a grid, with error tables and a figure.
+
+For every (trace, world size, policy) of the grid, on the same trace slice:
+
+1. the trace is fitted to the run (:func:`prepare_trace`) and saved, so both backends read the
+   same file;
+2. the executor runs it (:func:`moesim.executor.launch.launch`, ``moesim run``'s path) →
+   ``<out>/<config>/measured``;
+3. the simulator runs it with the calibrated profile (``--profile``, a cluster TOML from
+   ``moesim calibrate``, reshaped to one node × world size as the executor's ranks see it)
+   → ``<out>/<config>/predicted``; both runs carry the same config, so ``moesim report`` pairs
+   them;
+4. :func:`moesim.analysis.validation.compare_runs` gives per-iteration and per-phase MAPE / max.
+
+It prints one table per configuration and a summary, writes ``<out>/validation.csv`` and the
+predicted-vs-measured figure ``<out>/predicted_vs_measured.png`` (matplotlib, Agg).
+
+Traces: a path (``.npz`` / directory), ``synth`` (a synthetic trace with the model's shape) or
+``smartmoe[=DIR]`` (the real SmartMoE-AE training trace, default ``../shared/data/
+smartmoe-trace``). Shape legend: ``T`` passes, ``L`` layers, ``R`` ranks, ``E`` experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moesim.errors import MoesimError
+from moesim.specs import ModelSpec
+
+SMARTMOE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "smartmoe-trace"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--traces", default="synth", help="comma list: paths, 'synth', "
+                   "'smartmoe' or 'smartmoe=DIR'")
+    p.add_argument("--policies", default="static_ep", help="comma list of policy names; "
+                   "'name:knob=value:knob=value' sets knobs")
+    p.add_argument("--world-sizes", default="2", help="comma list, e.g. 2,4")
+    p.add_argument("--profile", default="cpu-gloo-4", help="cluster TOML from `moesim "
+                   "calibrate` (or a preset); reshaped to 1 node x world size")
+    p.add_argument("--model", default="tiny-cpu")
+    p.add_argument("--iterations", default="0:4", metavar="A:B")
+    p.add_argument("--out", required=True, help="directory for runs, table and figure")
+    p.add_argument("--hang-timeout-s", type=float, default=120.0)
+    p.set_defaults(func=run_validate)
+
+
+# -- traces ----------------------------------------------------------------------------------
+
+
+def _merge(counts: np.ndarray, axis: int, groups: int, what: str) -> np.ndarray:
+    """Sum consecutive blocks along ``axis`` into ``groups`` blocks."""
+    n = counts.shape[axis]
+    if n % groups:
+        raise MoesimError(f"cannot regroup {n} {what} into {groups}; choose a divisor of {n}")
+    shape = counts.shape[:axis] + (groups, n // groups) + counts.shape[axis + 1:]
+    return counts.reshape(shape).sum(axis=axis + 1)
+
+
+def _scale_rows(counts: np.ndarray, total: int, cap: int) -> np.ndarray:
+    """Scale every last-axis row to sum to ``total`` with no entry above ``cap`` (a token picks
+    an expert at most once): water-filling, then exact integer row sums."""
+    from moesim.traces.synth import fix_row_sums, waterfill
+
+    x = counts.astype(np.float64) + 1e-9
+    x = waterfill(x, float(total), float(cap))
+    return fix_row_sums(np.floor(x).astype(np.int64), total, cap)
+
+
+def prepare_trace(trace, world: int, model: ModelSpec):
+    """Fit a trace to ``world`` ranks and ``model``'s shape (documented, lossy):
+
+    ranks are regrouped by summing consecutive groups of ``R / world`` ranks; the first
+    ``model.num_layers`` layers are kept; experts are merged by summing consecutive groups of
+    ``E / model.num_experts``; each iteration keeps its first ``model.micro_batches`` passes;
+    every (pass, layer, rank) row is scaled to ``model.tokens_per_rank · top_k`` assignments with
+    no expert above ``tokens_per_rank`` (water-filling: merged experts can exceed what top-k
+    routing allows), so the routing *shape* (skew, drift) is kept at the tiny model's size.
+    """
+    from moesim.traces.format import RoutingTrace
+
+    meta = trace.meta
+    if meta.top_k != model.top_k:
+        raise MoesimError(f"trace top_k={meta.top_k} but model {model.name} has "
+                          f"top_k={model.top_k}; use a model with the trace's top-k")
+    M = min(meta.micro_batches_per_iteration, model.micro_batches)
+    I = trace.num_iterations
+    c = np.asarray(trace.counts_TLRE).reshape(I, meta.micro_batches_per_iteration,
+                                              *trace.counts_TLRE.shape[1:])[:, :M]
+    c = c.reshape(I * M, *c.shape[2:])[:, :model.num_layers]
+    if c.shape[1] < model.num_layers:
+        raise MoesimError(f"trace has {c.shape[1]} layers, model {model.name} needs "
+                          f"{model.num_layers}")
+    c = _merge(_merge(c, 2, world, "ranks"), 3, model.num_experts, "experts")
+    c = _scale_rows(c, model.tokens_per_rank * model.top_k, model.tokens_per_rank)
+    new = meta.replace(num_layers=model.num_layers, num_ranks=world,
+                       num_experts=model.num_experts, tokens_per_rank=model.tokens_per_rank,
+                       micro_batches_per_iteration=M, variable_k=False, rank_resolved=True,
+                       source=f"{meta.source} (regrouped for {world} ranks, {model.name})")
+    return RoutingTrace(c, new)
+
+
+def load_named_trace(name: str, world: int, model: ModelSpec, iterations: int):
+    """A trace by name (see the module docstring), fitted to ``world`` and ``model``."""
+    from moesim.traces.io import load_trace
+
+    if name == "synth":
+        from moesim.traces.synth import SynthConfig, synthesize
+
+        cfg = SynthConfig(num_layers=model.num_layers, num_ranks=world,
+                          num_experts=model.num_experts, top_k=model.top_k,
+                          tokens_per_rank=model.tokens_per_rank,
+                          micro_batches_per_iteration=model.micro_batches,
+                          num_iterations=max(iterations, 1), doc_tokens=64, skew_start=1.0)
+        return synthesize(cfg, rng=world)
+    if name.startswith("smartmoe"):
+        from moesim.traces.importers import import_smartmoe
+
+        directory = Path(name.partition("=")[2] or SMARTMOE_DIR)
+        if not directory.is_dir():
+            raise MoesimError(f"no SmartMoE trace at {directory}; pass smartmoe=DIR")
+        trace = import_smartmoe(directory)
+        return prepare_trace(trace.select_iterations(0, max(iterations, 1)), world, model)
+    trace = load_trace(name)
+    if trace.meta.num_ranks != world or trace.meta.num_experts != model.num_experts:
+        trace = prepare_trace(trace, world, model)
+    return trace
+
+
+# -- one configuration -----------------------------------------------------------------------
+
+
+@dataclass
+class ConfigResult:
+    """One grid point: its name, where its runs are, and the comparison."""
+
+    name: str
+    trace: str
+    policy: str
+    world: int
+    comparison: object
+
+
+def _policy(spec: str):
+    from moesim.executor.worker import parse_knobs
+    from moesim.policies import make_policy
+
+    name, *knobs = spec.split(":")
+    return name, knobs, make_policy(name, parse_knobs(knobs))
+
+
+def run_config(trace_path: Path, trace_name: str, spec: str, world: int, args,
+               out: Path) -> ConfigResult:
+    """Executor + simulator for one (trace, policy, world) and their comparison."""
+    from moesim.analysis.validation import compare_runs
+    from moesim.executor.launch import launch
+    from moesim.executor.plan import parse_iterations
+    from moesim.executor.worker import resolve_cluster
+    from moesim.results import load_run
+    from moesim.simulate import simulate
+    from moesim.specs import load_model
+    from moesim.traces.io import load_trace
+
+    name, knobs, policy = _policy(spec)
+    cluster = resolve_cluster(args.profile, world, cuda=False)  # as the executor's ranks do
+    trace = load_trace(trace_path)
+    start, stop = parse_iterations(args.iterations, trace.num_iterations)
+    measured, predicted = out / "measured", out / "predicted"
+    argv = ["--trace", str(trace_path), "--model", args.model, "--policy", name,
+            "--cluster", str(args.profile), "--iterations", f"{start}:{stop}",
+            "--out", str(measured), "--timeline", "first"]
+    for k in knobs:
+        argv += ["--knob", k]
+    launch(argv, world, measured, hang_timeout_s=args.hang_timeout_s)
+    simulate(trace_path, load_model(args.model), cluster, policy, iterations=(start, stop),
+             out_dir=predicted, timeline_iterations=[start], progress=False)
+    comp = compare_runs(load_run(predicted), load_run(measured))
+    return ConfigResult(out.name, trace_name, spec, world, comp)
+
+
+# -- the grid --------------------------------------------------------------------------------
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from moesim.analysis.validation import format_table
+    from moesim.specs import load_model
+    from moesim.traces.io import save_trace
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise MoesimError(f"output directory {out} is not empty; choose a new --out")
+    model = load_model(args.model)
+    worlds = [int(w) for w in str(args.world_sizes).split(",") if w]
+    stop = int(str(args.iterations).partition(":")[2] or 4)
+    results = []
+    for tname in [t for t in args.traces.split(",") if t]:
+        for world in worlds:
+            tag = Path(tname.partition("=")[0]).stem
+            (out / "traces").mkdir(parents=True, exist_ok=True)
+            tpath = save_trace(load_named_trace(tname, world, model, stop),
+                               out / "traces" / f"{tag}-w{world}.npz")
+            for spec in [p for p in args.policies.split(",") if p]:
+                cfg = f"{tag}-{spec.replace(':', '_').replace('=', '')}-w{world}"
+                res = run_config(Path(tpath), tag, spec, world, args, out / cfg)
+                print(format_table(res.comparison.rows(), title=f"== {cfg}"), flush=True)
+                results.append(res)
+    write_csv(results, out / "validation.csv")
+    print(summary_table(results))
+    fig = write_figure(results, out / "predicted_vs_measured.png")
+    print(f"wrote {out / 'validation.csv'} and {fig}")
+    return 0
+
+
+def summary_table(results: list[ConfigResult]) -> str:
+    """One line per configuration: step-time MAPE and max error."""
+    lines = [f"{'configuration':<40}{'step MAPE %':>12}{'max %':>8}"]
+    for r in results:
+        s = r.comparison.step
+        lines.append(f"{r.name:<40}{s.mape_pct:>12.1f}{s.max_pct:>8.1f}")
+    return "\n".join(lines)
+
+
+def write_csv(results: list[ConfigResult], path: Path) -> None:
+    from moesim.results import atomic_write_bytes
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["config", "trace", "policy", "world_size", "quantity", "predicted_s",
+                "measured_s", "mape_pct", "max_pct"])
+    for r in results:
+        for row in r.comparison.rows():
+            w.writerow([r.name, r.trace, r.policy, r.world, row["quantity"],
+                        row["predicted_s"], row["measured_s"], row["mape_pct"], row["max_pct"]])
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def write_figure(results: list[ConfigResult], path: Path) -> Path:
+    """Predicted vs measured step time per iteration (left) and per-phase MAPE (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5))
+    hi = 0.0
+    for r in results:
+        s = r.comparison.step
+        ax.scatter(s.measured_I * 1e3, s.predicted_I * 1e3, s=18, label=r.name)
+        hi = max(hi, float(s.measured_I.max()), float(s.predicted_I.max()))
+    ax.plot([0, hi * 1e3 * 1.05], [0, hi * 1e3 * 1.05], "k--", lw=0.8)
+    ax.set_xlabel("measured step time (ms)")
+    ax.set_ylabel("predicted step time (ms)")
+    ax.set_title("per iteration")
+    ax.legend(fontsize=6)
+    phases = sorted({p for r in results for p in r.comparison.phases})
+    width = 0.8 / max(len(results), 1)
+    for i, r in enumerate(results):
+        vals = [r.comparison.phases[p].mape_pct if p in r.comparison.phases else np.nan
+                for p in phases]
+        bx.bar(np.arange(len(phases)) + i * width, vals, width, label=r.name)
+    bx.set_xticks(np.arange(len(phases)) + 0.4 - width / 2, phases, rotation=30, fontsize=7)
+    bx.set_ylabel("MAPE (%)")
+    bx.set_title("per phase")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,315 @@
+"""The executor's per-rank entry point: ``torchrun --nproc-per-node N -m moesim.executor.worker``.
+
+It reads the torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``), joins the process group (NCCL on CUDA tensors when a GPU is visible, gloo on
+CPU tensors otherwise; the same code), and replays a trace slice through a policy:
+
+    rank 0: policy.decide → lower_iteration → broadcast the Program to every rank
+    every rank: prepare (untimed: slots, forced tokens, process groups) → barrier → run the
+                program op by op, timed → all_gather the times
+    rank 0: build the iteration record, RunWriter.add; optionally check against the reference
+
+``moesim run`` starts the same module as N local subprocesses (:mod:`moesim.executor.launch`).
+Rank 0 writes the RunResult (backend ``executor``); a failure finishes it as ``incomplete``. A
+user error prints one line and exits 2. Each rank touches ``<heartbeat-dir>/rank<r>`` as it makes
+progress (at most once a second), so a watching launcher can tell a hang from slow work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moesim.errors import MoesimError
+
+
+class Heartbeat:
+    """Touches ``<directory>/rank<r>`` at most once per ``every_s`` seconds (no-op without a
+    directory)."""
+
+    def __init__(self, directory: str | None, rank: int, every_s: float = 1.0) -> None:
+        self.path = Path(directory) / f"rank{rank}" if directory else None
+        self.every_s = every_s
+        self._last = 0.0
+        self.beat(force=True)
+
+    def beat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.path is None or (not force and now - self._last < self.every_s):
+            return
+        self._last = now
+        self.path.touch()
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``moesim run`` and the worker."""
+    p.add_argument("--trace", required=True, help="routing trace (.npz or directory); its "
+                   "ranks must equal the world size")
+    p.add_argument("--model", required=True, help="model preset name or .toml path")
+    p.add_argument("--policy", default="static_ep", help="registered policy name")
+    p.add_argument("--knob", action="append", default=[], metavar="K=V",
+                   help="policy config knob (repeatable)")
+    p.add_argument("--cluster", default=None, help="cluster preset or .toml (default: "
+                   "cpu-gloo-4 on CPU, h100-4x8-ib400x8 on GPU, reshaped to 1 node x N ranks)")
+    p.add_argument("--iterations", default=None, metavar="A:B", help="trace iterations to run")
+    p.add_argument("--out", required=True, help="run directory to write (must be new)")
+    p.add_argument("--seed", type=int, default=0, help="policy RNG seed")
+    p.add_argument("--check", action="store_true", help="compare every iteration's outputs "
+                   "and gradients with the single-process reference layer")
+    p.add_argument("--timeline", default="first", help="iterations to write Chrome traces "
+                   "for: 'first', 'none', 'all' or a comma list")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of the first iteration")
+    p.add_argument("--timeout-s", type=float, default=120.0,
+                   help="collective timeout of the process group (seconds)")
+
+
+def parse_knobs(items: list[str]) -> dict[str, str]:
+    knobs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MoesimError(f"--knob {item!r}: use name=value, e.g. --knob slots_per_rank=2")
+        knobs[key.strip()] = value
+    return knobs
+
+
+def resolve_cluster(name: str | None, world: int, cuda: bool):
+    """The cluster the ranks run on, reshaped to one node × ``world`` when it differs."""
+    from moesim.specs import load_cluster
+
+    cluster = load_cluster(name or ("h100-4x8-ib400x8" if cuda else "cpu-gloo-4"))
+    if cluster.world_size == world:
+        return cluster
+    if cluster.num_nodes == 1 or world <= cluster.gpus_per_node:
+        return cluster.with_shape(1, world)
+    raise MoesimError(f"cluster {cluster.name} has {cluster.world_size} ranks but the run has "
+                      f"{world}; give a cluster of {world} ranks")
+
+
+def _timeline_iters(text: str, first: int) -> set[int] | str:
+    if text in ("all", "none"):
+        return text
+    if text == "first":
+        return {first}
+    try:
+        return {int(x) for x in text.split(",") if x}
+    except ValueError:
+        raise MoesimError(f"--timeline {text!r}: use first, none, all or 0,3,7") from None
+
+
+def _config(args: argparse.Namespace, trace, model, cluster, policy, world: int,
+            start: int, stop: int) -> dict:
+    """The simulator's config (:func:`moesim.simulate.run_config`, so a simulator run and an
+    executor run of the same set-up pair up in ``analysis``) plus the executor's own facts."""
+    from moesim.simulate import run_config
+
+    config = run_config(trace, str(args.trace), model, cluster, policy,
+                        list(range(start, stop)), args.seed, False)
+    config.update(backend="executor", argv=sys.argv,
+                  started_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                  executor={"world_size": world, "dist_backend": dist.get_backend(),
+                            "mode": "replay", "warmup": args.warmup, "torch": torch.__version__,
+                            "device": "cuda" if torch.cuda.is_available() else "cpu"})
+    return config
+
+
+def _planned(args: argparse.Namespace, world: int, cuda: bool):
+    """Rank 0's side of a run: model, cluster, config and the iterator of planned iterations."""
+    from moesim.executor.plan import iteration_programs, parse_iterations
+    from moesim.policies import make_policy
+    from moesim.simulate import _fit_model, _fit_trace
+    from moesim.specs import load_model
+    from moesim.traces.io import load_trace
+
+    cluster = resolve_cluster(args.cluster, world, cuda)
+    trace = load_trace(args.trace)
+    if trace.meta.rank_resolved and trace.meta.num_ranks != world:
+        raise MoesimError(f"trace {args.trace} has {trace.meta.num_ranks} ranks but the run has "
+                          f"{world}; change --world-size or regroup the trace "
+                          "(moesim.executor.validate.prepare_trace)")
+    trace = _fit_like_simulator(_fit_trace, trace, cluster, args.seed)
+    model = _fit_model(load_model(args.model), trace)  # as the simulator: same trace and model
+    knobs = parse_knobs(args.knob)
+    policy = make_policy(args.policy, knobs)
+    start, stop = parse_iterations(args.iterations, trace.num_iterations)
+    config = _config(args, trace, model, cluster, policy, world, start, stop)
+    items = iteration_programs(trace.counts_TLRE, trace.meta.micro_batches_per_iteration,
+                               policy, model, cluster, start, stop, args.seed)
+    return model, config, items
+
+
+def _fit_like_simulator(fit_trace, trace, cluster, seed: int):
+    """Call the simulator's trace fitting (its signature gained a ``seed`` once; accept
+    both)."""
+    import inspect
+
+    if len(inspect.signature(fit_trace).parameters) >= 3:
+        return fit_trace(trace, cluster, seed)
+    return fit_trace(trace, cluster)
+
+
+def _next_item(items) -> object:
+    """Rank 0: the next planned iteration, ``None`` at the end, or an error to broadcast."""
+    try:
+        return next(items, None)
+    except MoesimError as exc:
+        return exc
+
+
+def stream(model, items, rank: int, world: int, device: torch.device, hb: Heartbeat,
+           check: bool, warmup: int = 1):
+    """Run every planned iteration rank 0 produces (``items``; ``None`` elsewhere) on all ranks.
+
+    ``model`` is rank 0's ModelSpec (or the exception its set-up raised: every rank raises it).
+    Yields, on every rank, ``(item, gathered OpTimes per rank, check report or None, peak
+    memory)``; ``item`` and the report are only meaningful on rank 0. The first program also
+    runs ``warmup`` times untimed (gloo connects lazily; first-touch allocations)."""
+    from moesim.executor.check import check_iteration
+    from moesim.executor.interpreter import RankExecutor
+
+    box = [model if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):  # rank 0's set-up failed: every rank stops with it
+        raise box[0]
+    ex = RankExecutor(box[0], rank, world, device)
+    first = True
+    while True:
+        box = [_next_item(items) if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        item = box[0]
+        if item is None:
+            return
+        if isinstance(item, Exception):
+            raise item
+        hb.beat(force=True)
+        for _ in range(warmup if first else 0):
+            ex.prepare(item.program, item.iteration)
+            ex.run(item.program, progress=hb.beat)
+        first = False
+        ex.prepare(item.program, item.iteration)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = ex.run(item.program, progress=hb.beat)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, times)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        report = check_iteration(ex, item.program, item.iteration) if check else None
+        hb.beat(force=True)
+        yield item, gathered, report, peak
+
+
+def run_rank(args: argparse.Namespace, rank: int, world: int, hb: Heartbeat) -> int:
+    """The replay loop of one rank (process group already initialised)."""
+    from moesim.executor.record import build_record
+    from moesim.results import RunWriter
+
+    device = _device()
+    model = items = writer = None
+    failures: list[int] = []
+    timeline: set[int] | str = "none"
+    if rank == 0:
+        try:
+            model, config, items = _planned(args, world, device.type == "cuda")
+            writer = RunWriter(args.out, config, "executor", chunk=1)
+            timeline = _timeline_iters(args.timeline, config["iterations"][0])
+        except MoesimError as exc:
+            model = exc  # stream() raises it on every rank
+    try:
+        for item, gathered, report, peak in stream(model, items, rank, world, device, hb,
+                                                   args.check, args.warmup):
+            if rank != 0:
+                continue
+            want_tl = timeline == "all" or (timeline != "none" and item.iteration in timeline)
+            rec = build_record(item.iteration, item.program, item.decision, item.counts_MLRE,
+                               gathered, want_tl, peak)
+            if report is not None:
+                rec.summary.update({f"check_{k}": float(v) for k, v in report.items()
+                                    if k != "iteration"})
+                print(_check_line(report), flush=True)
+                if not report["ok"]:
+                    failures.append(item.iteration)
+            writer.add(rec, state={"iteration": item.iteration})
+            print(f"iteration {item.iteration}: step {rec.summary['step_time_s'] * 1e3:.2f} ms",
+                  flush=True)
+    except BaseException as exc:
+        if writer is not None:
+            writer.finish("incomplete", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        raise
+    if writer is not None:
+        if failures:
+            writer.finish("incomplete", error=f"reference check failed at iterations {failures}")
+            raise MoesimError(f"executor results differ from the reference layer at iterations "
+                              f"{failures}; see {args.out}/iterations.csv (check_* columns)")
+        writer.finish("complete")
+    return 0
+
+
+def _device() -> torch.device:
+    """``cuda:LOCAL_RANK`` under NCCL, else the CPU."""
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return torch.device("cpu")
+
+
+def _check_line(r: dict) -> str:
+    return (f"check iteration {r['iteration']}: {'OK' if r['ok'] else 'FAILED'} "
+            f"(max rel err out {r['out']:.1e}, grad_x {r['grad_x']:.1e}, "
+            f"grad_w {r['grad_w_local']:.1e}, synced {r['grad_w_synced']:.1e}; "
+            f"tol {r['tolerance']:.0e})")
+
+
+def init_distributed(timeout_s: float) -> tuple[int, int]:
+    """Join the process group from the torchrun environment; returns ``(rank, world)``."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return rank, world
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moesim.executor.worker", description=__doc__)
+    add_run_arguments(parser)
+    parser.add_argument("--heartbeat-dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if "RANK" not in os.environ:
+        print("moesim.executor.worker: error: no RANK in the environment; start it with "
+              "torchrun or `moesim run`", file=sys.stderr)
+        return 2
+    hb = Heartbeat(args.heartbeat_dir, int(os.environ["RANK"]))
+    code = 0
+    try:
+        rank, world = init_distributed(args.timeout_s)
+        code = run_rank(args, rank, world, hb)
+    except MoesimError as exc:
+        print(f"moesim: error: {exc}", file=sys.stderr)
+        code = 2
+    except Exception as exc:  # report and fail; the launcher ends the other ranks
+        traceback.print_exc()
+        print(f"moesim: error: rank {os.environ['RANK']} failed: "
+              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr)
+        code = 1
+    if code == 0 and dist.is_initialized():
+        dist.destroy_process_group()
+    elif code != 0:  # skip C++ teardown of a broken process group (it may abort the process)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

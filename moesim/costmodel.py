@@ -1,0 +1,260 @@
+"""Durations of ops: GPU compute from a roofline with a GEMM-efficiency curve, collectives α–β.
+
+Shape legend: ``R`` ranks (world), ``S`` slots per rank, ``G`` groups of a collective, ``K``
+members of an all-to-all, ``N`` point-to-point transfers. Times in seconds, ``*_GBps`` in 1e9
+bytes/s.
+
+Compute (``Compute``), multiplied by ``hardware.cores_shared_by`` (CPU ranks sharing cores):
+
+- expert GEMMs (``gemm_tokens_RS``): ``Σ_slots with m>0 [max(p·w / mem_bw, p·m·f /
+  (peak · eff(m))) + launch]`` with ``m`` rows, ``w`` one expert's weight bytes, ``f`` FLOPs per
+  token, ``p = gemm_passes`` (1 forward; 2 backward: dgrad + wgrad, each reading the weight);
+- anything else: ``max(bytes / mem_bw, flops / (peak · eff)) + launch`` with ``eff =
+  eff(gemm_rows)`` for GEMM-shaped work and ``elementwise_eff`` otherwise.
+
+Collectives follow nccl-tests' definitions (``doc/PERFORMANCE.md`` in NVIDIA/nccl-tests): for a
+collective of size ``S`` bytes taking ``t``, ``algbw = S / t`` and ``busbw = algbw · factor``
+with factor ``2(n−1)/n`` for all-reduce, ``(n−1)/n`` for all-gather, reduce-scatter and
+all-to-all, ``1`` for broadcast and reduce. A link level is described by its measured busbw, so
+
+    ``t = latency + factor · S / busbw``
+
+where ``busbw`` is the intra-node level's when the group sits in one node and the inter-node
+per-GPU NIC level's when it spans nodes (a hierarchical collective is limited by its slowest
+level), and ``latency = hardware.collective_latency_s + level.latency_s``. Groups of one rank
+cost nothing.
+
+All-to-all from its bytes matrix ``B[K, K]``: per rank, bytes out and in over NVLink
+(same-node peers) and over the NIC (other nodes), self-traffic free; rank time =
+``max(intra_out, intra_in) / intra_bw`` vs ``max(inter_out, inter_in) / inter_bw``, the larger
+of the two, plus latency; the op ends when its slowest rank does. This is nccl-tests' model: in
+a uniform all-to-all of ``S`` bytes per rank within one node each rank sends ``S(n−1)/n`` to its
+peers, so ``t = S(n−1)/n / busbw``, i.e. ``busbw = (S/t)·(n−1)/n = algbw·(n−1)/n``.
+
+``SendRecv``: per rank, the same four directions over its own transfers. ``HostCompute``:
+``bytes / host_optimizer_GBps``. ``HostCopy``: ``host.latency + bytes / host.bw`` (PCIe).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moesim.ops import (
+    AllGather,
+    AllReduce,
+    AllToAll,
+    Broadcast,
+    Compute,
+    GroupCollective,
+    HostCompute,
+    HostCopy,
+    Op,
+    Program,
+    Reduce,
+    ReduceScatter,
+    SendRecv,
+)
+from moesim.specs import Cluster
+
+GB = 1e9
+
+
+def bus_factor(op: GroupCollective, n: np.ndarray) -> np.ndarray:
+    """nccl-tests' bus-bandwidth factor of ``op`` for group sizes ``n`` (``[G]``)."""
+    n = np.asarray(n, dtype=np.float64)
+    if isinstance(op, AllReduce):
+        return 2.0 * (n - 1) / n
+    if isinstance(op, (AllGather, ReduceScatter)):
+        return (n - 1) / n
+    if isinstance(op, (Broadcast, Reduce)):
+        return np.ones_like(n)
+    raise TypeError(f"no bus factor for {type(op).__name__}")
+
+
+class CostModel:
+    """Op durations on one :class:`~moesim.specs.Cluster` (see the module docstring)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.hw = cluster.hardware
+        self.node_R = np.arange(cluster.world_size) // cluster.gpus_per_node
+        curve = self.hw.gemm_eff_curve
+        self._log2_m = np.log2([p[0] for p in curve])
+        self._eff = np.array([p[1] for p in curve])
+
+    def efficiency(self, m: np.ndarray) -> np.ndarray:
+        """``hardware.gemm_efficiency`` with the curve's arrays built once."""
+        return np.interp(np.log2(np.maximum(m, 1.0)), self._log2_m, self._eff)
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def duration(self, op: Op) -> np.ndarray:
+        """Seconds: ``[R]`` for per-rank ops (compute, host, send/recv), ``[G]`` per group of
+        a group collective, ``[1]`` for an all-to-all (its slowest rank)."""
+        if isinstance(op, Compute):
+            return self.compute(op)
+        if isinstance(op, HostCompute):
+            return np.asarray(op.bytes_R, dtype=np.float64) / (self.hw.host_optimizer_GBps * GB)
+        if isinstance(op, HostCopy):
+            host = self.cluster.host
+            return host.latency_s + np.asarray(op.bytes_R, dtype=np.float64) / (host.bw_GBps * GB)
+        if isinstance(op, GroupCollective):
+            return self.group_collective(op)
+        if isinstance(op, AllToAll):
+            return np.array([self.all_to_all(op.bytes_RR, op.ranks)])
+        if isinstance(op, SendRecv):
+            return self.send_recv(op)
+        raise TypeError(f"no cost for op type {type(op).__name__}")
+
+    def durations(self, program: Program) -> list[np.ndarray]:
+        """:meth:`duration` of every op; an all-to-all whose matrix is another's transpose
+        (combine vs dispatch: same buffer, transposed view) is costed once — its time is
+        symmetric under transposition (out and in swap)."""
+        memo: dict[tuple, np.ndarray] = {}
+        out = []
+        for op in program.ops:
+            key = _memo_key(op)
+            if key is None:
+                out.append(self.duration(op))
+                continue
+            if key not in memo:
+                memo[key] = self.duration(op)
+            out.append(memo[key])
+        return out
+
+    # -- compute ----------------------------------------------------------------------------
+    def compute(self, op: Compute) -> np.ndarray:
+        """Per-rank seconds of a ``Compute`` op: ``[R]``."""
+        hw = self.hw
+        if op.gemm_tokens_RS is not None:
+            t = self._expert_gemms(op)
+        else:
+            eff = self.efficiency(op.gemm_rows) if op.gemm_rows > 0 else hw.elementwise_eff
+            t = np.maximum(np.asarray(op.bytes_R, dtype=np.float64) / (hw.mem_bw_GBps * GB),
+                           np.asarray(op.flops_R, dtype=np.float64) / (hw.peak_flops * eff))
+            t = t + hw.launch_s
+        return t * hw.cores_shared_by
+
+    def _expert_gemms(self, op: Compute) -> np.ndarray:
+        """``Σ_slots [max(p·w/bw, p·m·f/(peak·eff(m))) + launch]`` per rank: ``[R]``."""
+        hw = self.hw
+        m_RS = np.asarray(op.gemm_tokens_RS, dtype=np.float64)
+        p = float(op.gemm_passes)
+        w, f = op.weight_bytes, op.flops_per_token
+        if w <= 0 and f <= 0:  # derive from the totals when the op does not say
+            active_R = np.maximum((m_RS > 0).sum(axis=1), 1)
+            w = float(np.max(np.asarray(op.bytes_R) / (p * active_R)))
+            f = float(np.asarray(op.flops_R).sum() / max(p * m_RS.sum(), 1.0))
+        flop_t = p * m_RS * f / (hw.peak_flops * self.efficiency(m_RS))
+        slot_t = np.maximum(p * w / (hw.mem_bw_GBps * GB), flop_t) + hw.launch_s
+        return np.where(m_RS > 0, slot_t, 0.0).sum(axis=1)
+
+    # -- collectives ------------------------------------------------------------------------
+    def _latency(self, spans_nodes: np.ndarray | bool) -> np.ndarray:
+        c = self.cluster
+        return self.hw.collective_latency_s + np.where(spans_nodes, c.inter.latency_s,
+                                                       c.intra.latency_s)
+
+    def group_collective(self, op: GroupCollective) -> np.ndarray:
+        """Seconds per group: ``[G]``."""
+        c = self.cluster
+        sizes = op.group_sizes
+        if len(sizes) == 0:
+            return np.zeros(0)
+        members = np.concatenate(op.groups).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        nodes = self.node_R[members]
+        spans = np.maximum.reduceat(nodes, starts) != np.minimum.reduceat(nodes, starts)
+        bw = np.where(spans, c.inter.bw_GBps, c.intra.bw_GBps) * GB
+        t = self._latency(spans) + bus_factor(op, sizes) * np.asarray(op.bytes_G, float) / bw
+        return np.where(sizes > 1, t, 0.0)
+
+    def all_to_all(self, bytes_KK: np.ndarray, ranks: np.ndarray | None = None) -> float:
+        """Seconds of an all-to-all among ``ranks`` (default all): its slowest rank."""
+        t_K, spans = self.all_to_all_ranks(bytes_KK, ranks)
+        if len(t_K) <= 1:
+            return 0.0
+        return float(t_K.max() + self._latency(spans))
+
+    def all_to_all_ranks(self, bytes_KK: np.ndarray, ranks: np.ndarray | None = None
+                         ) -> tuple[np.ndarray, bool]:
+        """Per-member transfer seconds (no latency) ``[K]``, and whether any bytes cross
+        nodes (which picks the inter-node latency; intra-node-only traffic pays NVLink's)."""
+        c = self.cluster
+        B = np.asarray(bytes_KK)  # int64 or float: summed as is (no conversion pass)
+        io = [np.asarray(x, dtype=np.float64) for x in _intra_inter_io(
+            B, None if ranks is None else self.node_R[np.asarray(ranks)], c.gpus_per_node)]
+        intra = np.maximum(io[0], io[1]) / (c.intra.bw_GBps * GB)
+        inter = np.maximum(io[2], io[3]) / (c.inter.bw_GBps * GB)
+        return np.maximum(intra, inter), bool(inter.any())
+
+    def send_recv(self, op: SendRecv) -> np.ndarray:
+        """Per-rank seconds of a batch of point-to-point transfers: ``[R]`` (0 if idle)."""
+        c, R = self.cluster, self.cluster.world_size
+        src, dst = np.asarray(op.src_N, np.int64), np.asarray(op.dst_N, np.int64)
+        nbytes = np.asarray(op.bytes_N, dtype=np.float64)
+        cross = self.node_R[src] != self.node_R[dst]
+        keep = src != dst
+        io = [np.bincount(idx[keep & sel], nbytes[keep & sel], minlength=R)
+              for idx, sel in ((src, ~cross), (dst, ~cross), (src, cross), (dst, cross))]
+        t = np.maximum(np.maximum(io[0], io[1]) / (c.intra.bw_GBps * GB),
+                       np.maximum(io[2], io[3]) / (c.inter.bw_GBps * GB))
+        busy = np.bincount(np.concatenate([src[keep], dst[keep]]), minlength=R) > 0
+        return np.where(busy, t + self._latency(np.bincount(np.concatenate(
+            [src[keep & cross], dst[keep & cross]]), minlength=R) > 0), 0.0)
+
+
+def _intra_inter_io(B: np.ndarray, nodes_K: np.ndarray | None, gpus_per_node: int
+                    ) -> tuple[np.ndarray, ...]:
+    """``(intra_out, intra_in, inter_out, inter_in)`` bytes per member of ``B[K, K]``, self
+    traffic excluded. ``nodes_K`` None: members are ranks ``0..K-1`` in order (block fast
+    path)."""
+    diag = np.diagonal(B)
+    K = B.shape[0]
+    out_all, in_all = B.sum(axis=1) - diag, B.sum(axis=0) - diag
+    if nodes_K is None and K % gpus_per_node == 0:
+        n, g = K // gpus_per_node, gpus_per_node
+        B4 = B.reshape(n, g, n, g)  # diagonal blocks [a, :, a, :] are the intra-node pairs
+        intra_out = np.einsum("aiaj->ai", B4).reshape(K) - diag
+        intra_in = np.einsum("aiaj->aj", B4).reshape(K) - diag
+    else:
+        nodes = np.arange(K) // gpus_per_node if nodes_K is None else nodes_K
+        same = nodes[:, None] == nodes[None, :]
+        intra_out = (B * same).sum(axis=1) - diag
+        intra_in = (B * same).sum(axis=0) - diag
+    return intra_out, intra_in, out_all - intra_out, in_all - intra_in
+
+
+def _memo_key(op: Op) -> tuple | None:
+    """A key under which ``op``'s duration may be shared within one program (every op is
+    alive during the call, so ``id`` values are unique): all-to-alls by buffer
+    (:func:`_matrix_key`); non-GEMM compute ops that share their (read-only) per-rank
+    arrays by those arrays' identity (the lowering reuses one array for every layer's
+    attention); ``None`` for everything else."""
+    if isinstance(op, AllToAll):
+        key = _matrix_key(op.bytes_RR, op.ranks)
+        return None if key is None else ("a2a", *key)
+    if (type(op) is Compute and op.gemm_tokens_RS is None and op.ranks is None
+            and _read_only(op.flops_R) and _read_only(op.bytes_R)):
+        return "compute", id(op.flops_R), id(op.bytes_R), op.gemm_rows
+    return None
+
+
+def _read_only(arr: object) -> bool:
+    return isinstance(arr, np.ndarray) and not arr.flags.writeable
+
+
+def _matrix_key(B: np.ndarray, ranks: np.ndarray | None) -> tuple | None:
+    """Identity of an all-to-all's buffer that its transposed view shares: the owning array
+    (``B`` itself, or the base ``B`` is the transpose of) and the member ranks; ``None`` (no
+    sharing) for any other kind of view."""
+    if not isinstance(B, np.ndarray):
+        return None
+    base = B.base
+    if base is None:
+        owner = B
+    elif (isinstance(base, np.ndarray) and base.base is None and base.ndim == 2
+          and base.shape == B.shape[::-1] and base.strides == B.strides[::-1]):
+        owner = base
+    else:
+        return None
+    return id(owner), None if ranks is None else tuple(np.asarray(ranks).tolist())

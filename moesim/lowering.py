@@ -1,0 +1,477 @@
+"""Lowering: one iteration's decision + routing counts → an SPMD :class:`~moesim.ops.Program`.
+
+Shape legend: ``M`` micro-batches (passes) of the iteration, ``L`` MoE layers, ``R`` source
+ranks (= world size), ``G`` destination ranks (= R), ``P = G·S`` physical slots, ``S`` slots per
+rank, ``E`` logical experts, ``N`` point-to-point transfers.
+
+Program shape (gradient accumulation; every micro-batch runs its forward then its backward)::
+
+    relayout                                  policy.lower_relayout
+    for mb:  for l in 0..L-1:                 forward
+               [param_gather (prefetch)]      policy.lower_param_gather(mb, l, "fwd")
+               dense → route → [after_route]  policy.lower_after_route(mb, l)
+               dispatch a2a → expert → combine a2a
+             for l in L-1..0:                 backward
+               combine-bwd a2a → expert-bwd (2 GEMM passes) → [param_gather of l−1]
+               → dispatch-bwd a2a → dense-bwd (2× FLOPs; router backward folded in)
+               (last mb only) policy.lower_layer_grads(l)
+    grad_sync                                 policy.lower_grad_sync
+    optimizer                                 policy.lower_optimizer
+
+Token bytes on the wire come from the *actual* source→destination counts after the routing rule
+and capacity (:mod:`moesim.routing`); dispatch moves ``bytes_RG`` and combine its transpose (the
+same array, transposed view: the cost model uses that to cost each layer's matrix once). The
+``emit_*`` helpers of :class:`LoweringContext` are static EP's per-iteration ops; policies call
+them from their hooks or write their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moesim import memory as memory_model
+from moesim.ops import (
+    AllGather,
+    AllReduce,
+    AllToAll,
+    Compute,
+    LayerRoute,
+    Program,
+    SendRecv,
+)
+from moesim.placement import Decision, Placement
+from moesim.routing import RoutePlan, rank_matrix
+from moesim.specs import Cluster, ModelSpec
+
+
+@dataclass
+class LoweringContext:
+    """Everything a policy's lowering hook may read, plus where it appends ops.
+
+    Routed tokens (after the routing rule and capacity): ``kept_MLRP`` / ``dropped_MLRP``
+    int64, ``tokens_MLRG`` (source → destination rank). Anchors: ``gather_anchor`` (op whose end
+    frees the gather buffer, -1 if none), ``layer_bwd_done[l]`` (last expert-backward op of layer
+    ``l``), ``backward_done`` (last op of the backward; per-iteration ops wait for it).
+    """
+
+    policy: Any
+    decision: Decision
+    previous: Decision | None
+    model: ModelSpec
+    cluster: Cluster
+    counts_MLRE: np.ndarray
+    kept_MLRP: np.ndarray
+    dropped_MLRP: np.ndarray
+    tokens_MLRG: np.ndarray
+    program: Program
+    rows_MLP: np.ndarray = None  # tokens each slot computes (kept, summed over sources)
+    dropped_MLR: np.ndarray = None  # tokens each source dropped
+    gather_anchor: int = -1
+    layer_bwd_done: list[int] = field(default_factory=list)
+    layer_grad_ops: list[int] = field(default_factory=list)
+    backward_done: int = -1
+    grad_sync_ops: list[int] = field(default_factory=list)
+    _consts: dict = field(default_factory=dict)
+
+    # -- basics -----------------------------------------------------------------------------
+    @property
+    def placement(self) -> Placement:
+        return self.decision.placement
+
+    @property
+    def world(self) -> int:
+        return self.cluster.world_size
+
+    @property
+    def all_ranks(self) -> np.ndarray:
+        return np.arange(self.world)
+
+    def add(self, op: Any) -> int:
+        """Append ``op`` to the program; returns its index."""
+        return self.program.add(op)
+
+    def const_R(self, value: float, dtype: Any = np.float64) -> np.ndarray:
+        """A read-only ``[R]`` array filled with ``value`` (shared between ops)."""
+        key = (float(value), np.dtype(dtype).str)
+        if key not in self._consts:
+            arr = np.full(self.world, value, dtype=dtype)
+            arr.setflags(write=False)
+            self._consts[key] = arr
+        return self._consts[key]
+
+    def step_deps(self) -> tuple[int, ...]:
+        """Deps of per-iteration gradient ops: the end of the backward and every op the
+        per-layer gradient hooks returned."""
+        base = (self.backward_done,) if self.backward_done >= 0 else ()
+        return base + tuple(self.layer_grad_ops)
+
+    def optimizer_deps(self) -> tuple[int, ...]:
+        """Deps of the optimizer step: the grad-sync ops (else :meth:`step_deps`)."""
+        return tuple(self.grad_sync_ops) or self.step_deps()
+
+    def holders_LEG(self) -> np.ndarray:
+        """``holders[l, e, g]``: rank ``g`` holds a replica of expert ``e`` in layer ``l``."""
+        if "holders" not in self._consts:
+            p = self.placement
+            phy = p.phy2log_LP
+            out = np.zeros((p.num_layers, p.num_experts, p.num_ranks), dtype=bool)
+            l_idx, s_idx = np.nonzero(phy >= 0)
+            out[l_idx, phy[l_idx, s_idx], s_idx // p.slots_per_rank] = True
+            self._consts["holders"] = out
+        return self._consts["holders"]
+
+    def holder_counts_LE(self) -> np.ndarray:
+        """Distinct ranks holding each expert, ``[L, E]`` (from the slot map alone)."""
+        if "holder_counts" not in self._consts:
+            p = self.placement
+            phy = p.phy2log_LP
+            l_idx, s_idx = np.nonzero(phy >= 0)
+            code = ((l_idx * p.num_experts + phy[l_idx, s_idx]) * p.num_ranks
+                    + s_idx // p.slots_per_rank)
+            counts = np.bincount(np.unique(code) // p.num_ranks,
+                                 minlength=p.num_layers * p.num_experts)
+            self._consts["holder_counts"] = counts.reshape(p.num_layers, p.num_experts)
+        return self._consts["holder_counts"]
+
+    def replica_rank_groups(self, layer: int) -> list[tuple[np.ndarray, list[int]]]:
+        """Distinct sets of ranks holding replicas of the same expert in ``layer`` (only sets
+        of 2+ ranks), each with the experts it holds, in order of each set's lowest expert:
+        ``[(ranks, experts), ...]``. Computed once per decision (``cache``)."""
+        key = ("replica_groups", layer)
+        if key not in self._consts:
+            self._consts[key] = self._replica_rank_groups(layer)
+        return self._consts[key]
+
+    def replica_rounds(self, layer: int) -> list[tuple[list[np.ndarray], list[int]]]:
+        """:meth:`replica_rank_groups` split into rounds of disjoint groups, one expert per
+        group (what one collective op can carry); cached per decision."""
+        key = ("replica_rounds", layer)
+        if key not in self._consts:
+            self._consts[key] = _disjoint_rounds(self.replica_rank_groups(layer))
+        return self._consts[key]
+
+    def _replica_rank_groups(self, layer: int) -> list[tuple[np.ndarray, list[int]]]:
+        multi = np.flatnonzero(self.holder_counts_LE()[layer] > 1)
+        if len(multi) == 0:
+            return []
+        rows, cols = np.nonzero(self.holders_LEG()[layer][multi])
+        bounds = np.flatnonzero(np.diff(rows)) + 1
+        sets: dict[tuple[int, ...], list[int]] = {}
+        for e, ranks in zip(multi.tolist(), np.split(cols, bounds), strict=True):
+            sets.setdefault(tuple(ranks.tolist()), []).append(e)
+        return [(np.array(k, dtype=np.int64), v) for k, v in sets.items()]
+
+    # -- static EP's per-iteration ops (policies reuse them) ----------------------------------
+    def emit_expert_grad_allreduce(self) -> list[int]:
+        """All-reduce each expert's grads among the ranks holding it: per layer, rounds of
+        disjoint groups (one expert per group, so the executor knows which tensor moves)."""
+        m, out = self.model, []
+        grad_bytes = m.params_per_expert * m.bytes_grad
+        for l in range(self.placement.num_layers):
+            for groups, experts in self.replica_rounds(l):
+                out.append(self.add(AllReduce(
+                    phase="grad_sync", direction="step", layer=l, deps=self.step_deps(),
+                    groups=tuple(groups), bytes_G=np.full(len(groups), grad_bytes),
+                    experts_G=np.array(experts, dtype=np.int64), label="expert_grads")))
+        return out
+
+    def emit_dense_grad_allreduce(self) -> list[int]:
+        """All-reduce every layer's dense (non-expert) grads over all ranks (data parallel)."""
+        m = self.model
+        nbytes = m.num_layers * m.dense_params * m.bytes_grad
+        if self.world < 2 or nbytes <= 0:
+            return []
+        return [self.add(AllReduce(
+            phase="grad_sync", direction="step", deps=self.step_deps(),
+            groups=(np.arange(self.world),), bytes_G=np.array([nbytes]),
+            experts_G=np.array([-1]), label="dense_grads"))]
+
+    def emit_zero1_optimizer(self, deps: tuple[int, ...] | None = None) -> list[int]:
+        """ZeRO-1: Adam on each rank's shard (1/DP of dense, 1/replicas of each local expert;
+        memory-bound: reads and writes master/m/v, reads the grad, writes the weight), then an
+        all-gather of updated dense weights and of each replicated expert's weights."""
+        m = self.model
+        deps = self.optimizer_deps() if deps is None else deps
+        if "optimizer_params" not in self._consts:
+            self._consts["optimizer_params"] = memory_model.optimizer_params_R(
+                self.placement, m, self.world)
+        params_R = self._consts["optimizer_params"]
+        per_param = 2 * m.bytes_optim + m.bytes_grad + m.bytes_weight
+        step = self.add(Compute(phase="optimizer", direction="step", kind="other", deps=deps,
+                                flops_R=params_R * 10.0, bytes_R=params_R * per_param,
+                                label="adam"))
+        return [step] + self.emit_param_allgather((step,))
+
+    def emit_param_allgather(self, deps: tuple[int, ...]) -> list[int]:
+        """ZeRO-1's second half: all-gather the updated dense weights over all ranks and each
+        replicated expert's weights over its holders (phase ``optimizer``)."""
+        m, out = self.model, []
+        dense_bytes = m.num_layers * m.dense_params * m.bytes_weight
+        if self.world > 1 and dense_bytes > 0:
+            out.append(self.add(AllGather(
+                phase="optimizer", direction="step", deps=deps,
+                groups=(np.arange(self.world),), bytes_G=np.array([dense_bytes]),
+                experts_G=np.array([-1]), label="dense_params")))
+        for l in range(self.placement.num_layers):
+            for groups, experts in self.replica_rounds(l):
+                out.append(self.add(AllGather(
+                    phase="optimizer", direction="step", layer=l, deps=deps,
+                    groups=tuple(groups), bytes_G=np.full(len(groups), m.expert_weight_bytes),
+                    experts_G=np.array(experts, dtype=np.int64), label="expert_params")))
+        return out
+
+    def emit_relayout_sendrecv(self, extra_bytes_per_expert: float = 0.0) -> list[int]:
+        """Per layer, a ``SendRecv`` of every changed slot's weights (plus
+        ``extra_bytes_per_expert``, e.g. optimizer state) from a previous holder."""
+        if self.previous is None:
+            return []
+        prev = self.previous.placement
+        if prev.phy2log_LP.shape != self.placement.phy2log_LP.shape or prev is self.placement \
+                or np.array_equal(prev.phy2log_LP, self.placement.phy2log_LP):
+            return []
+        nbytes = self.model.expert_weight_bytes + extra_bytes_per_expert
+        out = []
+        for l in range(self.placement.num_layers):
+            src, dst, exp = _moves(prev.layer(l), self.placement.layer(l),
+                                   self.placement.slots_per_rank, self.cluster.gpus_per_node)
+            if len(src):
+                out.append(self.add(SendRecv(
+                    phase="relayout", direction="step", layer=l, src_N=src, dst_N=dst,
+                    bytes_N=np.full(len(src), nbytes), experts_N=exp, label="relayout")))
+        return out
+
+
+def _disjoint_rounds(sets: list[tuple[np.ndarray, list[int]]]
+                     ) -> list[tuple[list[np.ndarray], list[int]]]:
+    """Split (ranks, experts) sets into rounds of pairwise disjoint groups, one expert per
+    group (first fit, in order)."""
+    items = [(ranks, e) for ranks, experts in sets for e in experts]
+    rounds: list[tuple[list[np.ndarray], list[int], set]] = []
+    for ranks, e in items:
+        members = set(ranks.tolist())
+        for groups, experts, used in rounds:
+            if not used & members:
+                groups.append(ranks)
+                experts.append(e)
+                used |= members
+                break
+        else:
+            rounds.append(([ranks], [e], set(members)))
+    return [(g, x) for g, x, _ in rounds]
+
+
+def _moves(prev_P: np.ndarray, new_P: np.ndarray, slots_per_rank: int, gpus_per_node: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Transfers that fill changed slots: ``(src_N, dst_N, experts_N)``; the source is a
+    previous holder on the same rank (no transfer), else the same node, else round-robin."""
+    src, dst, exp = [], [], []
+    prev_rank = np.arange(len(prev_P)) // slots_per_rank
+    for p in np.flatnonzero((new_P != prev_P) & (new_P >= 0)):
+        e, r = int(new_P[p]), int(p // slots_per_rank)
+        holders = np.unique(prev_rank[prev_P == e])
+        if len(holders) == 0 or r in holders:
+            continue
+        local = holders[holders // gpus_per_node == r // gpus_per_node]
+        pool = local if len(local) else holders
+        src.append(int(pool[len(src) % len(pool)]))
+        dst.append(r)
+        exp.append(e)
+    return (np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64),
+            np.array(exp, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# the iteration
+
+
+def route_iteration(decision: Decision, counts_MLRE: np.ndarray, cluster: Cluster,
+                    plan: RoutePlan | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Route all passes and layers: ``(kept_MLRP, dropped_MLRP, tokens_MLRG)``."""
+    if plan is None:
+        plan = route_plan(decision, cluster)
+    kept, dropped = plan.route(counts_MLRE, decision.slot_capacity)
+    return kept, dropped, rank_matrix(kept, decision.placement.slots_per_rank)
+
+
+def route_plan(decision: Decision, cluster: Cluster) -> RoutePlan:
+    """The decision's :class:`RoutePlan` (build once per decision and pass it around)."""
+    return RoutePlan.build(decision.placement, decision.routing, cluster.gpus_per_node,
+                           decision.info.get("ep_size"))
+
+
+def lower_iteration(policy: Any, decision: Decision, previous: Decision | None,
+                    counts_PLRE: np.ndarray, model: ModelSpec, cluster: Cluster, *,
+                    plan: RoutePlan | None = None, cache: dict | None = None) -> Program:
+    """One iteration (its passes ``counts_PLRE[M, L, R, E]``) for every rank → Program.
+
+    ``plan``: the decision's :class:`RoutePlan` if the caller keeps one; ``cache``: see
+    :func:`lower_iteration_ctx`."""
+    return lower_iteration_ctx(policy, decision, previous, counts_PLRE, model, cluster,
+                               plan=plan, cache=cache).program
+
+
+def lower_iteration_ctx(policy: Any, decision: Decision, previous: Decision | None,
+                        counts_PLRE: np.ndarray, model: ModelSpec, cluster: Cluster, *,
+                        plan: RoutePlan | None = None,
+                        cache: dict | None = None) -> LoweringContext:
+    """:func:`lower_iteration`, returning the whole context (routed tokens included).
+
+    ``cache``: a dict the caller keeps for as long as ``decision`` stays in force (placement
+    facts such as replica groups, the memory footprint and shared read-only arrays are
+    computed once into it)."""
+    ctx = _routed_context(policy, decision, previous, np.asarray(counts_PLRE), model, cluster,
+                          plan)
+    if cache is not None:
+        ctx._consts = cache
+    _fill_routes(ctx)
+    _emit_program(ctx)
+    _attach_memory(ctx)
+    return ctx
+
+
+def _routed_context(policy: Any, decision: Decision, previous: Decision | None,
+                    counts_MLRE: np.ndarray, model: ModelSpec, cluster: Cluster,
+                    plan: RoutePlan | None) -> LoweringContext:
+    """Route every pass and layer, and wrap the result in a fresh context."""
+    kept, dropped, tokens = route_iteration(decision, counts_MLRE, cluster, plan)
+    M, L, R, _ = kept.shape
+    dropped_MLR = (np.zeros((M, L, R), dtype=np.int64) if decision.slot_capacity is None
+                   else dropped.sum(axis=3))
+    return LoweringContext(policy=policy, decision=decision, previous=previous, model=model,
+                           cluster=cluster, counts_MLRE=counts_MLRE, kept_MLRP=kept,
+                           dropped_MLRP=dropped, tokens_MLRG=tokens,
+                           program=Program(num_ranks=cluster.world_size),
+                           rows_MLP=_column_sums(kept), dropped_MLR=dropped_MLR,
+                           layer_bwd_done=[-1] * model.num_layers)
+
+
+def _emit_program(ctx: LoweringContext) -> None:
+    """Relayout, every micro-batch's forward and backward, grad sync, optimizer."""
+    policy, model = ctx.policy, ctx.model
+    carry = tuple(policy.lower_relayout(ctx))
+    tb = model.token_bytes
+    tb = int(tb) if float(tb).is_integer() else float(tb)  # int64 bytes: exact and faster
+    M = ctx.tokens_MLRG.shape[0]
+    for mb in range(M):
+        bytes_L = [ctx.tokens_MLRG[mb, l] * tb for l in range(model.num_layers)]
+        carry = _forward(ctx, mb, carry, bytes_L)
+        carry = _backward(ctx, mb, carry, bytes_L, last=mb == M - 1)
+    ctx.backward_done = len(ctx.program.ops) - 1
+    ctx.grad_sync_ops = list(policy.lower_grad_sync(ctx))
+    policy.lower_optimizer(ctx)
+
+
+def _attach_memory(ctx: LoweringContext) -> None:
+    """``Program.memory_bytes`` (policy footprint + activations + buffers), host memory."""
+    if "footprint" not in ctx._consts:  # a function of the decision alone: once per decision
+        ctx._consts["footprint"] = ctx.policy.memory_footprint(ctx.decision, ctx.model,
+                                                               ctx.cluster)
+    gpu, host = ctx._consts["footprint"]
+    ctx.program.memory_bytes = {**gpu, **memory_model.dynamic_memory(
+        ctx.rows_MLP, ctx.dropped_MLR, ctx.model, ctx.placement)}
+    ctx.program.host_memory_bytes = dict(host)
+
+
+def _column_sums(x_MLRP: np.ndarray) -> np.ndarray:
+    """``x.sum(axis=2)`` one (mb, layer) at a time: ``[M, L, P]`` (much faster than one big
+    strided reduction, which numpy runs out of cache)."""
+    M, L = x_MLRP.shape[:2]
+    out = np.empty((M, L, x_MLRP.shape[3]), dtype=x_MLRP.dtype)
+    for m in range(M):
+        for l in range(L):
+            np.sum(x_MLRP[m, l], axis=0, out=out[m, l])
+    return out
+
+
+def _fill_routes(ctx: LoweringContext) -> None:
+    """``Program.routes[(mb, layer)]`` for the executor."""
+    S = ctx.placement.slots_per_rank
+    M, L = ctx.kept_MLRP.shape[:2]
+    for mb in range(M):
+        for l in range(L):
+            ctx.program.routes[(mb, l)] = LayerRoute(
+                kept_RP=ctx.kept_MLRP[mb, l], dropped_R=ctx.dropped_MLR[mb, l],
+                phy2log_P=ctx.placement.layer(l), slots_per_rank=S)
+
+
+def _layer_compute(ctx: LoweringContext) -> tuple[dict, dict]:
+    """Keyword sets of one layer's dense and router ``Compute`` ops (forward)."""
+    m, T = ctx.model, ctx.model.tokens_per_rank
+    act = T * m.hidden_size * m.bytes_activation
+    dense = dict(kind="attention", gemm_rows=T,
+                 flops_R=ctx.const_R(m.attention_flops_per_token * T),
+                 bytes_R=ctx.const_R(m.dense_params * m.bytes_weight + 2 * act))
+    route = dict(kind="router", gemm_rows=T,
+                 flops_R=ctx.const_R(2.0 * m.hidden_size * m.num_experts * T),
+                 bytes_R=ctx.const_R(m.hidden_size * m.num_experts * m.bytes_weight + act))
+    return dense, route
+
+
+def _expert_op(ctx: LoweringContext, mb: int, layer: int, direction: str,
+               deps: tuple[int, ...]) -> Compute:
+    """The expert FFN compute of one layer-pass: per-slot GEMM rows from the kept tokens."""
+    m, S = ctx.model, ctx.placement.slots_per_rank
+    rows_RS = ctx.rows_MLP[mb, layer].reshape(-1, S)
+    passes = 1 if direction == "fwd" else 2
+    active_R = (rows_RS > 0).sum(axis=1)
+    return Compute(phase="expert", direction=direction, layer=layer, micro_batch=mb,
+                   deps=deps, kind="expert_ffn", gemm_tokens_RS=rows_RS, gemm_passes=passes,
+                   flops_R=rows_RS.sum(axis=1) * (m.expert_flops_per_token * passes),
+                   bytes_R=active_R * (m.expert_weight_bytes * passes),
+                   weight_bytes=m.expert_weight_bytes, flops_per_token=m.expert_flops_per_token)
+
+
+def _forward(ctx: LoweringContext, mb: int, carry: tuple[int, ...],
+             bytes_LRG: list[np.ndarray]) -> tuple[int, ...]:
+    """Emit one micro-batch's forward over all layers (``bytes_LRG[l]`` the dispatch bytes,
+    float ``[R, G]``); returns the last combine's index."""
+    dense_kw, route_kw = _layer_compute(ctx)
+    ctx.gather_anchor = -1
+    for l in range(ctx.model.num_layers):
+        gdeps = tuple(ctx.policy.lower_param_gather(ctx, mb, l, "fwd"))
+        dense = ctx.add(Compute(phase="dense", layer=l, micro_batch=mb, deps=carry,
+                                **dense_kw))
+        route = ctx.add(Compute(phase="route", layer=l, micro_batch=mb, deps=(dense,),
+                                **route_kw))
+        after = tuple(ctx.policy.lower_after_route(ctx, mb, l))
+        disp = ctx.add(AllToAll(phase="dispatch", layer=l, micro_batch=mb,
+                                deps=(route, *after), bytes_RR=bytes_LRG[l]))
+        exp = ctx.add(_expert_op(ctx, mb, l, "fwd", (disp, *gdeps)))
+        carry = (ctx.add(AllToAll(phase="combine", layer=l, micro_batch=mb, deps=(exp,),
+                                  bytes_RR=bytes_LRG[l].T)),)
+        ctx.gather_anchor = exp
+    return carry
+
+
+def _frozen(arr: np.ndarray) -> np.ndarray:
+    """``arr`` made read-only (so the cost model may share its cost between ops)."""
+    arr.setflags(write=False)
+    return arr
+
+
+def _backward(ctx: LoweringContext, mb: int, carry: tuple[int, ...],
+              bytes_LRG: list[np.ndarray], last: bool) -> tuple[int, ...]:
+    """Emit one micro-batch's backward (layers in reverse); returns the last op's index."""
+    dense_kw, route_kw = _layer_compute(ctx)
+    dense_kw = dict(dense_kw, flops_R=_frozen(2 * (dense_kw["flops_R"] + route_kw["flops_R"])),
+                    bytes_R=_frozen(2 * (dense_kw["bytes_R"] + route_kw["bytes_R"])))
+    L = ctx.model.num_layers  # gather_anchor: still the forward's last expert op
+    gdeps = tuple(ctx.policy.lower_param_gather(ctx, mb, L - 1, "bwd"))
+    for l in reversed(range(L)):
+        cb = ctx.add(AllToAll(phase="combine", direction="bwd", layer=l, micro_batch=mb,
+                              deps=carry, bytes_RR=bytes_LRG[l]))
+        eb = ctx.add(_expert_op(ctx, mb, l, "bwd", (cb, *gdeps)))
+        ctx.gather_anchor = eb
+        if l > 0:
+            gdeps = tuple(ctx.policy.lower_param_gather(ctx, mb, l - 1, "bwd"))
+        db = ctx.add(AllToAll(phase="dispatch", direction="bwd", layer=l, micro_batch=mb,
+                              deps=(eb,), bytes_RR=bytes_LRG[l].T))
+        carry = (ctx.add(Compute(phase="dense", direction="bwd", layer=l, micro_batch=mb,
+                                 deps=(db,), **dense_kw)),)
+        if last:
+            ctx.layer_bwd_done[l] = eb
+            ctx.layer_grad_ops.extend(ctx.policy.lower_layer_grads(ctx, l))
+    return carry

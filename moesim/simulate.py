@@ -1,0 +1,452 @@
+"""``simulate``: replay a routing trace through a policy on a modelled cluster.
+
+Per iteration: build the :class:`~moesim.policies.base.History` the policy may see (earlier
+passes only; this iteration's counts too for oracle policies), ``policy.decide``, lower the
+decision with this iteration's counts (:mod:`moesim.lowering`), cost every op
+(:mod:`moesim.costmodel`), schedule (:mod:`moesim.engine`), check memory, and write an
+:class:`~moesim.results.IterationRecord` (backend ``simulator``).
+
+Shape legend: ``M`` passes of the iteration, ``L`` layers, ``F`` phases, ``R`` ranks, ``E``
+experts, ``O`` ops, ``P`` physical slots, ``G`` destination ranks.
+
+Summary columns (one row per iteration):
+
+- ``step_time_s`` — the iteration's makespan: max over ranks of the last op's end.
+- ``moe_time_s`` — max over ranks of the time the rank spent in ``route``, ``dispatch``,
+  ``expert`` and ``combine`` ops (forward and backward, durations summed).
+- ``a2a_time_s`` — max over ranks of the time in ``dispatch`` + ``combine`` all-to-alls.
+- ``straggler_ratio`` — ``max_r x_r / mean_r x_r`` where ``x_r`` is rank ``r``'s expert-compute
+  time over the iteration (all ``expert`` ops, forward and backward); 1 is perfectly balanced
+  (1 when no rank computes).
+- ``tokens_total`` / ``tokens_dropped`` — token assignments (top-k expanded) of the iteration
+  and those dropped by capacity.
+- ``peak_memory_bytes`` — max over ranks of the GPU memory model's total; ``peak_host_bytes``
+  likewise for host memory; ``oom`` 1 when the plan does not fit (only with ``allow_oom``).
+- ``relayout_bytes`` — bytes moved by ``relayout`` ops; ``planner_time_s`` — the policy's own
+  planner time (``Decision.planner_time_s``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moesim import memory as memory_model
+from moesim.costmodel import CostModel
+from moesim.engine import Schedule, schedule
+from moesim.errors import MoesimError, OutOfMemoryError
+from moesim.lowering import LoweringContext, lower_iteration_ctx, route_plan
+from moesim.ops import PHASES, AllToAll, GroupCollective, HostCopy, Op, SendRecv
+from moesim.placement import Decision, Placement
+from moesim.results import IterationRecord, RunWriter
+from moesim.specs import Cluster, ModelSpec, spec_to_dict
+from moesim.traces.format import RoutingTrace
+
+PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
+MOE_PHASES = ("route", "dispatch", "expert", "combine")
+
+
+@dataclass
+class SimSummary:
+    """Result of :func:`simulate`: per-iteration summary rows and where they were written."""
+
+    rows: list[dict]
+    config: dict
+    out_dir: Path | None = None
+
+    def column(self, name: str) -> np.ndarray:
+        """One summary column over the simulated iterations."""
+        return np.array([row[name] for row in self.rows], dtype=np.float64)
+
+    def mean(self, name: str) -> float:
+        col = self.column(name)
+        return float(col.mean()) if len(col) else float("nan")
+
+
+@dataclass
+class _Run:
+    """The loop's fixed inputs and its rolling state (previous decision, routing plan)."""
+
+    trace: RoutingTrace
+    model: ModelSpec
+    cluster: Cluster
+    policy: Any
+    rng_seed: int
+    allow_oom: bool
+    cost: CostModel
+    previous: Decision | None = None
+    plan_for: Decision | None = None
+    plan: Any = None
+    cache: dict = field(default_factory=dict)
+    timeline_iterations: frozenset = field(default_factory=frozenset)
+
+
+def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluster,
+             policy: Any, *, iterations: Iterable[int] | tuple[int, int] | None = None,
+             rng_seed: int = 0, out_dir: str | Path | None = None,
+             timeline_iterations: Iterable[int] = (), resume: bool = False,
+             progress: bool = True, allow_oom: bool = False,
+             on_iteration: Callable[[dict], None] | None = None) -> SimSummary:
+    """Simulate ``policy`` (a Policy or a registered name) on ``trace`` → :class:`SimSummary`.
+
+    ``iterations``: trace iteration indices (``(start, stop)`` or any iterable; default all).
+    ``out_dir``: write a RunResult there (``resume=True`` continues an interrupted run after its
+    last written iteration, restoring the previous decision from the stored state).
+    ``on_iteration`` gets each summary row as it is produced. Raises
+    :class:`~moesim.errors.OutOfMemoryError` when the plan does not fit, unless ``allow_oom``.
+    """
+    trace_path = None if isinstance(trace, RoutingTrace) else str(trace)
+    trace = _load(trace)
+    policy = _policy(policy)
+    trace = _fit_trace(trace, cluster, rng_seed)
+    model = _fit_model(model, trace)
+    its = _iterations(iterations, trace.num_iterations)
+    config = run_config(trace, trace_path, model, cluster, policy, its, rng_seed, allow_oom)
+    run = _Run(trace, model, cluster, policy, rng_seed, allow_oom, CostModel(cluster),
+               timeline_iterations=frozenset(int(i) for i in timeline_iterations))
+    writer = RunWriter(out_dir, config, "simulator", resume=resume) if out_dir else None
+    if writer is not None and resume:
+        its = _skip_done(run, writer, its)
+    return _loop(run, its, writer, config, progress, on_iteration)
+
+
+def _loop(run: _Run, its: list[int], writer: RunWriter | None, config: dict, progress: bool,
+          on_iteration: Callable[[dict], None] | None) -> SimSummary:
+    """Run the iterations; on any error the writer keeps what finished (status incomplete)."""
+    rows: list[dict] = []
+    bar = ProgressBar(len(its), enabled=progress)
+    try:
+        for it in its:
+            record, state = simulate_iteration(run, it)
+            rows.append(dict(record.summary, iteration=it))
+            if writer is not None:
+                writer.add(record, state=state)
+            if on_iteration is not None:
+                on_iteration(rows[-1])
+            bar.update(1)
+    except BaseException as exc:
+        bar.close()
+        if writer is not None:
+            writer.finish("incomplete", error=f"{type(exc).__name__}: {exc}")
+        raise
+    bar.close()
+    out = writer.finish() if writer is not None else None
+    return SimSummary(rows=rows, config=config, out_dir=out)
+
+
+def simulate_iteration(run: _Run, it: int) -> tuple[IterationRecord, dict]:
+    """One iteration: decide, lower, cost, schedule, record. Returns ``(record, state)``."""
+    from moesim.policies.base import History
+
+    mb = run.trace.meta.micro_batches_per_iteration
+    counts = run.trace.iteration_counts(it)
+    history = History(iteration=it, past_TLRE=run.trace.counts_TLRE[:it * mb],
+                      passes_per_iteration=mb, previous=run.previous,
+                      current_TLRE=counts if run.policy.oracle else None)
+    rng = np.random.default_rng([run.rng_seed, it])
+    decision = run.policy.decide(history, run.model, run.cluster, rng)
+    ctx = lower_iteration_ctx(run.policy, decision, run.previous, counts, run.model,
+                              run.cluster, plan=_plan(run, decision), cache=run.cache)
+    sched = schedule(ctx.program.ops, run.cost.durations(ctx.program), run.cluster.world_size)
+    oom = _check_memory(ctx, run, it)
+    record = build_record(ctx, sched, it, oom, it in run.timeline_iterations)
+    run.previous = decision
+    return record, decision_state(decision)
+
+
+def _plan(run: _Run, decision: Decision) -> Any:
+    """The routing plan, rebuilt only when the placement or routing rule changed."""
+    prev = run.plan_for
+    same = prev is decision or (
+        prev is not None and prev.routing == decision.routing
+        and prev.info.get("ep_size") == decision.info.get("ep_size")
+        and prev.placement.phy2log_LP.shape == decision.placement.phy2log_LP.shape
+        and prev.placement.slots_per_rank == decision.placement.slots_per_rank
+        and np.array_equal(prev.placement.phy2log_LP, decision.placement.phy2log_LP))
+    if not same:
+        run.plan = route_plan(decision, run.cluster)
+        run.cache = {}
+    run.plan_for = decision
+    return run.plan
+
+
+# --------------------------------------------------------------------------------------------
+# records
+
+
+def build_record(ctx: LoweringContext, sched: Schedule, it: int, oom: bool,
+                 with_timeline: bool) -> IterationRecord:
+    """The iteration's :class:`IterationRecord` from its lowering and schedule."""
+    L = ctx.model.num_layers
+    busy, start, end = phase_times(ctx.program.ops, sched, L)
+    gpu = {k: np.asarray(v, dtype=np.float64) for k, v in ctx.program.memory_bytes.items()}
+    load_LE = expert_load(ctx)
+    summary = summarize(ctx, sched, busy, gpu, oom, load_LE)
+    timeline = None
+    if with_timeline:
+        from moesim.timeline import chrome_events
+
+        timeline = chrome_events(ctx.program.ops, sched, iteration=it)
+    return IterationRecord(
+        iteration=it, summary=summary, busy_s_LFR=busy, start_s_LFR=start, end_s_LFR=end,
+        expert_load_LE=load_LE,
+        rank_tokens_LR=ctx.rows_MLP.sum(axis=0).reshape(ctx.model.num_layers, ctx.world, -1)
+        .sum(axis=2), dropped_LR=ctx.dropped_MLR.sum(axis=0), memory_CR=gpu,
+        timeline=timeline)
+
+
+def phase_times(ops: list[Op], sched: Schedule, num_layers: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(busy_s, start_s, end_s)`` each ``[L+1, F, R]``: summed durations, first start and
+    last end of each (layer, phase) per rank (per-iteration ops go to index ``L``).
+
+    One row update per op (``[R]`` arrays) beats ``reduceat`` over ``[O, R]`` here."""
+    R, F = sched.start_OR.shape[1], len(PHASES)
+    shape = ((num_layers + 1) * F, R)
+    busy, start, end = np.zeros(shape), np.full(shape, np.nan), np.full(shape, np.nan)
+    dur_OR = np.nan_to_num(sched.end_OR - sched.start_OR)
+    for i, op in enumerate(ops):
+        k = (op.layer if op.layer >= 0 else num_layers) * F + PHASE_INDEX[op.phase]
+        busy[k] += dur_OR[i]
+        np.fmin(start[k], sched.start_OR[i], out=start[k])
+        np.fmax(end[k], sched.end_OR[i], out=end[k])
+    return tuple(a.reshape(num_layers + 1, F, R) for a in (busy, start, end))
+
+
+def expert_load(ctx: LoweringContext) -> np.ndarray:
+    """Tokens routed to each expert before drops, ``[L, E]``; from the per-slot rows when
+    nothing was dropped (avoids another pass over the counts)."""
+    if ctx.decision.slot_capacity is not None:
+        return ctx.counts_MLRE.sum(axis=(0, 2))
+    phy = ctx.placement.phy2log_LP
+    L, E = phy.shape[0], ctx.placement.num_experts
+    rows_LP = ctx.rows_MLP.sum(axis=0)
+    out = np.zeros((L, E), dtype=np.int64)
+    l_idx, p_idx = np.nonzero(phy >= 0)
+    np.add.at(out, (l_idx, phy[l_idx, p_idx]), rows_LP[l_idx, p_idx])
+    return out
+
+
+def summarize(ctx: LoweringContext, sched: Schedule, busy_LFR: np.ndarray,
+              gpu: dict[str, np.ndarray], oom: bool, load_LE: np.ndarray) -> dict[str, float]:
+    """The summary columns (see the module docstring)."""
+    busy_FR = busy_LFR.sum(axis=0)
+    moe_R = sum(busy_FR[PHASE_INDEX[p]] for p in MOE_PHASES)
+    a2a_R = busy_FR[PHASE_INDEX["dispatch"]] + busy_FR[PHASE_INDEX["combine"]]
+    expert_R = busy_FR[PHASE_INDEX["expert"]]
+    mean = float(expert_R.mean())
+    R = ctx.world
+    host = memory_model.peak_R(ctx.program.host_memory_bytes, R)
+    return {
+        "step_time_s": sched.makespan_s,
+        "moe_time_s": float(moe_R.max()),
+        "a2a_time_s": float(a2a_R.max()),
+        "straggler_ratio": float(expert_R.max() / mean) if mean > 0 else 1.0,
+        "tokens_total": int(load_LE.sum()),
+        "tokens_dropped": int(ctx.dropped_MLR.sum()),
+        "peak_memory_bytes": float(memory_model.peak_R(gpu, R).max()),
+        "relayout_bytes": float(sum(op_bytes(op) for op in ctx.program.ops
+                                    if op.phase == "relayout")),
+        "planner_time_s": float(ctx.decision.planner_time_s),
+        "peak_host_bytes": float(host.max()),
+        "oom": int(oom),
+    }
+
+
+def op_bytes(op: Op) -> float:
+    """Bytes an op moves between devices (self-traffic excluded); 0 for compute."""
+    if isinstance(op, SendRecv):
+        keep = np.asarray(op.src_N) != np.asarray(op.dst_N)
+        return float(np.asarray(op.bytes_N, dtype=float)[keep].sum())
+    if isinstance(op, AllToAll):
+        B = np.asarray(op.bytes_RR, dtype=float)
+        return float(B.sum() - np.trace(B))
+    if isinstance(op, GroupCollective):
+        return float(np.asarray(op.bytes_G, dtype=float)[op.group_sizes > 1].sum())
+    if isinstance(op, HostCopy):
+        return float(np.asarray(op.bytes_R, dtype=float).sum())
+    return 0.0
+
+
+def _check_memory(ctx: LoweringContext, run: _Run, it: int) -> bool:
+    """True when the plan does not fit; raises unless ``allow_oom``."""
+    c = run.cluster
+    peak_R = memory_model.peak_R(ctx.program.memory_bytes, ctx.world)
+    r = int(np.argmax(peak_R))
+    if peak_R[r] <= c.gpu_memory_bytes:
+        return False
+    if not run.allow_oom:
+        raise OutOfMemoryError(
+            f"iteration {it}: rank {r} needs {peak_R[r] / 2**30:.1f} GiB but a GPU of "
+            f"{c.name} has {c.gpu_memory_GiB:.1f} GiB; use more GPUs (--nodes), fewer slots "
+            "or replicas, a smaller model, or pass allow_oom to record it anyway")
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# inputs, config, resume
+
+
+def _load(trace: RoutingTrace | str | Path) -> RoutingTrace:
+    if isinstance(trace, RoutingTrace):
+        return trace
+    path = Path(trace)
+    if not path.exists():
+        raise MoesimError(f"no trace file {str(path)!r}; check the path (or run `moesim trace "
+                          "synth` to make one)")
+    from moesim.traces import io as trace_io
+
+    return trace_io.load_trace(path)
+
+
+def _policy(policy: Any) -> Any:
+    from moesim.policies.base import make_policy
+
+    return make_policy(policy) if isinstance(policy, str) else policy
+
+
+def _fit_trace(trace: RoutingTrace, cluster: Cluster, seed: int) -> RoutingTrace:
+    """Spread rank-aggregated traces over the world (seeded); reject a rank-count mismatch."""
+    meta, world = trace.meta, cluster.world_size
+    if not meta.rank_resolved and meta.num_ranks != world:
+        from moesim import traces
+
+        return traces.spread_over_ranks(trace, world, rng=seed)
+    if meta.num_ranks != world:
+        nodes = meta.num_ranks / cluster.gpus_per_node
+        fix = (f"pass --nodes {int(nodes)}" if nodes == int(nodes) else
+               "use a cluster whose GPU count equals the trace's ranks")
+        raise MoesimError(f"the trace has {meta.num_ranks} ranks but cluster {cluster.name} has "
+                          f"{world} GPUs ({cluster.num_nodes} nodes x {cluster.gpus_per_node}); "
+                          f"{fix}")
+    return trace
+
+
+def _fit_model(model: ModelSpec, trace: RoutingTrace) -> ModelSpec:
+    """The model with the trace's tokens per rank and micro-batches; shapes must agree."""
+    meta = trace.meta
+    for name, ours, theirs in (("num_layers", model.num_layers, meta.num_layers),
+                               ("num_experts", model.num_experts, meta.num_experts),
+                               ("top_k", model.top_k, meta.top_k)):
+        if ours != theirs:
+            raise MoesimError(f"model {model.name} has {name}={ours} but the trace has "
+                              f"{theirs}; choose a model preset matching the trace")
+    return model.replace(tokens_per_rank=meta.tokens_per_rank,
+                         micro_batches=meta.micro_batches_per_iteration)
+
+
+def _iterations(iterations: Any, available: int) -> list[int]:
+    if iterations is None:
+        its = list(range(available))
+    elif isinstance(iterations, tuple) and len(iterations) == 2:
+        its = list(range(iterations[0], min(iterations[1], available))) or [iterations[0]]
+    else:
+        its = [int(i) for i in iterations]
+    bad = [i for i in its if not 0 <= i < available]
+    if bad:
+        raise MoesimError(f"iteration {bad[0]} is outside the trace's 0..{available - 1}; "
+                          "choose --iterations within it")
+    if not its:
+        raise MoesimError(f"no iterations selected (the trace has {available}); widen "
+                          "--iterations")
+    return its
+
+
+def run_config(trace: RoutingTrace, trace_path: str | None, model: ModelSpec,
+               cluster: Cluster, policy: Any, its: list[int], rng_seed: int,
+               allow_oom: bool) -> dict:
+    """The full configuration stored in ``config.json``."""
+    knobs = dataclasses.asdict(policy.config) if dataclasses.is_dataclass(policy.config) else {}
+    return _json_normal({
+        "model": spec_to_dict(model), "cluster": spec_to_dict(cluster),
+        "policy": {"name": policy.name, "knobs": knobs},
+        "trace": {"path": trace_path, "meta": trace.meta.to_dict()},
+        "options": {"rng_seed": rng_seed, "allow_oom": allow_oom},
+        "iterations": [its[0], its[-1] + 1] if its == list(range(its[0], its[-1] + 1))
+        else its,
+    })
+
+
+def _json_normal(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples → lists), so a resumed run's config compares
+    equal to the stored one."""
+    return json.loads(json.dumps(_jsonable(obj)))
+
+
+def decision_state(decision: Decision) -> dict:
+    """JSON-ready state that restores ``decision`` on resume (arrays become lists)."""
+    p = decision.placement
+    return {"phy2log": p.phy2log_LP.tolist(), "num_ranks": p.num_ranks,
+            "slots_per_rank": p.slots_per_rank, "num_experts": p.num_experts,
+            "routing": decision.routing, "slot_capacity": decision.slot_capacity,
+            "planner_time_s": decision.planner_time_s, "info": _jsonable(decision.info)}
+
+
+def restore_decision(state: dict) -> Decision:
+    """Inverse of :func:`decision_state` (``info`` arrays come back as lists)."""
+    placement = Placement(np.array(state["phy2log"], dtype=np.int64), state["num_ranks"],
+                          state["slots_per_rank"], state["num_experts"])
+    return Decision(placement=placement, routing=state["routing"],
+                    slot_capacity=state["slot_capacity"],
+                    planner_time_s=state["planner_time_s"], info=dict(state["info"]))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    return obj
+
+
+def _skip_done(run: _Run, writer: RunWriter, its: list[int]) -> list[int]:
+    """Drop iterations already written and restore the decision in force after them."""
+    last = writer.resume_after()
+    if last is None:
+        return its
+    state = writer.last_state()
+    if state:
+        run.previous = restore_decision(state)
+    return [i for i in its if i > last]
+
+
+# --------------------------------------------------------------------------------------------
+# progress
+
+
+class ProgressBar:
+    """A small stderr progress bar (no dependency): ``[#####.....] 50/100  12.3 it/s``;
+    redraws at most 10 times a second; silent when disabled or for runs of < 2 items."""
+
+    def __init__(self, total: int, enabled: bool = True, width: int = 30) -> None:
+        self.total, self.width, self.done = total, width, 0
+        self.enabled = enabled and total > 1
+        self.t0 = self._last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and (now - self._last > 0.1 or self.done == self.total):
+            self._last = now
+            filled = int(self.width * self.done / max(self.total, 1))
+            rate = self.done / max(now - self.t0, 1e-9)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] "
+                             f"{self.done}/{self.total}  {rate:.1f} it/s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            sys.stderr.write("\n")
+            sys.stderr.flush()

@@ -1,0 +1,93 @@
+"""Static expert parallelism (DeepSpeed-MoE / Megatron-Core): the baseline every paper beats.
+
+Shape legend: ``L`` layers, ``E`` experts, ``G`` ranks, ``S = E / EP`` slots per rank,
+``P = G·S`` slots.
+
+- Placement (never changes): EP ranks hold the experts contiguously, expert ``e`` on EP-rank
+  ``e // (E/EP)``; with ``G > EP`` the ``G/EP`` EP groups are expert-data-parallel (EDP)
+  replicas of each other (rank ``r`` is EP-rank ``r % EP`` of EP group ``r // EP``), so
+  ``phy2log[p] = p mod E``. Routing rule ``ep_group``: a source uses its own EP group's replica.
+- Capacity per (source rank, expert), tokens over it are dropped before the dispatch:
+  Megatron-Core ``ceil(T·k/E·cf)`` (``get_capacity(num_tokens=T·k, num_experts, cf)`` in
+  ``megatron/core/transformer/moe/moe_utils.py``; dropless when ``cf`` is None, its default);
+  DeepSpeed ``ceil(T/E·cf)``, with ``cf`` doubled by ``top2gating`` for top-2 and multiplied by
+  ``k`` by ``topkgating`` for k > 2 (``deepspeed/moe/sharded_moe.py``).
+- Per iteration (the :class:`~moesim.policies.base.Policy` default hooks): expert-grad
+  all-reduce in each EDP group, dense-grad all-reduce over all ranks, ZeRO-1 optimizer.
+
+This file is the worked example of the policy interface: a frozen ``Config`` validated in
+``__post_init__``, a pure ``decide``, and no lowering overrides because static EP *is* the
+default lowering.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from moesim.errors import MoesimError
+from moesim.placement import Decision, Placement
+from moesim.policies.base import History, Policy, register_policy
+from moesim.specs import Cluster, ModelSpec
+
+CAPACITY_RULES = ("megatron", "deepspeed")
+
+
+def ep_size_for(requested: int | None, world: int, num_experts: int) -> int:
+    """The EP degree: ``requested``, or ``min(world, E)``; it must divide both ``world`` and
+    ``E``."""
+    ep = min(world, num_experts) if requested is None else requested
+    if ep <= 0 or world % ep or num_experts % ep:
+        raise MoesimError(f"static_ep: ep_size={ep} must divide both the world size {world} "
+                          f"and the expert count {num_experts}; pass --knob ep_size=N with such "
+                          "an N")
+    return ep
+
+
+def expert_capacity(rule: str, capacity_factor: float | None, tokens_per_rank: int,
+                    top_k: int, num_experts: int) -> int | None:
+    """Tokens one source rank may send one expert per pass (see the module docstring)."""
+    if capacity_factor is None:
+        return None
+    if rule == "megatron":
+        return int(math.ceil(tokens_per_rank * top_k / num_experts * capacity_factor))
+    cf = capacity_factor * (2 if top_k == 2 else top_k)
+    return int(math.ceil(tokens_per_rank / num_experts * cf))
+
+
+@register_policy("static_ep")
+class StaticEP(Policy):
+    """Contiguous expert parallelism with EDP replicas; the same decision every iteration."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Config:
+        """``ep_size`` None → ``min(world, E)``; ``capacity_factor`` None → dropless."""
+
+        ep_size: int | None = None
+        capacity_factor: float | None = None
+        capacity_rule: str = "megatron"
+
+        def __post_init__(self) -> None:
+            if self.ep_size is not None and self.ep_size <= 0:
+                raise ValueError("static_ep: ep_size must be a positive integer; use e.g. 8")
+            if self.capacity_factor is not None and self.capacity_factor <= 0:
+                raise ValueError("static_ep: capacity_factor must be > 0, or none for dropless")
+            if self.capacity_rule not in CAPACITY_RULES:
+                raise ValueError(f"static_ep: capacity_rule must be one of {CAPACITY_RULES}")
+
+    def decide(self, history: History, model: ModelSpec, cluster: Cluster,
+               rng: np.random.Generator) -> Decision:
+        """The contiguous placement ``phy2log[l, p] = p mod E`` (the previous one if any)."""
+        if history.previous is not None:
+            return history.previous
+        world, E = cluster.world_size, model.num_experts
+        ep = ep_size_for(self.config.ep_size, world, E)
+        S = E // ep
+        row_P = np.arange(world * S, dtype=np.int64) % E
+        placement = Placement(np.tile(row_P, (model.num_layers, 1)), world, S, E)
+        cap = expert_capacity(self.config.capacity_rule, self.config.capacity_factor,
+                              model.tokens_per_rank, model.top_k, E)
+        return Decision(placement=placement, routing="ep_group", slot_capacity=cap,
+                        info={"ep_size": ep})

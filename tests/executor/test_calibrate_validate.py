@@ -1,0 +1,99 @@
+"""Single-process tests of calibration fitting, the written profile, trace fitting and the
+predicted-vs-measured comparison (no processes are started)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesim.analysis.validation import compare_runs, format_table
+from moesim.executor.calibrate import fit_alpha_beta, fit_profile, write_profile
+from moesim.executor.validate import prepare_trace
+from moesim.ops import PHASES
+from moesim.results import IterationRecord, RunWriter, load_run
+from moesim.specs import load_cluster, load_model
+
+
+def _raw(model, alpha=2e-4, busbw=1.5e9, peak=5e10):
+    rng = np.random.default_rng(0)
+    compute = []
+    for m in (1, 4, 16, 64, 256, 1024):
+        for passes in (1, 2):
+            f = passes * m * model.expert_flops_per_token
+            eff = m / (m + 20.0)
+            compute.append({"kind": "expert", "m": m, "passes": passes, "flops": f,
+                            "bytes": 1.0, "t": 3e-6 + f / (peak * eff)})
+    for numel in (2**14, 2**18):
+        compute += [{"kind": "adam", "numel": numel, "t": numel * 24 / 8e9},
+                    {"kind": "host_adam", "numel": numel, "t": numel * 8 / 3e9},
+                    {"kind": "copy", "bytes": numel * 4, "t": 1e-6 + numel * 4 / 2e10}]
+    coll = []
+    for kind, factor in (("all_to_all", 0.5), ("all_reduce", 1.0), ("broadcast", 1.0)):
+        for nbytes in (4096, 65536, 1 << 20, 4 << 20):
+            t = (alpha + factor * nbytes / busbw) * (1 + 0.01 * rng.standard_normal())
+            coll.append({"kind": kind, "n": 2, "bytes": nbytes, "t": t})
+    meta = {"world_size": 2, "cpu_count": 1, "backend": "gloo", "torch": "x", "model": "tiny"}
+    return {"compute": compute, "collectives": coll, "meta": meta}
+
+
+def test_alpha_beta_fit_recovers_parameters():
+    x = np.array([1e3, 1e5, 1e6, 1e7])
+    alpha, beta, mape = fit_alpha_beta(x, 5e-5 + x / 2e9)
+    assert alpha == pytest.approx(5e-5, rel=1e-6) and beta == pytest.approx(2e9, rel=1e-6)
+    assert mape < 1e-6
+
+
+def test_profile_fit_and_toml_round_trip(tmp_path):
+    model = load_model("tiny-cpu")
+    raw = _raw(model)
+    fit = fit_profile(raw, model)
+    coll = fit["collectives"]
+    assert coll["alpha_s"] == pytest.approx(2e-4, rel=0.1)
+    assert coll["busbw_GBps"] == pytest.approx(1.5, rel=0.1)
+    assert fit["mem_bw_GBps"] == pytest.approx(8.0, rel=0.05)
+    assert fit["compute"]["mape_pct"] < 20
+    cluster = load_cluster(write_profile(fit, raw["meta"], tmp_path / "cal.toml"))
+    assert cluster.world_size == 2 and cluster.intra.bw_GBps == pytest.approx(
+        coll["busbw_GBps"])
+    assert cluster.hardware.cores_shared_by == 2.0  # 2 ranks on 1 CPU
+
+
+def test_prepare_trace_regroups_and_caps():
+    from moesim.traces.synth import SynthConfig, synthesize
+    from moesim.traces.validate import validate
+
+    model = load_model("tiny-cpu")
+    big = synthesize(SynthConfig(num_layers=3, num_ranks=8, num_experts=32, top_k=2,
+                                 tokens_per_rank=512, micro_batches_per_iteration=4,
+                                 num_iterations=2), rng=1)
+    t = prepare_trace(big, 2, model)
+    assert t.counts_TLRE.shape == (2 * model.micro_batches, 2, 2, 8)
+    assert (t.counts_TLRE.sum(-1) == model.tokens_per_rank * model.top_k).all()
+    assert t.counts_TLRE.max() <= model.tokens_per_rank
+    validate(t)
+
+
+def _run(path, backend, steps, phase_scale):
+    L, F, R = 2, len(PHASES), 2
+    w = RunWriter(path, {"b": backend}, backend)
+    for i, step in enumerate(steps):
+        busy = np.zeros((L + 1, F, R))
+        busy[:, PHASES.index("expert")] = 1e-3 * phase_scale
+        busy[:, PHASES.index("dispatch")] = 2e-3
+        nan = np.full((L + 1, F, R), np.nan)
+        w.add(IterationRecord(i, {"step_time_s": step}, busy, nan, nan, np.zeros((L, 8)),
+                              np.zeros((L, R)), np.zeros((L, R)), {}))
+    w.finish()
+    return load_run(path)
+
+
+def test_compare_runs_reports_mape_and_max(tmp_path):
+    pred = _run(tmp_path / "p", "simulator", [0.011, 0.009, 0.010], 1.2)
+    meas = _run(tmp_path / "m", "executor", [0.010, 0.010, 0.010], 1.0)
+    comp = compare_runs(pred, meas)
+    assert comp.step.mape_pct == pytest.approx(20 / 3, rel=1e-6)
+    assert comp.step.max_pct == pytest.approx(10, rel=1e-6)
+    assert comp.phases["expert"].mape_pct == pytest.approx(20, rel=1e-4)
+    assert comp.phases["dispatch"].mape_pct == pytest.approx(0, abs=1e-6)
+    assert "grad_sync" not in comp.phases  # zero in both
+    assert "step" in format_table(comp.rows())
