@@ -259,8 +259,7 @@ def greedy_place_J(replicas_KE: np.ndarray, load_E: np.ndarray, gpus_per_node: i
         gpus += placed
         per_candidate.append(len(placed))
     return (np.arange(K, dtype=np.int64).repeat(per_candidate),
-            np.array(gpus, dtype=np.int64),
-            order_KE[reps_KE > 0].repeat(sizes))                 # experts with replicas
+            np.array(gpus, dtype=np.int64), order_KE.ravel().repeat(sizes))
 
 
 def _greedy_start(free_G: np.ndarray | list[int], gpu_load_G: np.ndarray | None, gpus_per_node: int,
@@ -290,7 +289,7 @@ def _place_candidate(start: tuple, order: list[int], reps: list[int], per_copy: 
                      sizes: list[int]) -> list[int]:
     """:func:`greedy_place` of one candidate (experts in placement ``order``, with their replica
     counts and per-copy loads): returns the GPUs used, in order, and appends to ``sizes`` how
-    many each expert with replicas took.
+    many each expert took.
 
     An expert nobody holds yet takes the first ``k`` of the nodes' tops (kept sorted across
     experts: every node is then at copy level 0 and its least-loaded GPU is its offer); later
@@ -303,6 +302,7 @@ def _place_candidate(start: tuple, order: list[int], reps: list[int], per_copy: 
     takes = []
     for e, k, p in zip(order, reps, per_copy, strict=True):
         if not k:
+            takes.append(())
             continue
         if held_E is None or not held_E[e]:
             take = tops[:k]
