@@ -13,15 +13,32 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+DEMO_POLICIES := static_ep swiftmoe eplb laer_fsep
+DEMO_RUNS := $(addprefix runs/demo/,$(DEMO_POLICIES))
+
+# The main job on built-in defaults: the bundled trace (24 layers, 16 ranks, 32 experts, top-2)
+# on 2 nodes x 8 A100 (LAER's testbed links), four policies, all dropless; SwiftMoE and LAER get
+# 4 expert slots per GPU (SwiftMoE's S=4) so that 16 GPUs x 4 slots leave room for replicas of
+# 32 experts. Then every figure and one HTML report under runs/demo/.
 demo: $(STAMP)
+	rm -rf runs/demo
 	$(PYTHON) -m moesim trace info
-	$(PYTHON) -m moesim simulate --out runs/demo-static_ep
+	$(PYTHON) -m moesim simulate --policy static_ep --knob capacity_factor=none --timeline 10 --out runs/demo/static_ep
+	$(PYTHON) -m moesim simulate --policy swiftmoe --knob capacity_factor=none --knob slots_per_rank=4 --timeline 10 --out runs/demo/swiftmoe
+	$(PYTHON) -m moesim simulate --policy eplb --knob capacity_factor=none --timeline 10 --out runs/demo/eplb
+	$(PYTHON) -m moesim simulate --policy laer_fsep --knob capacity_factor=none --knob slots_per_rank=4 --timeline 10 --out runs/demo/laer_fsep
+	$(PYTHON) -m moesim plot all $(DEMO_RUNS) -o runs/demo/figures
+	$(PYTHON) -m moesim report $(DEMO_RUNS) -o runs/demo/report.html
+	@echo; echo "demo done: runs/demo/figures/*.png, runs/demo/report.html"
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
 bench: $(STAMP)
-	$(PYTHON) benchmarks/sim_speed.py
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/sim_speed.py
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/planner_speed.py
+	$(PYTHON) benchmarks/policies.py --quick
+	$(PYTHON) benchmarks/accuracy.py --out runs/accuracy
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check .

@@ -1,25 +1,33 @@
 """``moesim calibrate``: fit the cost model's parameters to this machine and backend.
 
 Launches :mod:`moesim.executor.calibrate_bench` on N local ranks (the executor's own code paths:
-expert FFN per slot, the stand-in matmul, Adam, host copies, gloo / NCCL collectives), then fits
-every parameter on *relative* error (least squares on log time, or weighted by 1/t):
+its expert op over a layer-pass's slots, the stand-in matmul, its optimizer step, host copies,
+every collective kind as the interpreter runs it), then fits every parameter on *relative*
+error (least squares on relative or log time) from those microbenchmarks only — never from
+validation runs:
 
-- compute, the cost model's ``max(bytes/mem_bw, flops/(peak·eff(m))) + launch``:
-  ``launch_s`` from the smallest stand-in matmul (per-op overhead), ``peak_flops`` and
-  ``gemm_eff_curve`` tabulated at every measured ``m`` of the expert FFN sweep (forward and
-  backward; see :func:`fit_compute`); ``mem_bw_GBps`` from the optimizer step
-  (its Adam traffic per parameter as the lowering
-  counts it, ``2·bytes_optim + bytes_grad + bytes_weight``), so the memory-bound op it costs is
-  right; ``host_optimizer_GBps`` from the host Adam;
-- collectives, ``t = α + factor · S / busbw`` with nccl-tests' bus factors: one ``(α, busbw)``
-  for the intra-node level (the cost model has one per level), fitted over every kind and group
-  size (non-negative, relative error; all-to-all rows weighted ×4 as they dominate an MoE step);
-  per-kind fits are written as comments;
+- compute, the cost model's ``max(bytes/mem_bw, flops/(peak·eff(m))) + launch`` per slot:
+  ``launch_s`` from the smallest stand-in matmul (per-op overhead), ``peak_flops`` the best rate
+  any measurement reached, ``gemm_eff_curve`` tabulated at every measured ``m`` from the expert
+  forward and ``backward_gemm_eff_curve`` from the expert backward (dgrad + wgrad; on CPU it is
+  2.4–4× a forward, not the 2× one curve would imply; see :func:`fit_compute`);
+  ``mem_bw_GBps`` from the optimizer step (its Adam traffic per parameter as the lowering counts
+  it, ``2·bytes_optim + bytes_grad + bytes_weight``, with the executor's one call per
+  expert-sized tensor), so the memory-bound op it costs is right; ``host_optimizer_GBps`` from
+  the host Adam;
+- collectives, ``t = α + factor · S / busbw`` with nccl-tests' bus factors, fitted *per kind*
+  (all-to-all, all-reduce, all-gather, reduce-scatter, broadcast, reduce, send/recv) over every
+  group size 2..N and size 4 KiB–4 MiB, non-negative, relative error; written as the link
+  level's ``per_kind`` table (gloo's all-reduce costs ~1.4 ms where its all-to-all costs
+  ~0.2 ms, so one pair cannot serve both); the level's own ``(α, busbw)`` is a fit over all
+  kinds (all-to-all rows weighted ×4), used by kinds that were not measured;
 - the host link (``HostCopy``): latency and bandwidth of host copies.
 
-``cores_shared_by = max(1, ranks / os.cpu_count())``; the measured slowdown of an expert forward
-when all ranks compute at once (vs rank 0 alone) is printed and written beside it — it equals
-the ratio on an idle machine and is larger (and erratic) when other work shares the cores.
+Compute is measured with all ranks computing at once (as in a run), so the concurrency slowdown
+is in the curves and ``cores_shared_by`` is 1; the slowdown of an expert forward with all ranks
+computing vs rank 0 alone is printed and written beside it for the record. (Raw files of the
+older single-rank benchmark, without ``meta.compute_concurrent``, get
+``cores_shared_by = max(1, ranks / cpu_count)`` as before.)
 
 Output: a Cluster TOML (1 node × N ranks, the measured link) and its HardwareProfile TOML
 beside it (``<stem>-hw.toml``), both written atomically; ``moesim.specs.load_cluster(path)``
@@ -82,20 +90,22 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def fit_compute(rows: list[dict], launch: float | None = None) -> dict:
-    """``launch_s``, ``peak_flops`` and a tabulated ``eff(m)`` from expert timings.
+    """``launch_s``, ``peak_flops`` and tabulated forward and backward ``eff(m)`` from
+    per-slot expert timings (``passes`` 1: forward, 2: backward).
 
     ``launch`` (per-op overhead) is given — the time of the smallest stand-in matmul, an op with
     almost no work — or else fitted on log time (relative error) together with a saturating
     ``eff(m) = m / (m + m_half)``; then ``peak_flops`` is the best rate any measurement reached
-    and the curve is tabulated at every measured ``m`` as the efficiency that reproduces the
-    geometric mean of its forward and backward times — so the per-slot times the executor sees
-    at each ``m`` are reproduced up to the forward/backward asymmetry the model cannot express
-    (it assumes backward = 2 × forward). Returns the parameters and the fit's relative errors."""
+    and each curve is tabulated at every measured ``m`` as the efficiency that reproduces the
+    (geometric mean) time measured there, so the per-slot times the executor sees at each ``m``
+    are reproduced, forward and backward alike. Returns the parameters and the fit's relative
+    errors."""
     from scipy.optimize import least_squares
 
     m = np.array([r["m"] for r in rows], dtype=float)
     flops = np.array([r["flops"] for r in rows], dtype=float)
     t = np.array([r["t"] for r in rows], dtype=float)
+    passes = np.array([r.get("passes", 1) for r in rows])
 
     def smooth(theta: np.ndarray) -> np.ndarray:
         launch, peak, m_half = np.exp(theta)
@@ -108,14 +118,23 @@ def fit_compute(rows: list[dict], launch: float | None = None) -> dict:
     launch = min(launch, 0.5 * float(t.min()))
     rate = flops / np.maximum(t - launch, 1e-9)
     peak = float(rate.max())
-    curve = []
-    for mv in np.unique(m):
-        sel = m == mv
-        curve.append((float(mv), float(np.clip(np.exp(np.log(rate[sel] / peak).mean()),
-                                               1e-3, 1.0))))
-    eff = np.interp(np.log2(m), np.log2([c[0] for c in curve]), [c[1] for c in curve])
+    curves, eff = {}, np.ones_like(t)
+    for p in (1, 2):
+        sel_p = passes == p
+        if not sel_p.any():
+            continue
+        curve = []
+        for mv in np.unique(m[sel_p]):
+            sel = sel_p & (m == mv)
+            curve.append((float(mv), float(np.clip(np.exp(np.log(rate[sel] / peak).mean()),
+                                                   1e-3, 1.0))))
+        curves[p] = curve
+        eff[sel_p] = np.interp(np.log2(m[sel_p]), np.log2([c[0] for c in curve]),
+                               [c[1] for c in curve])
     rel = (launch + flops / (peak * eff)) / t - 1
-    return {"launch_s": launch, "peak_flops": peak, "curve": curve,
+    fwd = curves.get(1) or curves.get(2)
+    return {"launch_s": launch, "peak_flops": peak, "curve": fwd,
+            "backward_curve": curves.get(2) if 1 in curves else None,
             "mape_pct": float(np.mean(np.abs(rel)) * 100),
             "max_pct": float(np.max(np.abs(rel)) * 100)}
 
@@ -141,17 +160,22 @@ def fit_alpha_beta(x: np.ndarray, t: np.ndarray, weight: np.ndarray | None = Non
 
 
 def bus_factor(kind: str, n: np.ndarray) -> np.ndarray:
-    """nccl-tests' bus-bandwidth factor of a collective kind for group size ``n``."""
+    """nccl-tests' bus-bandwidth factor of a collective kind for group size ``n`` (send/recv:
+    the bytes each rank sends)."""
     n = np.asarray(n, dtype=float)
-    return {"all_reduce": 2 * (n - 1) / n, "broadcast": np.ones_like(n)}.get(kind, (n - 1) / n)
+    ones = {"broadcast", "reduce", "send_recv"}
+    if kind == "all_reduce":
+        return 2 * (n - 1) / n
+    return np.ones_like(n) if kind in ones else (n - 1) / n
 
 
 A2A_WEIGHT = 4.0  # an MoE layer-pass runs 4 all-to-alls; the other collectives run per iteration
 
 
 def fit_collectives(rows: list[dict]) -> dict:
-    """One intra-node ``(α, busbw)`` over all kinds (all-to-all rows weighted
-    ``A2A_WEIGHT``: they dominate an MoE step), and per-kind fits for reference."""
+    """Per kind ``(α, busbw)`` over all its group sizes and sizes (relative error), and one
+    level-wide pair over all kinds (all-to-all rows weighted ``A2A_WEIGHT``) for kinds without
+    their own."""
     kinds = sorted({r["kind"] for r in rows})
     per_kind = {}
     xs, ts, ws = [], [], []
@@ -189,10 +213,12 @@ def fit_profile(raw: dict, model) -> dict:
                                      np.array([r["t"] for r in copies]))
     eff = c["curve"]
     conc = raw.get("concurrency")
-    nominal = max(1.0, raw["meta"]["world_size"] / (raw["meta"].get("cpu_count") or 1))
+    meta = raw["meta"]
+    shared = (1.0 if meta.get("compute_concurrent") else
+              max(1.0, meta["world_size"] / (meta.get("cpu_count") or 1)))
     measured = (conc["together_s"] / conc["alone_s"] if conc and conc["alone_s"] > 0
                 else float("nan"))
-    return {"compute": c, "cores_shared_by": nominal, "cores_shared_measured": measured,
+    return {"compute": c, "cores_shared_by": shared, "cores_shared_measured": measured,
             "mem_bw_GBps": mem_bw / GB, "host_optimizer_GBps": host_bw / GB,
             "host_link": {"latency_s": lat, "bw_GBps": copy_bw / GB}, "gemm_eff_curve": eff,
             "collectives": fit_collectives(raw["collectives"])}
@@ -229,7 +255,11 @@ def write_profile(fit: dict, meta: dict, out: Path) -> Path:
           "launch_s": c["launch_s"], "gemm_eff_curve": [list(p) for p in fit["gemm_eff_curve"]],
           "elementwise_eff": 1.0, "host_optimizer_GBps": fit["host_optimizer_GBps"],
           "collective_latency_s": 0.0, "cores_shared_by": shared}
-    link = {"bw_GBps": coll["busbw_GBps"], "latency_s": coll["alpha_s"]}
+    if c.get("backward_curve"):
+        hw["backward_gemm_eff_curve"] = [list(p) for p in c["backward_curve"]]
+    link = {"bw_GBps": coll["busbw_GBps"], "latency_s": coll["alpha_s"],
+            "per_kind": {k: {"bw_GBps": v["busbw_GBps"], "latency_s": v["alpha_s"]}
+                         for k, v in coll["per_kind"].items()}}
     total = _mem_total_gib()
     cluster = {"description": f"1 node x {world} ranks, calibrated", "source": src,
                "num_nodes": 1, "gpus_per_node": world, "hardware": hw_path.name,
@@ -237,18 +267,21 @@ def write_profile(fit: dict, meta: dict, out: Path) -> Path:
                "intra": link, "inter": link,
                "host": {"bw_GBps": fit["host_link"]["bw_GBps"],
                         "latency_s": fit["host_link"]["latency_s"]}}
+    how = ("1: compute was measured with all ranks computing at once" if
+           meta.get("compute_concurrent") else "ranks / CPUs")
     hw_head = (f"# Calibrated by `moesim calibrate` ({src}).\n"
-               f"# cores_shared_by = ranks / CPUs; measured slowdown with all ranks computing: "
+               f"# cores_shared_by = {how}; measured slowdown with all ranks computing: "
                f"{fit['cores_shared_measured']:.2f}.\n"
-               f"# Compute fit over expert FFN timings: MAPE {c['mape_pct']:.1f}%, "
-               f"max {c['max_pct']:.1f}% (backward modelled as 2x forward).\n"
+               f"# Compute fit over per-slot expert timings: MAPE {c['mape_pct']:.1f}%, "
+               f"max {c['max_pct']:.1f}% (forward and backward curves).\n"
                "# mem_bw_GBps: effective, from the executor's Adam step; collective latency is "
                "in the cluster's link level.\n")
     kinds = "; ".join(f"{k}: α {v['alpha_s'] * 1e6:.0f} us, busbw {v['busbw_GBps']:.2f} GB/s "
                       f"(MAPE {v['mape_pct']:.0f}%)" for k, v in coll["per_kind"].items())
     cl_head = (f"# Calibrated by `moesim calibrate` ({src}).\n"
-               f"# Intra link: one α/busbw over all collectives, MAPE {coll['mape_pct']:.1f}%.\n"
-               f"# Per kind: {kinds}\n")
+               f"# Link level: one α/busbw over all collectives (MAPE "
+               f"{coll['mape_pct']:.1f}%), used by kinds not in per_kind.\n"
+               f"# per_kind fits: {kinds}\n")
     atomic_write_bytes(hw_path, (hw_head + tomli_w.dumps(hw)).encode())
     atomic_write_bytes(out, (cl_head + tomli_w.dumps(cluster)).encode())
     load_cluster(out)  # must load

@@ -1,11 +1,13 @@
 """Decisions and programs for a trace slice: the policy loop both backends share.
 
 :func:`iteration_programs` replays a trace through a policy exactly as
-:func:`moesim.simulate.simulate` does — ``History`` of earlier passes only (plus the current
-iteration's for oracles), a generator ``default_rng([seed, iteration])`` per iteration, the
-previous decision carried from ``start`` on (``None`` at ``start``) — and lowers every iteration
-in ``[start, stop)`` with :func:`moesim.lowering.lower_iteration`, so both backends run the
-same programs.
+:func:`moesim.simulate.simulate` does — it calls the simulator's public
+:func:`moesim.simulate.decide_iteration` (``History`` of earlier passes only, plus the current
+iteration's for oracles; generator ``default_rng([seed, iteration])``), carrying the previous
+decision from ``start`` on (``None`` at ``start``) — and lowers every iteration in
+``[start, stop)`` with :func:`moesim.lowering.lower_iteration`, so both backends run the same
+programs. :func:`fit_run_inputs` fits the trace and model as the simulator does
+(:func:`moesim.simulate.fit_inputs`).
 
 Shape legend: ``T`` passes, ``L`` layers, ``R`` ranks, ``E`` experts, ``M`` passes per iteration.
 """
@@ -20,8 +22,9 @@ import numpy as np
 from moesim.errors import MoesimError
 from moesim.ops import Program
 from moesim.placement import Decision
-from moesim.policies.base import History, Policy
+from moesim.policies.base import Policy
 from moesim.specs import Cluster, ModelSpec
+from moesim.traces.format import RoutingTrace
 
 
 @dataclass
@@ -51,20 +54,25 @@ def parse_iterations(text: str | None, available: int) -> tuple[int, int]:
     return start, stop
 
 
+def fit_run_inputs(trace: RoutingTrace, model: ModelSpec, cluster: Cluster, seed: int = 0
+                   ) -> tuple[RoutingTrace, ModelSpec]:
+    """The trace and model an executor run uses, fitted exactly as the simulator fits them."""
+    from moesim.simulate import fit_inputs
+
+    return fit_inputs(trace, model, cluster, seed)
+
+
 def iteration_programs(counts_TLRE: np.ndarray, passes_per_iteration: int, policy: Policy,
                        model: ModelSpec, cluster: Cluster, start: int, stop: int,
                        seed: int = 0) -> Iterator[PlannedIteration]:
     """Decide and lower iterations ``start..stop-1`` (see the module docstring)."""
     from moesim.lowering import lower_iteration
+    from moesim.simulate import decide_iteration
 
     previous: Decision | None = None
-    M = passes_per_iteration
     for it in range(start, stop):
-        current = counts_TLRE[it * M:(it + 1) * M]
-        history = History(iteration=it, past_TLRE=counts_TLRE[:it * M], passes_per_iteration=M,
-                          previous=previous,
-                          current_TLRE=current if policy.oracle else None)
-        decision = policy.decide(history, model, cluster, np.random.default_rng([seed, it]))
+        decision, current = decide_iteration(policy, counts_TLRE, passes_per_iteration, it,
+                                             previous, model, cluster, seed)
         program = lower_iteration(policy, decision, previous, current, model, cluster)
         yield PlannedIteration(it, decision, program, np.asarray(current))
         previous = decision

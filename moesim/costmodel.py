@@ -22,7 +22,10 @@ all-to-all, ``1`` for broadcast and reduce. A link level is described by its mea
 where ``busbw`` is the intra-node level's when the group sits in one node and the inter-node
 per-GPU NIC level's when it spans nodes (a hierarchical collective is limited by its slowest
 level), and ``latency = hardware.collective_latency_s + level.latency_s``. Groups of one rank
-cost nothing.
+cost nothing. A level may give one collective kind its own ``busbw`` and ``latency``
+(``LinkLevel.per_kind``: ``all_to_all``, ``all_reduce``, ``all_gather``, ``reduce_scatter``,
+``broadcast``, ``reduce``, ``send_recv``); they replace the level's for ops of that kind only,
+and the bus factors still apply.
 
 All-to-all from its bytes matrix ``B[K, K]``: per rank, bytes out and in over NVLink
 (same-node peers) and over the NIC (other nodes), self-traffic free; rank time =
@@ -59,6 +62,19 @@ from moesim.specs import Cluster
 GB = 1e9
 
 
+_KIND = {AllReduce: "all_reduce", AllGather: "all_gather", ReduceScatter: "reduce_scatter",
+         Broadcast: "broadcast", Reduce: "reduce", AllToAll: "all_to_all",
+         SendRecv: "send_recv"}
+
+
+def collective_kind(op: Op) -> str:
+    """The :data:`moesim.specs.COLLECTIVE_KINDS` name of a collective op."""
+    for cls, kind in _KIND.items():
+        if isinstance(op, cls):
+            return kind
+    raise TypeError(f"{type(op).__name__} is not a collective")
+
+
 def bus_factor(op: GroupCollective, n: np.ndarray) -> np.ndarray:
     """nccl-tests' bus-bandwidth factor of ``op`` for group sizes ``n`` (``[G]``)."""
     n = np.asarray(n, dtype=np.float64)
@@ -81,9 +97,22 @@ class CostModel:
         curve = self.hw.gemm_eff_curve
         self._log2_m = np.log2([p[0] for p in curve])
         self._eff = np.array([p[1] for p in curve])
+        bwd = self.hw.backward_gemm_eff_curve or curve
+        self._bwd_log2_m = np.log2([p[0] for p in bwd])
+        self._bwd_eff = np.array([p[1] for p in bwd])
+        self._links = {kind: self._link_arrays(kind) for kind in ("", *_KIND.values())}
 
-    def efficiency(self, m: np.ndarray) -> np.ndarray:
-        """``hardware.gemm_efficiency`` with the curve's arrays built once."""
+    def _link_arrays(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(bw [bytes/s], latency [s])`` of ``kind``, each ``[2]``: intra, inter level."""
+        c = self.cluster
+        (bi, li), (bo, lo) = c.intra.for_kind(kind), c.inter.for_kind(kind)
+        return np.array([bi, bo]) * GB, self.hw.collective_latency_s + np.array([li, lo])
+
+    def efficiency(self, m: np.ndarray, backward: bool = False) -> np.ndarray:
+        """``hardware.gemm_efficiency`` with the curve's arrays built once (``backward``: the
+        expert-backward curve, which defaults to the forward one)."""
+        if backward:
+            return np.interp(np.log2(np.maximum(m, 1.0)), self._bwd_log2_m, self._bwd_eff)
         return np.interp(np.log2(np.maximum(m, 1.0)), self._log2_m, self._eff)
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -144,19 +173,19 @@ class CostModel:
             active_R = np.maximum((m_RS > 0).sum(axis=1), 1)
             w = float(np.max(np.asarray(op.bytes_R) / (p * active_R)))
             f = float(np.asarray(op.flops_R).sum() / max(p * m_RS.sum(), 1.0))
-        flop_t = p * m_RS * f / (hw.peak_flops * self.efficiency(m_RS))
+        flop_t = p * m_RS * f / (hw.peak_flops * self.efficiency(m_RS, backward=p >= 2))
         slot_t = np.maximum(p * w / (hw.mem_bw_GBps * GB), flop_t) + hw.launch_s
         return np.where(m_RS > 0, slot_t, 0.0).sum(axis=1)
 
     # -- collectives ------------------------------------------------------------------------
-    def _latency(self, spans_nodes: np.ndarray | bool) -> np.ndarray:
-        c = self.cluster
-        return self.hw.collective_latency_s + np.where(spans_nodes, c.inter.latency_s,
-                                                       c.intra.latency_s)
+    def _latency(self, spans_nodes: np.ndarray | bool, kind: str = "") -> np.ndarray:
+        """Fixed seconds of a ``kind`` collective: the inter-node level's where it spans
+        nodes, else the intra-node level's (per-kind values where the level has them)."""
+        lat = self._links[kind][1]
+        return np.where(spans_nodes, lat[1], lat[0])
 
     def group_collective(self, op: GroupCollective) -> np.ndarray:
         """Seconds per group: ``[G]``."""
-        c = self.cluster
         sizes = op.group_sizes
         if len(sizes) == 0:
             return np.zeros(0)
@@ -164,8 +193,9 @@ class CostModel:
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         nodes = self.node_R[members]
         spans = np.maximum.reduceat(nodes, starts) != np.minimum.reduceat(nodes, starts)
-        bw = np.where(spans, c.inter.bw_GBps, c.intra.bw_GBps) * GB
-        t = self._latency(spans) + bus_factor(op, sizes) * np.asarray(op.bytes_G, float) / bw
+        bw_L, lat_L = self._links[collective_kind(op)]
+        bw, lat = np.where(spans, bw_L[1], bw_L[0]), np.where(spans, lat_L[1], lat_L[0])
+        t = lat + bus_factor(op, sizes) * np.asarray(op.bytes_G, float) / bw
         return np.where(sizes > 1, t, 0.0)
 
     def all_to_all(self, bytes_KK: np.ndarray, ranks: np.ndarray | None = None) -> float:
@@ -173,7 +203,7 @@ class CostModel:
         t_K, spans = self.all_to_all_ranks(bytes_KK, ranks)
         if len(t_K) <= 1:
             return 0.0
-        return float(t_K.max() + self._latency(spans))
+        return float(t_K.max() + self._latency(spans, "all_to_all"))
 
     def all_to_all_ranks(self, bytes_KK: np.ndarray, ranks: np.ndarray | None = None
                          ) -> tuple[np.ndarray, bool]:
@@ -183,24 +213,25 @@ class CostModel:
         B = np.asarray(bytes_KK)  # int64 or float: summed as is (no conversion pass)
         io = [np.asarray(x, dtype=np.float64) for x in _intra_inter_io(
             B, None if ranks is None else self.node_R[np.asarray(ranks)], c.gpus_per_node)]
-        intra = np.maximum(io[0], io[1]) / (c.intra.bw_GBps * GB)
-        inter = np.maximum(io[2], io[3]) / (c.inter.bw_GBps * GB)
+        bw = self._links["all_to_all"][0]
+        intra = np.maximum(io[0], io[1]) / bw[0]
+        inter = np.maximum(io[2], io[3]) / bw[1]
         return np.maximum(intra, inter), bool(inter.any())
 
     def send_recv(self, op: SendRecv) -> np.ndarray:
         """Per-rank seconds of a batch of point-to-point transfers: ``[R]`` (0 if idle)."""
-        c, R = self.cluster, self.cluster.world_size
+        R = self.cluster.world_size
         src, dst = np.asarray(op.src_N, np.int64), np.asarray(op.dst_N, np.int64)
         nbytes = np.asarray(op.bytes_N, dtype=np.float64)
         cross = self.node_R[src] != self.node_R[dst]
         keep = src != dst
         io = [np.bincount(idx[keep & sel], nbytes[keep & sel], minlength=R)
               for idx, sel in ((src, ~cross), (dst, ~cross), (src, cross), (dst, cross))]
-        t = np.maximum(np.maximum(io[0], io[1]) / (c.intra.bw_GBps * GB),
-                       np.maximum(io[2], io[3]) / (c.inter.bw_GBps * GB))
+        bw = self._links["send_recv"][0]
+        t = np.maximum(np.maximum(io[0], io[1]) / bw[0], np.maximum(io[2], io[3]) / bw[1])
         busy = np.bincount(np.concatenate([src[keep], dst[keep]]), minlength=R) > 0
         return np.where(busy, t + self._latency(np.bincount(np.concatenate(
-            [src[keep & cross], dst[keep & cross]]), minlength=R) > 0), 0.0)
+            [src[keep & cross], dst[keep & cross]]), minlength=R) > 0, "send_recv"), 0.0)
 
 
 def _intra_inter_io(B: np.ndarray, nodes_K: np.ndarray | None, gpus_per_node: int

@@ -6,6 +6,12 @@ decision with this iteration's counts (:mod:`moesim.lowering`), cost every op
 (:mod:`moesim.costmodel`), schedule (:mod:`moesim.engine`), check memory, and write an
 :class:`~moesim.results.IterationRecord` (backend ``simulator``).
 
+The seam the executor shares (public and stable; ``moesim.executor.plan`` and the worker use
+it, so both backends fit, decide and record alike): :func:`fit_inputs` (= :func:`fit_trace` +
+:func:`fit_model`), :func:`build_history` and :func:`decide_iteration` (the policy loop's
+inputs: History and the per-iteration generator), :func:`run_config`, :func:`phase_times`,
+:func:`op_bytes`.
+
 Shape legend: ``M`` passes of the iteration, ``L`` layers, ``F`` phases, ``R`` ranks, ``E``
 experts, ``O`` ops, ``P`` physical slots, ``G`` destination ranks.
 
@@ -106,8 +112,7 @@ def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluste
     trace_path = None if isinstance(trace, RoutingTrace) else str(trace)
     trace = _load(trace)
     policy = _policy(policy)
-    trace = _fit_trace(trace, cluster, rng_seed)
-    model = _fit_model(model, trace)
+    trace, model = fit_inputs(trace, model, cluster, rng_seed)
     its = _iterations(iterations, trace.num_iterations)
     config = run_config(trace, trace_path, model, cluster, policy, its, rng_seed, allow_oom)
     run = _Run(trace, model, cluster, policy, rng_seed, allow_oom, CostModel(cluster),
@@ -144,15 +149,9 @@ def _loop(run: _Run, its: list[int], writer: RunWriter | None, config: dict, pro
 
 def simulate_iteration(run: _Run, it: int) -> tuple[IterationRecord, dict]:
     """One iteration: decide, lower, cost, schedule, record. Returns ``(record, state)``."""
-    from moesim.policies.base import History
-
     mb = run.trace.meta.micro_batches_per_iteration
-    counts = run.trace.iteration_counts(it)
-    history = History(iteration=it, past_TLRE=run.trace.counts_TLRE[:it * mb],
-                      passes_per_iteration=mb, previous=run.previous,
-                      current_TLRE=counts if run.policy.oracle else None)
-    rng = np.random.default_rng([run.rng_seed, it])
-    decision = run.policy.decide(history, run.model, run.cluster, rng)
+    decision, counts = decide_iteration(run.policy, run.trace.counts_TLRE, mb, it,
+                                        run.previous, run.model, run.cluster, run.rng_seed)
     ctx = lower_iteration_ctx(run.policy, decision, run.previous, counts, run.model,
                               run.cluster, plan=_plan(run, decision), cache=run.cache)
     sched = schedule(ctx.program.ops, run.cost.durations(ctx.program), run.cluster.world_size)
@@ -160,6 +159,32 @@ def simulate_iteration(run: _Run, it: int) -> tuple[IterationRecord, dict]:
     record = build_record(ctx, sched, it, oom, it in run.timeline_iterations)
     run.previous = decision
     return record, decision_state(decision)
+
+
+def build_history(counts_TLRE: np.ndarray, passes_per_iteration: int, iteration: int,
+                  previous: Decision | None, oracle: bool) -> Any:
+    """The :class:`~moesim.policies.base.History` a policy sees at ``iteration``: the counts
+    of every earlier pass, the decision in force before, and (oracles only) this iteration's
+    counts ``[M, L, R, E]``."""
+    from moesim.policies.base import History
+
+    M = passes_per_iteration
+    current = counts_TLRE[iteration * M:(iteration + 1) * M]
+    return History(iteration=iteration, past_TLRE=counts_TLRE[:iteration * M],
+                   passes_per_iteration=M, previous=previous,
+                   current_TLRE=current if oracle else None)
+
+
+def decide_iteration(policy: Any, counts_TLRE: np.ndarray, passes_per_iteration: int,
+                     iteration: int, previous: Decision | None, model: ModelSpec,
+                     cluster: Cluster, seed: int) -> tuple[Decision, np.ndarray]:
+    """``policy.decide`` for ``iteration`` with its :func:`build_history` and the generator
+    ``default_rng([seed, iteration])``; returns the decision and the iteration's counts
+    ``counts_MLRE``. Both backends call this, so they run the same decisions."""
+    M = passes_per_iteration
+    history = build_history(counts_TLRE, M, iteration, previous, policy.oracle)
+    decision = policy.decide(history, model, cluster, np.random.default_rng([seed, iteration]))
+    return decision, counts_TLRE[iteration * M:(iteration + 1) * M]
 
 
 def _plan(run: _Run, decision: Decision) -> Any:
@@ -313,7 +338,15 @@ def _policy(policy: Any) -> Any:
     return make_policy(policy) if isinstance(policy, str) else policy
 
 
-def _fit_trace(trace: RoutingTrace, cluster: Cluster, seed: int) -> RoutingTrace:
+def fit_inputs(trace: RoutingTrace, model: ModelSpec, cluster: Cluster, seed: int = 0
+               ) -> tuple[RoutingTrace, ModelSpec]:
+    """The trace and model a run uses: :func:`fit_trace` then :func:`fit_model` (both
+    backends call this, so they see the same tokens per rank and micro-batches)."""
+    trace = fit_trace(trace, cluster, seed)
+    return trace, fit_model(model, trace)
+
+
+def fit_trace(trace: RoutingTrace, cluster: Cluster, seed: int = 0) -> RoutingTrace:
     """Spread rank-aggregated traces over the world (seeded); reject a rank-count mismatch."""
     meta, world = trace.meta, cluster.world_size
     if not meta.rank_resolved and meta.num_ranks != world:
@@ -330,7 +363,7 @@ def _fit_trace(trace: RoutingTrace, cluster: Cluster, seed: int) -> RoutingTrace
     return trace
 
 
-def _fit_model(model: ModelSpec, trace: RoutingTrace) -> ModelSpec:
+def fit_model(model: ModelSpec, trace: RoutingTrace) -> ModelSpec:
     """The model with the trace's tokens per rank and micro-batches; shapes must agree."""
     meta = trace.meta
     for name, ours, theirs in (("num_layers", model.num_layers, meta.num_layers),
@@ -341,6 +374,10 @@ def _fit_model(model: ModelSpec, trace: RoutingTrace) -> ModelSpec:
                               f"{theirs}; choose a model preset matching the trace")
     return model.replace(tokens_per_rank=meta.tokens_per_rank,
                          micro_batches=meta.micro_batches_per_iteration)
+
+
+_fit_trace = fit_trace  # old private names, kept for callers that still use them
+_fit_model = fit_model
 
 
 def _iterations(iterations: Any, available: int) -> list[int]:

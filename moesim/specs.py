@@ -18,7 +18,7 @@ import json
 import math
 import numbers
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -193,9 +193,14 @@ class ModelSpec:
         return dataclasses.replace(self, **changes)
 
 
+COLLECTIVE_KINDS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter", "broadcast",
+                    "reduce", "send_recv")
+
+
 @dataclass(frozen=True, kw_only=True)
-class LinkLevel:
-    """One level of the interconnect, per GPU: bus bandwidth (nccl-tests' busbw) and latency."""
+class CollectiveLink:
+    """One collective kind's own bus bandwidth and latency on a link level (see
+    :attr:`LinkLevel.per_kind`)."""
 
     bw_GBps: float
     latency_s: float
@@ -203,6 +208,54 @@ class LinkLevel:
     def __post_init__(self) -> None:
         _positive(self, "bw_GBps")
         _non_negative(self, "latency_s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkLevel:
+    """One level of the interconnect, per GPU: bus bandwidth (nccl-tests' busbw) and latency.
+
+    ``per_kind`` optionally overrides both for one collective kind (a name of
+    :data:`COLLECTIVE_KINDS`): ``{"all_reduce": {"bw_GBps": 0.9, "latency_s": 1.4e-3}}``, in TOML
+    ``[intra.per_kind.all_reduce]``; a missing field takes the level's value. Backends whose
+    collectives differ a lot in fixed cost (gloo's all-reduce vs its all-to-all) need it; kinds
+    not named use ``bw_GBps`` / ``latency_s``.
+    """
+
+    bw_GBps: float
+    latency_s: float
+    per_kind: dict[str, CollectiveLink] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        _positive(self, "bw_GBps")
+        _non_negative(self, "latency_s")
+        object.__setattr__(self, "per_kind", _per_kind(self.per_kind, self))
+
+    def for_kind(self, kind: str) -> tuple[float, float]:
+        """``(bw_GBps, latency_s)`` of collective ``kind`` on this level."""
+        link = self.per_kind.get(kind)
+        return (self.bw_GBps, self.latency_s) if link is None else (link.bw_GBps,
+                                                                     link.latency_s)
+
+
+def _per_kind(table: Any, level: LinkLevel) -> dict[str, CollectiveLink]:
+    """Validate ``LinkLevel.per_kind``: known kind names; tables filled from the level."""
+    if not isinstance(table, dict):
+        raise MoesimError(f"LinkLevel.per_kind must be a table of collective kinds, got "
+                          f"{table!r}")
+    out = {}
+    for kind, value in table.items():
+        if kind not in COLLECTIVE_KINDS:
+            raise MoesimError(f"LinkLevel.per_kind: unknown collective kind {kind!r}; choose "
+                              f"from {', '.join(COLLECTIVE_KINDS)}")
+        if isinstance(value, CollectiveLink):
+            out[kind] = value
+            continue
+        if not isinstance(value, dict) or set(value) - {"bw_GBps", "latency_s"}:
+            raise MoesimError(f"LinkLevel.per_kind.{kind} must be a table with bw_GBps and/or "
+                              f"latency_s, got {value!r}")
+        out[kind] = CollectiveLink(bw_GBps=value.get("bw_GBps", level.bw_GBps),
+                                   latency_s=value.get("latency_s", level.latency_s))
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,7 +271,10 @@ class HardwareProfile:
     (SwiftMoE keeps optimizer state on the host). ``collective_latency_s`` is NCCL's fixed
     software overhead per collective (launch and protocol set-up), on top of the link latency.
     ``cores_shared_by`` > 1 says several ranks share one socket's cores (CPU executor runs), so
-    concurrent compute slows down by that factor.
+    concurrent compute slows down by that factor. ``backward_gemm_eff_curve`` (optional, same
+    form) is ``eff(m)`` of expert backward passes (dgrad + wgrad, ``gemm_passes = 2``) where it
+    differs from the forward's (measured on CPU: backward is 2.4–4× a forward, not 2×); empty
+    means the forward curve serves both.
     """
 
     name: str
@@ -231,6 +287,7 @@ class HardwareProfile:
     host_optimizer_GBps: float = 10.0
     collective_latency_s: float = 10e-6
     cores_shared_by: float = 1.0
+    backward_gemm_eff_curve: tuple[tuple[float, float], ...] = ()
     description: str = ""
     source: str = ""
 
@@ -243,6 +300,11 @@ class HardwareProfile:
             raise MoesimError(f"HardwareProfile.elementwise_eff must be in (0, 1], got "
                               f"{self.elementwise_eff!r}")
         object.__setattr__(self, "gemm_eff_curve", _eff_curve(self.gemm_eff_curve))
+        if len(self.backward_gemm_eff_curve):
+            object.__setattr__(self, "backward_gemm_eff_curve",
+                               _eff_curve(self.backward_gemm_eff_curve))
+        else:
+            object.__setattr__(self, "backward_gemm_eff_curve", ())
 
     def gemm_efficiency(self, m: np.ndarray | float) -> np.ndarray:
         """Fraction of peak FLOP/s a GEMM with ``m`` rows reaches (vectorised)."""
@@ -450,6 +512,18 @@ def load_cluster(name_or_path: str | Path) -> Cluster:
 
 
 def spec_to_dict(spec: Any) -> dict[str, Any]:
-    """A JSON-ready dict of any of the spec dataclasses (nested ones included)."""
-    return dataclasses.asdict(spec)
+    """A JSON-ready dict of any of the spec dataclasses (nested ones included); optional
+    tables left empty (a link level's ``per_kind``, the hardware's ``backward_gemm_eff_curve``)
+    are omitted, so a spec without them reads as it did before they existed."""
+    return _drop_empty(dataclasses.asdict(spec))
+
+
+_OPTIONAL_EMPTY = ("per_kind", "backward_gemm_eff_curve")
+
+
+def _drop_empty(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_empty(v) for k, v in obj.items()
+                if not (k in _OPTIONAL_EMPTY and not v)}
+    return obj
 

@@ -117,7 +117,10 @@ class EPLB(Policy):
         hierarchical mode (DeepSeek-V3: 8 groups of 32); 1 (the default, for traces without
         group-limited routing) means global balancing unless the cluster is one node.
         ``window``: iterations of load summed per plan. ``interval``: re-plan every this many
-        iterations. ``capacity_factor``: ``None`` = dropless (DeepSeek-V3)."""
+        iterations. ``capacity_factor``: ``None`` = dropless (DeepSeek-V3). ``routing``:
+        ``even`` splits an expert's tokens over all its replicas (default); ``node_first``
+        keeps them on the source's node when it holds a replica (what a multi-node deployment
+        does to keep the all-to-all off the inter-node link)."""
 
         num_redundant_per_rank: int = 1
         slots_per_rank: int | None = None
@@ -125,8 +128,12 @@ class EPLB(Policy):
         window: int = 10
         interval: int = 10
         capacity_factor: float | None = None
+        routing: str = "even"
 
         def __post_init__(self) -> None:
+            if self.routing not in ("even", "node_first", "local_first"):
+                raise MoesimError(f"eplb: routing={self.routing!r} must be one of even, "
+                                  "node_first, local_first")
             for name in ("window", "interval", "num_groups"):
                 value = getattr(self, name)
                 if not isinstance(value, int) or value < 1:
@@ -173,7 +180,8 @@ class EPLB(Policy):
         info = {"replanned": bool(replan), "moved_slots_L": moved_L.tolist()}
         cap = slot_capacity(self.config.capacity_factor, model.tokens_per_rank, model.top_k,
                             S * G)
-        return Decision(Placement(phy2log_LP, G, S, E), routing="even", slot_capacity=cap,
+        return Decision(Placement(phy2log_LP, G, S, E), routing=self.config.routing,
+                        slot_capacity=cap,
                         planner_time_s=time.perf_counter() - start, info=info)
 
     # -- lowering hooks ---------------------------------------------------------------------

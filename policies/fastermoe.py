@@ -219,9 +219,9 @@ class FasterMoE(Policy):
 
     def lower_optimizer(self, ctx) -> list[int]:
         """GPU Adam over each owner's experts (shadows are dropped) plus the dense shard."""
-        reduces = tuple(i for i, op in enumerate(ctx.program.ops) if op.label == "shadow_grads")
+        # optimizer_deps: the dense all-reduce and the shadow reduces (the grad-sync ops)
         return emit_gpu_optimizer(ctx, self._owned_params_R(ctx.decision, ctx.model),
-                                  ctx.step_deps() + reduces)
+                                  ctx.optimizer_deps())
 
     def _owned_params_R(self, decision: Decision, model: ModelSpec) -> np.ndarray:
         """Expert parameters each rank owns (base slots, all layers): ``[R]``."""

@@ -203,9 +203,10 @@ class FlexMoE(Policy):
 
     def lower_optimizer(self, ctx) -> list[int]:
         """Every replica keeps the full optimizer state of its expert and applies the same
-        (all-reduced) update, so there is no expert all-gather; dense is ZeRO-1."""
+        (all-reduced) update, so there is no expert all-gather; dense is ZeRO-1. The step
+        waits for the grad sync (the replicas' all-reduced grads are its input)."""
         experts_R = slot_params_R(ctx.placement, ctx.model.params_per_expert)
-        return emit_gpu_optimizer(ctx, experts_R, ctx.step_deps())
+        return emit_gpu_optimizer(ctx, experts_R, ctx.optimizer_deps())
 
     def memory_footprint(self, decision: Decision, model: ModelSpec, cluster: Cluster
                          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -87,6 +87,7 @@ from moesim.policies.primitives import (
     emit_gpu_optimizer,
     greedy_place_J,
     precise_replicas,
+    relabel_gpus_for_layer,
     slot_capacity,
 )
 from moesim.specs import Cluster, ModelSpec
@@ -229,7 +230,8 @@ class LaerFsep(Policy):
         rows, info = [], _empty_info(seen)
         for l in range(L):
             row, layer_info = plan_layer(counts_LRE[l], model, cluster, cfg, rng)
-            rows.append(row)
+            rows.append(relabel_gpus_for_layer(row, l, cfg.slots_per_rank,
+                                               cluster.gpus_per_node))
             for key, value in layer_info.items():
                 info.setdefault(key + "_L", []).append(value)
         info["replicas_LE"] = [replicas[chosen] for replicas, chosen

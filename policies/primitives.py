@@ -554,3 +554,24 @@ def slot_params_R(placement, params_per_expert: float) -> np.ndarray:
     filled_LRS = (placement.phy2log_LP >= 0).reshape(placement.num_layers, placement.num_ranks,
                                                        placement.slots_per_rank)
     return filled_LRS.sum(axis=(0, 2)) * float(params_per_expert)
+
+
+def relabel_gpus_for_layer(phy2log_P: np.ndarray, layer: int, slots_per_rank: int,
+                           gpus_per_node: int) -> np.ndarray:
+    """Move GPU ``(node n, local j)``'s slots to ``((n + layer) % N, (j + layer // N) % g)``.
+
+    Greedy placements break ties towards the lowest GPU index, so without this every layer puts
+    its hottest expert on the same GPU, which then holds every layer's largest activations and
+    expert time (one rank's memory and busy time piling up across layers). The relabelling maps
+    nodes to nodes, so per-layer loads, node spreading and modelled costs are unchanged; only
+    which GPU plays which role differs from layer to layer (``G`` consecutive layers give a GPU
+    every role once).
+    """
+    G = phy2log_P.shape[0] // slots_per_rank
+    g = min(gpus_per_node, G)
+    N = G // g
+    rank = np.arange(G)
+    target = ((rank // g + layer) % N) * g + (rank % g + layer // N) % g
+    out = np.empty_like(phy2log_P)
+    out.reshape(G, slots_per_rank)[target] = phy2log_P.reshape(G, slots_per_rank)
+    return out

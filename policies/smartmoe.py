@@ -14,9 +14,9 @@ Modelling choices:
 - no replication: ``S = ceil(E/G)`` slots per GPU; when ``G·S > E`` the extra slots are empty
   (``-1``) and packed as zero-load items, so each GPU still gets exactly ``S`` slots;
 - the greedy is EPLB's balanced packing (heaviest first into the lightest GPU with room), its
-  packs rotated by the layer index so that the hottest expert of every layer does not land on
-  the same rank (the paper does not say how ties break; without the rotation one rank holds
-  every layer's hottest expert and its activation memory);
+  GPUs relabelled per layer (:func:`relabel_gpus_for_layer`) so that the hottest expert of
+  every layer does not land on the same rank (the paper does not say how ties break; without it
+  one rank holds every layer's hottest expert and its activation memory);
 - adoption is decided per layer: max GPU load of the candidate vs the placement in force, both
   under the running-mean load; ties keep the placement in force.
 - iteration 0 (or no usable previous placement): static EP's contiguous layout.
@@ -44,6 +44,7 @@ from moesim.policies.primitives import (
     gpu_load,
     moved_count_L,
     packs_to_slots,
+    relabel_gpus_for_layer,
     slot_capacity,
 )
 from moesim.specs import Cluster, ModelSpec
@@ -55,20 +56,13 @@ def static_layout(num_experts: int, num_slots: int) -> np.ndarray:
     return np.where(p < num_experts, p, -1)
 
 
-def permute_greedy(load_E: np.ndarray, num_ranks: int, slots_per_rank: int,
-                   rotate: int = 0) -> np.ndarray:
-    """Heaviest expert first onto the least-loaded GPU with a free slot: ``phy2log_P``.
-
-    Ties (all GPUs start empty) go to the lowest pack, so every layer would put its hottest
-    expert on rank 0 and pile that rank's activation memory and expert time up across layers;
-    pack ``j`` is therefore placed on rank ``(j + rotate) % G`` (callers pass the layer index).
-    The per-layer GPU loads are the same multiset whatever ``rotate`` is.
-    """
+def permute_greedy(load_E: np.ndarray, num_ranks: int, slots_per_rank: int) -> np.ndarray:
+    """Heaviest expert first onto the least-loaded GPU with a free slot: ``phy2log_P``."""
     E = load_E.shape[0]
     P = num_ranks * slots_per_rank
     items = np.concatenate([load_E.astype(np.float64), np.zeros(P - E)])[None, :]
     pack, rank = balanced_packing(items, num_ranks)
-    item_of_slot = packs_to_slots((pack + rotate) % num_ranks, rank)[0]
+    item_of_slot = packs_to_slots(pack, rank)[0]
     return np.where(item_of_slot < E, item_of_slot, -1)
 
 
@@ -112,7 +106,8 @@ class SmartMoE(Policy):
         if history.iteration > 0 and history.iteration % self.config.freq == 0:
             load_LE = ema_load_LE(history, self.config.ema_decay, L, E, self.config.window)
             for l in range(L):
-                cand = permute_greedy(load_LE[l], G, S, rotate=l)
+                cand = relabel_gpus_for_layer(permute_greedy(load_LE[l], G, S), l, S,
+                                              cluster.gpus_per_node)
                 if gpu_load(cand, load_LE[l], S).max() < gpu_load(current_LP[l], load_LE[l],
                                                                   S).max():
                     phy2log_LP[l] = cand

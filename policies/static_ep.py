@@ -14,6 +14,9 @@ Shape legend: ``L`` layers, ``E`` experts, ``G`` ranks, ``S = E / EP`` slots per
   ``k`` by ``topkgating`` for k > 2 (``deepspeed/moe/sharded_moe.py``).
 - Per iteration (the :class:`~moesim.policies.base.Policy` default hooks): expert-grad
   all-reduce in each EDP group, dense-grad all-reduce over all ranks, ZeRO-1 optimizer.
+- ``optimizer_on_host``: DeepSpeed ZeRO-1 with CPU offload (SwiftMoE's baseline): each rank's
+  ZeRO-1 shard of Adam state lives in host memory; the step copies the shard's grads down over
+  PCIe, runs CPU Adam, copies the updated weights up, then all-gathers as ZeRO-1 does.
 
 This file is the worked example of the policy interface: a frozen ``Config`` validated in
 ``__post_init__``, a pure ``decide``, and no lowering overrides because static EP *is* the
@@ -27,7 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moesim import memory as memory_model
 from moesim.errors import MoesimError
+from moesim.ops import HostCompute, HostCopy
 from moesim.placement import Decision, Placement
 from moesim.policies.base import History, Policy, register_policy
 from moesim.specs import Cluster, ModelSpec
@@ -63,11 +68,13 @@ class StaticEP(Policy):
 
     @dataclass(frozen=True, kw_only=True)
     class Config:
-        """``ep_size`` None → ``min(world, E)``; ``capacity_factor`` None → dropless."""
+        """``ep_size`` None → ``min(world, E)``; ``capacity_factor`` None → dropless;
+        ``optimizer_on_host``: ZeRO-1 with CPU offload (DeepSpeed ``offload_optimizer``)."""
 
         ep_size: int | None = None
         capacity_factor: float | None = None
         capacity_rule: str = "megatron"
+        optimizer_on_host: bool = False
 
         def __post_init__(self) -> None:
             if self.ep_size is not None and self.ep_size <= 0:
@@ -91,3 +98,29 @@ class StaticEP(Policy):
                               model.tokens_per_rank, model.top_k, E)
         return Decision(placement=placement, routing="ep_group", slot_capacity=cap,
                         info={"ep_size": ep})
+
+    # -- lowering hooks (only the offloaded optimizer differs from the defaults) ------------
+    def lower_optimizer(self, ctx) -> list[int]:
+        """ZeRO-1 on the GPU (default), or with ``optimizer_on_host``: grads of the rank's
+        shard down over PCIe, CPU Adam, updated weights up, then ZeRO-1's all-gathers."""
+        if not self.config.optimizer_on_host:
+            return ctx.emit_zero1_optimizer()
+        m = ctx.model
+        params_R = memory_model.optimizer_params_R(ctx.placement, m, ctx.world)
+        down = ctx.add(HostCopy(phase="optimizer", direction="step", deps=ctx.optimizer_deps(),
+                                bytes_R=params_R * m.bytes_grad, to_host=True,
+                                label="grad_shard_d2h"))
+        step = ctx.add(HostCompute(phase="optimizer", direction="step", deps=(down,),
+                                   bytes_R=params_R * m.bytes_optim, label="cpu_adam"))
+        up = ctx.add(HostCopy(phase="optimizer", direction="step", deps=(step,),
+                              bytes_R=params_R * m.bytes_weight, to_host=False,
+                              label="weight_shard_h2d"))
+        return [down, step, up] + ctx.emit_param_allgather((up,))
+
+    def memory_footprint(self, decision: Decision, model: ModelSpec, cluster: Cluster
+                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Static EP's footprint; with ``optimizer_on_host`` the ZeRO-1 shard is host memory."""
+        gpu, host = memory_model.default_footprint(decision, model, cluster)
+        if self.config.optimizer_on_host:
+            host = {"optimizer": gpu.pop("optimizer")}
+        return gpu, host

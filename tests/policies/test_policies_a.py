@@ -402,17 +402,24 @@ def test_fastermoe_lowering_broadcasts_and_reduces_shadows() -> None:
     np.testing.assert_allclose(gpu["optimizer"], (owned_R + dense_R) * model.bytes_optim)
 
 
-def test_smartmoe_rotates_packs_so_hot_experts_spread_over_ranks():
-    """Same load in every layer: each layer's hottest expert lands on a different rank, and the
-    per-layer GPU loads are the same multiset as without rotation."""
-    from moesim.policies.primitives import gpu_load
+def test_relabel_gpus_for_layer_spreads_hot_experts_and_keeps_nodes():
+    """Each layer's hottest expert lands on a different GPU; per-layer GPU loads keep their
+    multiset, and GPUs sharing a node still share one after relabelling."""
+    from moesim.policies.primitives import gpu_load, relabel_gpus_for_layer
     from moesim.policies.smartmoe import permute_greedy
 
     load = np.array([100.0, 50, 30, 20, 10, 5, 3, 1])
-    base = np.sort(gpu_load(permute_greedy(load, 4, 2), load, 2))
+    row = permute_greedy(load, 4, 2)
+    base = np.sort(gpu_load(row, load, 2))
     hot_rank = []
     for layer in range(4):
-        cand = permute_greedy(load, 4, 2, rotate=layer)
+        cand = relabel_gpus_for_layer(row, layer, 2, gpus_per_node=2)
         assert np.array_equal(np.sort(gpu_load(cand, load, 2)), base)
         hot_rank.append(int(np.flatnonzero(cand == 0)[0]) // 2)
+        for r in range(4):  # experts on the same node stay together
+            src = row.reshape(4, 2)[r]
+            dst = [q for q in range(4) if (cand.reshape(4, 2)[q] == src).all()]
+            partner = row.reshape(4, 2)[r ^ 1]
+            dst_partner = [q for q in range(4) if (cand.reshape(4, 2)[q] == partner).all()]
+            assert dst[0] // 2 == dst_partner[0] // 2
     assert sorted(hot_rank) == [0, 1, 2, 3]
