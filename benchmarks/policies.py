@@ -1,7 +1,7 @@
 """Every paper's set-up, replayed through its policy and the baselines, beside the paper's numbers.
 
     python benchmarks/policies.py --quick   # few iterations, 2 MoE layers per model (< 3 min)
-    python benchmarks/policies.py           # 8 iterations, up to 8 MoE layers per model
+    python benchmarks/policies.py           # 8 iterations, every MoE layer, every model (~5 min)
 
 For each set-up of ``../shared/POLICIES.md`` (SwiftMoE, LAER-MoE, Hecate, FlexMoE, EPLB,
 SmartMoE, FasterMoE) and each trace — the real SmartMoE-AE sample, regrouped to the set-up
@@ -17,12 +17,13 @@ layer), with the paper's published figure beside it. The table is also written t
 Real-trace mapping (:func:`regroup`): the sample has 16 ranks, 24 layers, 32 experts, top-2,
 4 micro-batches of 2048 tokens, every 10th iteration. Layers: the first ``L`` (cycled when the
 model has more). Experts: summed in contiguous groups (32 → 16 / 8) or each split evenly at
-random (32 → 64). Ranks: summed in groups, or each rank's tokens split evenly at random over
-``R/16`` ranks (16 → 32). Micro-batches: the first ``M`` of each iteration. Every
-(pass, layer, rank) row is then rescaled to the model's ``tokens_per_rank · top_k`` with its
-proportions kept (largest-remainder rounding), so the popularity skew is the trace's and the
-volume the model's. The sampled iterations are 10 training steps apart, so a policy that plans
-from "the previous iteration" sees 10-step-old load.
+random (32 → 64, the parts under random expert ids). Ranks: summed in groups, or
+each rank's tokens split evenly at random over ``R/16`` ranks (16 → 32). Micro-batches: the
+first ``M`` of each iteration. Every (pass, layer, rank) row is then rescaled to the model's
+``tokens_per_rank · top_k`` with its proportions kept (largest-remainder rounding), so the
+popularity skew is the trace's and the volume the model's. The sampled iterations are 10
+training steps apart, so a policy that plans from "the previous iteration" sees 10-step-old
+load.
 """
 
 from __future__ import annotations
@@ -88,10 +89,12 @@ def _setups() -> list[Setup]:
             "flexmoe S=4 cf1": "rebalancing iters 2.46-4.10x slower",
         }),
         Setup("LAER-MoE", ("mixtral-8x7b-e8k2", "mixtral-8x7b-e16k4"), "a100-4x8-ib800", {
-            "static_ep (Megatron, dropless)": ("static_ep", {}),
+            "static_ep (Megatron EP=8 in-node, dropless)": ("static_ep", {"ep_size": 8}),
             "laer_fsep": ("laer_fsep", {}),
-            "flexmoe (1/node)": ("flexmoe", dict(FLEX, slots_per_rank=2, keep_one_per_node=True)),
-        }, "static_ep (Megatron, dropless)", {
+            "flexmoe (1/node, node_first)": ("flexmoe", dict(FLEX, slots_per_rank=2,
+                                                             keep_one_per_node=True,
+                                                             routing="node_first")),
+        }, "static_ep (Megatron EP=8 in-node, dropless)", {
             "laer_fsep": "1.11-1.69x vs Megatron; 1.03-1.39x vs FlexMoE",
         }),
         Setup("Hecate", ("hecate-gpt-moe-s", "hecate-gpt-moe-l"), "v100-32-100g", {
@@ -117,7 +120,7 @@ def _setups() -> list[Setup]:
             "eplb (even)": ("eplb", EPLB),
             "eplb (node_first)": ("eplb", dict(EPLB, routing="node_first")),
             "flexmoe": ("flexmoe", dict(FLEX, slots_per_rank=3)),
-            "laer_fsep": ("laer_fsep", {}),
+            "laer_fsep C=4": ("laer_fsep", {"slots_per_rank": 4}),
         }, "static_ep (dropless)", {
             "flexmoe": "1.70x vs DeepSpeed, 1.30x vs FasterMoE (FlexMoE paper)",
         }),
@@ -153,7 +156,10 @@ def regroup(trace: RoutingTrace, model: ModelSpec, num_ranks: int, num_iteration
     if E0 % E == 0:
         c = c.reshape(T, L, R0, E, E0 // E).sum(axis=4)
     elif E % E0 == 0:
-        c = rng.multinomial(c.astype(np.int64), np.full(E // E0, E0 / E)).reshape(T, L, R0, E)
+        # the parts of an expert get random ids (expert ids carry no meaning; adjacent ids
+        # would land on one GPU under a contiguous or striped placement and double a hot spot)
+        split = rng.multinomial(c.astype(np.int64), np.full(E // E0, E0 / E))
+        c = split.reshape(T, L, R0, E)[..., rng.permutation(E)]
     else:
         raise MoesimError(f"cannot regroup {E0} experts to {E}")
     if R0 % R == 0:
@@ -256,7 +262,7 @@ def _fmt(x: float, spec: str, nan: str = "-") -> str:
 
 def run_all(quick: bool) -> tuple[list[dict], str]:
     """Every set-up × model × trace × policy → rows; and the table header note."""
-    iters, layers, gap_policies = (4, 2, 1) if quick else (8, 8, 99)
+    iters, layers = (4, 2) if quick else (8, 10**6)
     real = import_smartmoe(SMARTMOE_DIR) if SMARTMOE_DIR.is_dir() else None
     if real is None:
         print(f"note: {SMARTMOE_DIR} is absent; real-trace rows skipped", file=sys.stderr)
@@ -269,13 +275,11 @@ def run_all(quick: bool) -> tuple[list[dict], str]:
             model = full.replace(num_layers=min(layers, full.num_layers))
             for trace_name, trace in _traces(setup, model, cluster, iters, real):
                 base, cache = None, {}
-                for i, (label, (name, knobs)) in enumerate(setup.policies.items()):
+                for label, (name, knobs) in setup.policies.items():
                     r = run_policy(trace, model, cluster, name, knobs)
                     if label == setup.baseline:
                         base = r["step_time_s"]
-                    gap = float("nan")
-                    if i < gap_policies + 1 or not quick:
-                        gap = oracle_gap(trace, model, cluster, name, knobs, cache=cache)
+                    gap = oracle_gap(trace, model, cluster, name, knobs, cache=cache)
                     rows.append(dict(paper=setup.paper, model=model_name, cluster=setup.cluster,
                                      trace=trace_name, policy=label, gap=gap,
                                      speedup=base / r["step_time_s"] if base else np.nan,
@@ -283,12 +287,12 @@ def run_all(quick: bool) -> tuple[list[dict], str]:
                     print(f"  {setup.paper:10s} {model_name:20s} {trace_name:8s} {label:36s} "
                           f"{r['step_time_s'] * 1e3:9.1f} ms  ({r['wall_s']:.1f}s)",
                           file=sys.stderr)
+    depth = (f"at most {layers} MoE layers per model (ModelSpec.replace(num_layers=...))"
+             if quick else "every MoE layer of each model")
     note = (f"{'--quick: ' if quick else ''}{iters} iterations per trace (means over "
-            f"iterations {WARMUP}..{iters - 1}), at most {layers} MoE layers per model "
-            "(ModelSpec.replace(num_layers=...)); oracle gap on 2 layers x 2 iterations after "
-            "the warm-up, 1 s per layer"
-            + ("; --quick: first model of each set-up, oracle gap for the first two policies "
-               "only" if quick else ""))
+            f"iterations {WARMUP}..{iters - 1}), {depth}; oracle gap on 2 layers x 2 "
+            "iterations after the warm-up, 1 s per layer"
+            + ("; --quick: first model of each set-up only" if quick else ""))
     return rows, note
 
 
@@ -315,6 +319,7 @@ def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

@@ -129,7 +129,9 @@ class FlexMoE(Policy):
         exceeds it. ``check_interval``: iterations between checks (paper: 10–100). ``window``:
         iterations of load per check. ``keep_one_per_node``: LAER's variant of the ≥1-replica
         rule. ``max_moves``: cap on moves per trigger (``None``: slots per layer). ``patience``:
-        non-improving moves in a row tried before stopping (0 = the paper's literal rule)."""
+        non-improving moves in a row tried before stopping (0 = the paper's literal rule).
+        ``routing``: ``even`` over all replicas (default), or ``node_first`` (replicas on the
+        source's node first, as a multi-node re-implementation would route)."""
 
         slots_per_rank: int = 4
         threshold: float = 1.5
@@ -139,8 +141,12 @@ class FlexMoE(Policy):
         max_moves: int | None = None
         patience: int = 2
         capacity_factor: float | None = None
+        routing: str = "even"
 
         def __post_init__(self) -> None:
+            if self.routing not in ("even", "node_first", "local_first"):
+                raise MoesimError(f"flexmoe: routing={self.routing!r} must be one of even, "
+                                  "node_first, local_first")
             for name in ("slots_per_rank", "check_interval", "window"):
                 value = getattr(self, name)
                 if not isinstance(value, int) or value < 1:
@@ -191,7 +197,8 @@ class FlexMoE(Policy):
                 "moved_bytes_L": (moved_L * per_slot_bytes).tolist()}
         cap = slot_capacity(self.config.capacity_factor, model.tokens_per_rank, model.top_k,
                             S * G)
-        return Decision(Placement(phy2log_LP, G, S, E), routing="even", slot_capacity=cap,
+        return Decision(Placement(phy2log_LP, G, S, E), routing=self.config.routing,
+                        slot_capacity=cap,
                         planner_time_s=time.perf_counter() - start, info=info)
 
     # -- lowering hooks ---------------------------------------------------------------------

@@ -5,7 +5,8 @@
   replicas' gradient all-reduce behind the optimizer and under-predicted their step time.
 - static EP's ``optimizer_on_host`` (DeepSpeed ZeRO-1 + CPU offload, SwiftMoE's baseline) moves
   the ZeRO-1 shard to the host and costs PCIe copies plus a CPU Adam.
-- EPLB's ``routing`` knob reaches the decision (``node_first`` keeps the all-to-all on-node).
+- EPLB's and FlexMoE's ``routing`` knob reaches the decision (``node_first`` keeps the
+  all-to-all on-node).
 
 Shape legend: ``T`` passes, ``L`` layers, ``R`` ranks, ``E`` experts.
 """
@@ -99,12 +100,13 @@ def test_static_ep_optimizer_on_host_moves_state_to_host() -> None:
     assert host_s.makespan_s > gpu_s.makespan_s   # 5 GB/s CPU Adam is slower than HBM
 
 
-def test_eplb_routing_knob_reaches_decision() -> None:
+@pytest.mark.parametrize("name", ["eplb", "flexmoe"])
+def test_routing_knob_reaches_decision(name: str) -> None:
     model, cluster = _model(), _cluster()
-    ctx, _ = _lower("eplb", {"routing": "node_first"}, model, cluster, iteration=1)
+    ctx, _ = _lower(name, {"routing": "node_first"}, model, cluster, iteration=1)
     assert ctx.decision.routing == "node_first"
     with pytest.raises(Exception, match="routing"):
-        make_policy("eplb", {"routing": "nope"})
+        make_policy(name, {"routing": "nope"})
 
 
 def test_eplb_node_first_keeps_tokens_on_node() -> None:
