@@ -7,28 +7,52 @@ SparseAllGather (grouped Broadcasts from owners, overlapped with the attention f
 materialises extra replicas, and a SparseReduceScatter (grouped Reduces) returns their gradients
 to the owners.
 
-Decision for iteration ``t``, per layer:
+Decision for iteration ``i``, per layer:
 
-1. **Heterogeneous sharding** (every ``reshard_interval`` iterations, paper ≈ 100; the owner map
-   is carried in ``Decision.info["owners_LE"]`` and kept unchanged in between): experts in
-   decreasing load go to the lightest node with room, then to the lightest device of that node
-   with room, each device owning at most ``O = ceil(E / G)`` experts — balancing load and
-   memory (expert count) across nodes and devices.
-2. **Sparse materialisation** from ``load_e`` = mean load of the last ``load_window`` (5)
-   iterations. Overlap degree ``t = floor(T_nonMoE · bw / expert_bytes)``: how many experts a
-   broadcast can bring while the layer's non-MoE forward runs.
-   ``T_nonMoE = tokens_per_rank · attention_flops_per_token / (peak · eff(tokens_per_rank))``
-   (``ModelSpec`` / ``HardwareProfile``); ``bw`` = ``cluster.inter.bw_GBps`` when the cluster
-   has more than one node (owners' broadcasts cross nodes, so the NIC bounds them), else
-   ``cluster.intra.bw_GBps``; ``expert_bytes = params_per_expert · bytes_weight``.
-   With ``m = extra_slots_per_rank``: if ``t ≤ m`` the ``t`` hottest experts go to every device
-   (their owners already hold them; remaining extra slots stay empty); else replica counts in
-   proportion to load (max-heap on ``load / replicas``, total ``E + G·m``, ≤ 1 copy per device)
-   and the extra copies are spread greedily: hottest per-copy load first, to a free slot on the
-   node holding the fewest copies, then the least-loaded device there.
-3. Tokens dispatch ``local_first`` (local replica, else same node, else anywhere; even split).
+1. **Heterogeneous sharding** (paper §4.3, Algorithm 2; the owner map is carried in
+   ``Decision.info["owners_LE"]`` and kept unchanged between re-shards): the top-``t``
+   ("overlappable") experts are set aside; the others, in decreasing load, go to the lightest
+   node with room, then to the lightest device of that node with room; the top-``t`` fill the
+   remaining slots. Each device owns at most ``O = ceil(E / G)`` experts (memory balance).
+   Ranks are then relabelled per layer (``relabel_gpus_for_layer``, node to node) so that the
+   greedy's lowest-index ties do not give rank 0 the heaviest owned expert of every layer.
+   The paper initialises with an even (homogeneous) sharding and re-shards every ~100
+   iterations (§5.1). Here the even sharding made before any load is seen (iteration 0) is
+   **provisional** (``info["owners_provisional"]``): the first iteration with history
+   re-shards, and the ``reshard_interval`` clock starts there — otherwise a short simulation
+   would run ~100 iterations on a load-blind owner map the paper only keeps for warm-up.
+2. **Sparse materialisation** (paper §4.2, Algorithm 1) from ``load_e`` = mean load of the last
+   ``load_window`` (5) iterations. Overlap degree ``t = floor(T_nonMoE · bw / expert_bytes)``
+   (paper Eq. 1 / §4.2): how many experts the SparseAllGather can bring while the non-MoE
+   compute before the MoE block runs.
 
-With no history yet, only the owners (round-robin over nodes: an even split) are placed.
+   - ``T_nonMoE`` (:func:`non_moe_time_s`) = ``tokens_per_rank · attention_flops_per_token /
+     (peak · eff(tokens_per_rank))``. The paper: "computation latency of previous non-MoE
+     layers (e.g., the attention layer)". ``ModelSpec.attention_flops_per_token`` is a layer's
+     whole non-MoE forward; the ``hecate-*`` presets (MoE every other layer) put the MoE block's
+     attention, the interleaved dense block's attention + FFN and the router in it.
+   - ``bw`` (:func:`gather_bw_GBps`): with more than one node (heterogeneous interconnect) the
+     paper uses "the inter-node bandwidth, as the algorithm prioritizes minimizing cross-node
+     communication" — the node's link (its testbeds: "nodes linked by a 100 Gbps / 400 Gbps
+     network"), i.e. ``cluster.inter.bw_GBps · gpus_per_node`` (``Cluster.inter`` is one GPU's
+     share of the NIC). A grouped broadcast of ``t`` experts whose owners are spread over the
+     nodes brings each node ``≈ t·expert_bytes·(N−1)/N`` through that link, once per node.
+     One node (homogeneous): ``cluster.intra.bw_GBps``.
+   - ``expert_bytes = params_per_expert · bytes_weight``.
+
+   Then, as Algorithm 1: ``t ← min(t, E)``, ``m ← min(m, t)`` with ``m =
+   extra_slots_per_rank``. If ``t ≤ m``, the ``t`` hottest experts go to every device (their
+   owners already hold them; remaining extra slots stay empty). Else the ``G·m`` extra slots
+   go to the ``t`` hottest experts in proportion to load (max-heap on ``load / replicas``,
+   ≤ 1 copy per device), spread greedily: hottest per-copy load first, to a free slot on the
+   node holding the fewest copies, then the least-loaded device there. **``t = 0``
+   materialises nothing**, even with free extra slots: line 1's ``m ← min(m, t)`` makes
+   ``m = 0``, i.e. the paper only materialises what the attention hides (exposed gathers are
+   left to its optional on-critical-path calibration, not modelled here).
+3. Tokens dispatch ``local_first`` (local replica, else same node, else anywhere; even split;
+   §4.4).
+
+With no history yet: the even owner split only (experts round-robin over nodes), ``t = 0``.
 
 Slots: ``S = O + m`` per device; slots ``[0, O)`` hold the owned experts, ``[O, S)`` the
 materialised ones; empty slots are ``-1``.
@@ -45,9 +69,11 @@ they overlap it) once per iteration — per micro-batch forward and backward wit
 the layer's last backward; owners run the optimizer for the experts they own (dense part
 ZeRO-1); a re-shard moves weights + optimizer state of experts whose owner changed.
 
-Departures: the paper's optional re-plan right after gating is not modelled; re-sharding is
-load-driven greedy packing (the paper balances load and memory with its own heuristic); the
-paper's ``m`` is a memory budget, here the knob ``extra_slots_per_rank`` (default 2).
+Departures: the paper's optional calibration (re-plan right after gating) is not modelled;
+``t`` is computed from the model and cluster (the paper profiles it); Algorithm 2 shards all
+layers jointly so a device may own different expert counts per layer (equal in total), here
+every device owns ``≤ O`` experts in every layer; the paper's ``m`` is a memory budget, here the
+knob ``extra_slots_per_rank`` (default 2).
 
 Shape legend: ``L`` layers, ``E`` experts, ``G`` devices, ``N`` nodes, ``O`` owned slots per
 device, ``S`` slots per device.
@@ -72,28 +98,46 @@ from moesim.policies.primitives import (
     greedy_place,
     per_iteration_load_TLE,
     precise_replicas,
+    relabel_gpus_for_layer,
     slot_capacity,
 )
 from moesim.specs import Cluster, ModelSpec
 
 
-def overlap_degree(model: ModelSpec, cluster: Cluster) -> int:
-    """Hecate's ``t = floor(T_nonMoE · bw / expert_bytes)`` (see the module docstring)."""
+def non_moe_time_s(model: ModelSpec, cluster: Cluster) -> float:
+    """``T_nonMoE``: seconds of one layer's non-MoE forward on one device,
+    ``tokens_per_rank · attention_flops_per_token / (peak · eff(tokens_per_rank))``."""
     tokens = model.tokens_per_rank
     eff = float(cluster.hardware.gemm_efficiency(tokens))
-    t_dense_s = tokens * model.attention_flops_per_token / (cluster.hardware.peak_flops * eff)
-    link = cluster.inter if cluster.num_nodes > 1 else cluster.intra
-    return int(math.floor(t_dense_s * link.bw_GBps * 1e9 / model.expert_weight_bytes))
+    return tokens * model.attention_flops_per_token / (cluster.hardware.peak_flops * eff)
+
+
+def gather_bw_GBps(cluster: Cluster) -> float:
+    """The SparseAllGather's ``bw``: a node's inter-node link (``inter.bw_GBps ·
+    gpus_per_node``) on a multi-node cluster, else the intra-node link (paper §4.2)."""
+    if cluster.num_nodes > 1:
+        return cluster.inter.bw_GBps * cluster.gpus_per_node
+    return cluster.intra.bw_GBps
+
+
+def overlap_degree(model: ModelSpec, cluster: Cluster) -> int:
+    """Hecate's ``t = floor(T_nonMoE · bw / expert_bytes)`` (paper Eq. 1, §4.2; see the module
+    docstring); not yet capped at ``E``."""
+    t_s, bw = non_moe_time_s(model, cluster), gather_bw_GBps(cluster)
+    return int(math.floor(t_s * bw * 1e9 / model.expert_weight_bytes))
 
 
 def shard_owners(load_E: np.ndarray, num_nodes: int, gpus_per_node: int,
-                 owned_per_rank: int) -> np.ndarray:
-    """Heterogeneous sharding: owner rank of each expert, ``[E]``.
+                 owned_per_rank: int, overlappable: int = 0) -> np.ndarray:
+    """Heterogeneous sharding (paper Algorithm 2, one layer): owner rank of each expert, ``[E]``.
 
-    Heaviest expert first into the lightest node with room (``gpus_per_node · O`` experts),
-    then, within each node, into the lightest device with room (``O`` experts).
+    The ``overlappable`` hottest experts are set aside; the others, heaviest first, go into the
+    lightest node with room (``gpus_per_node · O`` experts), then, within each node, into the
+    lightest device with room (``O`` experts); the set-aside experts fill the slots left
+    (lightest first: they count as load 0, being materialised where their tokens are).
     """
-    load = np.asarray(load_E, dtype=np.float64)
+    load = np.asarray(load_E, dtype=np.float64).copy()
+    load[np.argsort(-load, kind="stable")[:max(overlappable, 0)]] = 0.0
     node_E = greedy_pack_fixed(load, num_nodes, np.full(num_nodes, gpus_per_node * owned_per_rank))
     owners = np.empty(load.shape[0], dtype=np.int64)
     for n in range(num_nodes):
@@ -114,21 +158,29 @@ def owned_copies(owners_E: np.ndarray, num_ranks: int) -> np.ndarray:
 
 def materialise(load_E: np.ndarray, owners_E: np.ndarray, t: int, extra_slots: int,
                 gpus_per_node: int, num_ranks: int) -> tuple[np.ndarray, str]:
-    """Extra copies ``[G, E]`` (owners excluded) and which branch made them (``top_t`` or
-    ``proportional``)."""
+    """Paper Algorithm 1: extra copies ``[G, E]`` (owners excluded) and the branch that made
+    them (``none``, ``top_t`` or ``proportional``).
+
+    ``t ← min(t, E)``, ``m ← min(m, t)``; ``t ≤ m``: the ``t`` hottest experts on every device
+    (so ``t = 0`` materialises nothing); else the ``G·m`` extra slots to the ``t`` hottest
+    experts in proportion to load, ≤ 1 copy per device, spread over nodes.
+    """
     G, E = num_ranks, load_E.shape[0]
+    t = min(max(t, 0), E)
+    m = min(extra_slots, t)
     extra = np.zeros((G, E), dtype=np.int64)
-    if G == 1 or extra_slots == 0 or t <= 0:
+    if G == 1 or m == 0:
         return extra, "none"
-    if t <= extra_slots:
-        hot = np.argsort(-load_E, kind="stable")[:t]
+    hot = np.argsort(-load_E, kind="stable")[:t]
+    if t <= m:
         extra[:, hot] = 1
         extra[owners_E[hot], hot] = 0
         return extra, "top_t"
-    r_E = precise_replicas(load_E, E + G * extra_slots, 1, G)
+    r_E = np.ones(E, dtype=np.int64)
+    r_E[hot] = precise_replicas(load_E[hot], t + G * m, 1, G)
     owned = owned_copies(owners_E, G)
     gpu_load = owned @ (load_E / r_E)
-    copies = greedy_place(r_E - 1, load_E, gpus_per_node, np.full(G, extra_slots), owned,
+    copies = greedy_place(r_E - 1, load_E, gpus_per_node, np.full(G, m), owned,
                           gpu_load, allow_duplicates=False, skip_unplaceable=True)
     return copies - owned, "proportional"
 
@@ -193,11 +245,10 @@ class Hecate(Policy):
         cfg = self.config
         G, E, L = cluster.world_size, model.num_experts, model.num_layers
         O, m = -(-E // G), cfg.extra_slots_per_rank
-        load_LE = _mean_load_LE(history, cfg.load_window, L, E)
-        owners_LE, reshard_it = self._owners(history, load_LE, cluster, O)
+        load_LE, seen = _mean_load_LE(history, cfg.load_window, L, E)
         t = overlap_degree(model, cluster) if cfg.overlap_degree is None else cfg.overlap_degree
-        if history.past_TLRE.shape[0] == 0:
-            t = 0                               # no loads yet: owners only (an even split)
+        t = min(t, E) if seen else 0            # no loads yet: owners only (an even split)
+        owners_LE, reshard_it, provisional = self._owners(history, load_LE, seen, t, cluster, O)
         rows, branches, lam = [], [], []
         for l in range(L):
             extra, branch = materialise(load_LE[l], owners_LE[l], t, m, cluster.gpus_per_node, G)
@@ -205,7 +256,8 @@ class Hecate(Policy):
             branches.append(branch)
             lam.append(float(extra.sum()) / (G * E))
         info = {"owners_LE": owners_LE, "reshard_iteration": reshard_it,
-                "resharded": reshard_it == history.iteration, "owned_slots": O,
+                "resharded": reshard_it == history.iteration,
+                "owners_provisional": provisional, "owned_slots": O,
                 "extra_slots": m, "overlap_degree": t, "branch_L": branches,
                 "materialized_fraction_L": lam, "rematerialize": cfg.rematerialize}
         cap = slot_capacity(cfg.capacity_factor, model.tokens_per_rank, model.top_k,
@@ -213,19 +265,25 @@ class Hecate(Policy):
         return Decision(Placement(np.stack(rows), G, O + m, E), routing="local_first",
                         slot_capacity=cap, planner_time_s=time.perf_counter() - t0, info=info)
 
-    def _owners(self, history: History, load_LE: np.ndarray, cluster: Cluster,
-                owned_per_rank: int) -> tuple[np.ndarray, int]:
-        """The carried owner map ``[L, E]``, or a new one when a re-shard is due."""
+    def _owners(self, history: History, load_LE: np.ndarray, seen: bool, t: int,
+                cluster: Cluster, owned_per_rank: int) -> tuple[np.ndarray, int, bool]:
+        """``(owners [L, E], iteration of that sharding, provisional)``: the carried owner map,
+        or a new one when a re-shard is due — ``reshard_interval`` iterations after the last
+        one, or at the first iteration with history (``seen``) after a provisional sharding
+        made without any."""
         prev = history.previous.info if history.previous is not None else {}
         owners = prev.get("owners_LE")
         last = prev.get("reshard_iteration")
+        provisional = bool(prev.get("owners_provisional", False))
         if (owners is not None and last is not None
                 and np.shape(owners) == load_LE.shape
+                and not (provisional and seen)
                 and history.iteration - int(last) < self.config.reshard_interval):
-            return np.asarray(owners, dtype=np.int64), int(last)
-        fresh = np.stack([shard_owners(load, cluster.num_nodes, cluster.gpus_per_node,
-                                       owned_per_rank) for load in load_LE])
-        return fresh, history.iteration
+            return np.asarray(owners, dtype=np.int64), int(last), provisional
+        fresh = np.stack([_layer_ranks(l, cluster)[shard_owners(
+            load, cluster.num_nodes, cluster.gpus_per_node, owned_per_rank, t)]
+            for l, load in enumerate(load_LE)])
+        return fresh, history.iteration, not seen
 
     # -- lowering hooks ---------------------------------------------------------------------
     def lower_relayout(self, ctx) -> list[int]:
@@ -346,10 +404,18 @@ def _owned_params_R(decision: Decision, model: ModelSpec) -> np.ndarray:
     return np.bincount(owners, minlength=pl.num_ranks) * float(model.params_per_expert)
 
 
-def _mean_load_LE(history: History, window: int, L: int, E: int) -> np.ndarray:
-    """Sliding-mean expert load over the last ``window`` iterations, ``[L, E]``; uniform when
-    there is no history."""
+def _layer_ranks(layer: int, cluster: Cluster) -> np.ndarray:
+    """Rank ``r`` of the sharding is rank ``out[r]`` in ``layer`` (:func:`relabel_gpus_for_layer`:
+    nodes map to nodes, so the balance is kept, but the greedy's lowest-index ties — the
+    heaviest expert on rank 0 — no longer pile every layer's hottest owner on one device)."""
+    ranks = np.arange(cluster.world_size)
+    return np.argsort(relabel_gpus_for_layer(ranks, layer, 1, cluster.gpus_per_node))
+
+
+def _mean_load_LE(history: History, window: int, L: int, E: int) -> tuple[np.ndarray, bool]:
+    """Sliding-mean expert load over the last ``window`` iterations, ``[L, E]``, and whether
+    there was any history (uniform load when there is none)."""
     per_it = per_iteration_load_TLE(history, window)
     if per_it.shape[0] == 0:
-        return np.ones((L, E))
-    return per_it.mean(axis=0)
+        return np.ones((L, E)), False
+    return per_it.mean(axis=0), True
