@@ -12,11 +12,16 @@ each summarised as MAPE (mean of ``|pred − meas| / meas``, in percent) and max
 to) zero in both runs are left out (``min_phase_s``). Both backends count a collective's wait
 for stragglers as idle, so busy times mean the same thing on both sides.
 
+``measured`` may be several executor runs of the same configuration (repeats): each measured
+quantity is then the median over the repeats, iteration by iteration, so one run's preemption
+by another process on a shared machine does not count as the program's time.
+
 Shape legend: ``I`` matched iterations, ``L`` layers (+1), ``F`` phases, ``R`` ranks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,19 +83,25 @@ def phase_time_IF(run: RunResult, iterations: np.ndarray) -> np.ndarray:
     return busy.sum(axis=1).max(axis=2)
 
 
-def compare_runs(predicted: RunResult, measured: RunResult, *,
+def compare_runs(predicted: RunResult, measured: RunResult | Sequence[RunResult], *,
                  min_phase_s: float = 1e-5) -> Comparison:
-    """Compare a predicted and a measured run on the iterations both hold."""
-    p_it = np.asarray(predicted.summary.get("iteration", []), dtype=np.int64)
-    m_it = np.asarray(measured.summary.get("iteration", []), dtype=np.int64)
-    common = np.intersect1d(p_it, m_it)
+    """Compare a predicted run and a measured one (or the median of several repeats of it)
+    on the iterations all of them hold."""
+    runs = [measured] if isinstance(measured, RunResult) else list(measured)
+    if not runs:
+        raise MoesimError("compare_runs needs at least one measured run")
+    common = np.asarray(predicted.summary.get("iteration", []), dtype=np.int64)
+    for run in runs:
+        common = np.intersect1d(common, np.asarray(run.summary.get("iteration", []),
+                                                   dtype=np.int64))
     if len(common) == 0:
-        raise MoesimError(f"runs {predicted.path} and {measured.path} share no iterations; "
+        raise MoesimError(f"runs {predicted.path} and {runs[0].path} share no iterations; "
                           "run both on the same --iterations")
     step = ErrorStats(_column(predicted, "step_time_s", common),
-                      _column(measured, "step_time_s", common))
+                      np.median([_column(r, "step_time_s", common) for r in runs], axis=0))
     comp = Comparison(iterations=common, step=step)
-    p_IF, m_IF = phase_time_IF(predicted, common), phase_time_IF(measured, common)
+    p_IF = phase_time_IF(predicted, common)
+    m_IF = np.median([phase_time_IF(r, common) for r in runs], axis=0)
     for f, phase in enumerate(PHASES):
         if max(p_IF[:, f].mean(), m_IF[:, f].mean()) < min_phase_s:
             continue

@@ -11,17 +11,23 @@ validation runs:
   any measurement reached, ``gemm_eff_curve`` tabulated at every measured ``m`` from the expert
   forward and ``backward_gemm_eff_curve`` from the expert backward (dgrad + wgrad; on CPU it is
   2.4–4× a forward, not the 2× one curve would imply; see :func:`fit_compute`);
+  ``dense_gemm_eff_curve`` from the executor's stand-in for attention at the FLOPs the
+  lowering gives it (:func:`fit_dense`), so the simulator's dense compute costs exactly the
+  workload the executor runs;
   ``mem_bw_GBps`` from the optimizer step (its Adam traffic per parameter as the lowering counts
   it, ``2·bytes_optim + bytes_grad + bytes_weight``, with the executor's one call per
   expert-sized tensor), so the memory-bound op it costs is right; ``host_optimizer_GBps`` from
   the host Adam;
-- collectives, ``t = α + factor · S / busbw`` with nccl-tests' bus factors, fitted *per kind*
+- collectives, ``t = α + (n − 1)·α_peer + factor · S / busbw`` with nccl-tests' bus factors
+  (``α_peer`` where several group sizes ``n`` were measured), fitted *per kind*
   (all-to-all, all-reduce, all-gather, reduce-scatter, broadcast, reduce, send/recv) over every
   group size 2..N and size 4 KiB–4 MiB, non-negative, relative error; written as the link
   level's ``per_kind`` table (gloo's all-reduce costs ~1.4 ms where its all-to-all costs
   ~0.2 ms, so one pair cannot serve both); the level's own ``(α, busbw)`` is a fit over all
   kinds (all-to-all rows weighted ×4), used by kinds that were not measured;
-- the host link (``HostCopy``): latency and bandwidth of host copies.
+- the host link (``HostCopy``): latency and bandwidth of host copies;
+- ``op_overhead_s``: the interpreter's own time between two ops (median gap over a program of
+  empty ops run by :meth:`RankExecutor.run`).
 
 Compute is measured with all ranks computing at once (as in a run), so the concurrency slowdown
 is in the curves and ``cores_shared_by`` is 1; the slowdown of an expert forward with all ranks
@@ -55,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="calibrated/cpu-gloo.toml",
                    help="cluster TOML to write (the hardware profile goes to <stem>-hw.toml)")
     p.add_argument("--model", default="tiny-cpu", help="model whose expert shape to benchmark")
-    p.add_argument("--reps", type=int, default=7, help="repeats per collective measurement")
+    p.add_argument("--reps", type=int, default=15, help="repeats per collective measurement")
     p.add_argument("--raw", default=None, help="also keep the raw measurements (JSON) here")
     p.add_argument("--from-raw", default=None, help=argparse.SUPPRESS)
     p.add_argument("--hang-timeout-s", type=float, default=300.0)
@@ -139,6 +145,22 @@ def fit_compute(rows: list[dict], launch: float | None = None) -> dict:
             "max_pct": float(np.max(np.abs(rel)) * 100)}
 
 
+def fit_dense(compute: dict, rows: list[dict]) -> list[tuple[float, float]] | None:
+    """``dense_gemm_eff_curve`` from the stand-in timings: at each GEMM row count, the
+    efficiency (vs the fitted peak, after ``launch_s``) reproducing the geometric mean time of
+    the dense forward and backward stand-ins (the router, mostly per-op overhead, is left to
+    ``launch_s``); ``None`` without measurements."""
+    rows = [r for r in rows if r.get("name") != "router"]
+    if not rows:
+        return None
+    curve = []
+    for m in sorted({r["rows"] for r in rows}):
+        effs = [r["flops"] / (compute["peak_flops"] * max(r["t"] - compute["launch_s"], 1e-9))
+                for r in rows if r["rows"] == m]
+        curve.append((float(m), float(np.clip(np.exp(np.mean(np.log(effs))), 1e-3, 1.0))))
+    return curve
+
+
 def _inv_rate(x: np.ndarray, t: np.ndarray, fixed: float = 0.0) -> float:
     """``1/rate`` minimising Σ((fixed + x/rate)/t − 1)² (relative error)."""
     a = x / t
@@ -163,7 +185,7 @@ def bus_factor(kind: str, n: np.ndarray) -> np.ndarray:
     """nccl-tests' bus-bandwidth factor of a collective kind for group size ``n`` (send/recv:
     the bytes each rank sends)."""
     n = np.asarray(n, dtype=float)
-    ones = {"broadcast", "reduce", "send_recv"}
+    ones = {"broadcast", "reduce", "send_recv"}  # send/recv rows give the bytes a rank sends
     if kind == "all_reduce":
         return 2 * (n - 1) / n
     return np.ones_like(n) if kind in ones else (n - 1) / n
@@ -172,26 +194,47 @@ def bus_factor(kind: str, n: np.ndarray) -> np.ndarray:
 A2A_WEIGHT = 4.0  # an MoE layer-pass runs 4 all-to-alls; the other collectives run per iteration
 
 
+def fit_alpha_peer_beta(n: np.ndarray, x: np.ndarray, t: np.ndarray
+                        ) -> tuple[float, float, float, float]:
+    """``t ≈ α + (n − 1)·α_peer + x/β`` on relative error, non-negative:
+    ``(α, α_peer, β, mape %)`` (group size ``n``: gloo's latency grows with the ring's
+    steps when ranks share cores)."""
+    from scipy.optimize import nnls
+
+    A = np.stack([1 / t, (n - 1) / t, x / t], axis=1)
+    (alpha, peer, inv_beta), _ = nnls(A, np.ones_like(t))
+    inv_beta = max(inv_beta, 1e-15)
+    rel = (alpha + (n - 1) * peer + x * inv_beta) / t - 1
+    return float(alpha), float(peer), float(1 / inv_beta), float(np.mean(np.abs(rel)) * 100)
+
+
 def fit_collectives(rows: list[dict]) -> dict:
-    """Per kind ``(α, busbw)`` over all its group sizes and sizes (relative error), and one
-    level-wide pair over all kinds (all-to-all rows weighted ``A2A_WEIGHT``) for kinds without
-    their own."""
+    """Per kind ``(α, α_peer, busbw)`` over all its group sizes and sizes (relative error;
+    ``α_peer`` only where several group sizes were measured; for send/recv ``n`` counts the
+    transfers of a rank and ``α_peer`` is the cost of each one beyond the first), and one
+    level-wide ``(α, busbw)`` over all kinds (all-to-all rows weighted ``A2A_WEIGHT``) for
+    kinds without their own."""
     kinds = sorted({r["kind"] for r in rows})
     per_kind = {}
     xs, ts, ws = [], [], []
     for kind in kinds:
         sel = [r for r in rows if r["kind"] == kind]
-        x = np.array([r["bytes"] for r in sel]) * bus_factor(kind, [r["n"] for r in sel])
+        n = np.array([r["n"] for r in sel], dtype=float)
+        x = np.array([r["bytes"] for r in sel]) * bus_factor(kind, n)
         t = np.array([r["t"] for r in sel])
-        per_kind[kind] = fit_alpha_beta(x, t)
+        if len(set(n)) > 1:
+            per_kind[kind] = fit_alpha_peer_beta(n, x, t)
+        else:
+            a, b, e = fit_alpha_beta(x, t)
+            per_kind[kind] = (a, 0.0, b, e)
         xs.append(x)
         ts.append(t)
         ws.append(np.full(len(t), A2A_WEIGHT if kind == "all_to_all" else 1.0))
     alpha, beta, mape = fit_alpha_beta(np.concatenate(xs), np.concatenate(ts),
                                        np.concatenate(ws))
     return {"alpha_s": alpha, "busbw_GBps": beta / GB, "mape_pct": mape,
-            "per_kind": {k: {"alpha_s": a, "busbw_GBps": b / GB, "mape_pct": e}
-                         for k, (a, b, e) in per_kind.items()}}
+            "per_kind": {k: {"alpha_s": a, "alpha_peer_s": p, "busbw_GBps": b / GB,
+                             "mape_pct": e} for k, (a, p, b, e) in per_kind.items()}}
 
 
 def fit_profile(raw: dict, model) -> dict:
@@ -200,6 +243,7 @@ def fit_profile(raw: dict, model) -> dict:
     gemm_t = [r["t"] for r in comp if r["kind"] == "gemm"]
     c = fit_compute([r for r in comp if r["kind"] == "expert"],
                     launch=min(gemm_t) if gemm_t else None)
+    dense_curve = fit_dense(c, [r for r in comp if r["kind"] == "standin"])
     adam = [r for r in comp if r["kind"] == "adam"]
     per_param = 2 * model.bytes_optim + model.bytes_grad + model.bytes_weight
     x = np.array([r["numel"] * per_param for r in adam], dtype=float)
@@ -218,7 +262,10 @@ def fit_profile(raw: dict, model) -> dict:
               max(1.0, meta["world_size"] / (meta.get("cpu_count") or 1)))
     measured = (conc["together_s"] / conc["alone_s"] if conc and conc["alone_s"] > 0
                 else float("nan"))
-    return {"compute": c, "cores_shared_by": shared, "cores_shared_measured": measured,
+    overhead = float((raw.get("op_overhead") or {}).get("gap_s", 0.0))
+    return {"compute": c, "dense_curve": dense_curve, "cores_shared_by": shared,
+            "cores_shared_measured": measured,
+            "op_overhead_s": max(overhead, 0.0),
             "mem_bw_GBps": mem_bw / GB, "host_optimizer_GBps": host_bw / GB,
             "host_link": {"latency_s": lat, "bw_GBps": copy_bw / GB}, "gemm_eff_curve": eff,
             "collectives": fit_collectives(raw["collectives"])}
@@ -254,11 +301,16 @@ def write_profile(fit: dict, meta: dict, out: Path) -> Path:
           "peak_flops": c["peak_flops"], "mem_bw_GBps": fit["mem_bw_GBps"],
           "launch_s": c["launch_s"], "gemm_eff_curve": [list(p) for p in fit["gemm_eff_curve"]],
           "elementwise_eff": 1.0, "host_optimizer_GBps": fit["host_optimizer_GBps"],
-          "collective_latency_s": 0.0, "cores_shared_by": shared}
+          "collective_latency_s": 0.0, "cores_shared_by": shared,
+          "op_overhead_s": fit.get("op_overhead_s", 0.0)}
     if c.get("backward_curve"):
         hw["backward_gemm_eff_curve"] = [list(p) for p in c["backward_curve"]]
+    if fit.get("dense_curve"):
+        hw["dense_gemm_eff_curve"] = [list(p) for p in fit["dense_curve"]]
     link = {"bw_GBps": coll["busbw_GBps"], "latency_s": coll["alpha_s"],
-            "per_kind": {k: {"bw_GBps": v["busbw_GBps"], "latency_s": v["alpha_s"]}
+            "per_kind": {k: {"bw_GBps": v["busbw_GBps"], "latency_s": v["alpha_s"],
+                             **({"latency_per_peer_s": v["alpha_peer_s"]}
+                                if v.get("alpha_peer_s") else {})}
                          for k, v in coll["per_kind"].items()}}
     total = _mem_total_gib()
     cluster = {"description": f"1 node x {world} ranks, calibrated", "source": src,
@@ -295,14 +347,18 @@ def summary_text(fit: dict, meta: dict, path: Path) -> str:
              f"  compute: peak {c['peak_flops'] / 1e9:.1f} GFLOP/s, launch "
              f"{c['launch_s'] * 1e6:.1f} us, eff(m) at {len(c['curve'])} points, fit MAPE "
              f"{c['mape_pct']:.1f}% (max {c['max_pct']:.1f}%)",
-             f"  cores_shared_by {fit['cores_shared_by']:.2f} (ranks / cpus; measured slowdown "
-             f"with all ranks computing: {fit['cores_shared_measured']:.2f})",
+             f"  cores_shared_by {fit['cores_shared_by']:.2f} (measured slowdown with all "
+             f"ranks computing: {fit['cores_shared_measured']:.2f}; "
+             f"{'in the curves' if meta.get('compute_concurrent') else 'ranks / cpus'}), "
+             f"op overhead {fit.get('op_overhead_s', 0.0) * 1e6:.1f} us, load average "
+             f"{meta.get('load_avg', float('nan')):.2f}",
              f"  memory: {fit['mem_bw_GBps']:.2f} GB/s (Adam), host Adam "
              f"{fit['host_optimizer_GBps']:.2f} GB/s, host copy "
              f"{fit['host_link']['bw_GBps']:.2f} GB/s",
              f"  collectives: alpha {coll['alpha_s'] * 1e6:.0f} us, busbw "
              f"{coll['busbw_GBps']:.3f} GB/s, fit MAPE {coll['mape_pct']:.1f}%"]
     for k, v in coll["per_kind"].items():
-        lines.append(f"    {k:<15} alpha {v['alpha_s'] * 1e6:7.0f} us  busbw "
+        lines.append(f"    {k:<15} alpha {v['alpha_s'] * 1e6:7.0f} us  + "
+                     f"{v.get('alpha_peer_s', 0.0) * 1e6:5.0f} us/peer  busbw "
                      f"{v['busbw_GBps']:7.3f} GB/s  MAPE {v['mape_pct']:5.1f}%")
     return "\n".join(lines)

@@ -6,9 +6,14 @@
 - ``expert`` — the expert op of one layer-pass (:func:`~moesim.executor.moe_layer.expert_fwd` /
   ``expert_bwd``: row gather, FFN or dgrad + wgrad, row scatter) over ``S = E / N`` local
   slots of ``m`` rows each, for ``m`` over a sweep; recorded per slot (``t / S``), so the cost
-  model's per-slot sum reproduces it — including the cache traffic of cycling through ``S``
-  experts' weights, which a one-slot benchmark misses;
-- ``gemm`` — the stand-in matmul ``[m, H] @ [H, n]`` for a few shapes (per-op overhead);
+  model's per-slot sum reproduces it — cycling over independent layer-passes so each call
+  finds its weights and rows out of the core's cache, as in a run (a hot loop over one
+  slot's data is 1.2–1.5× faster than the run's expert op);
+- ``gemm`` — the stand-in matmul ``[m, H] @ [H, n]`` for a few shapes, back to back (per-op
+  overhead: ``launch_s``);
+- ``standin`` — the executor's stand-in for attention / router work at the FLOPs the lowering
+  gives those ops (the simulator prices them with the dense efficiency this yields);
+- ``op_overhead`` — the interpreter's own time between two ops (:func:`bench_op_overhead`);
 - ``adam`` — the executor's optimizer step: Adam over expert-sized tensors one call each, as
   :meth:`RankExecutor._optimizer_step` walks the slots; ``host_adam`` / ``copy`` — the host
   Adam and host copies over sizes;
@@ -17,16 +22,20 @@
   buffers), and the token all-to-all of :func:`~moesim.executor.moe_layer.dispatch_fwd` /
   ``combine_fwd`` (row gather, uneven ``all_to_all_single``, gate-weighted scatter-add); over
   groups of the first ``n`` ranks (``n = 2..N``) for sizes from 4 KiB to 4 MiB (nccl-tests'
-  size convention), timed as the executor's records time them (see
+  size convention), send/recv as a ring over all ranks with 1, 2 and 4 transfers per rank
+  (gloo pays a fixed cost per message), timed as the executor's records time them (see
   :func:`bench_collectives`).
 
 Measurement hygiene: one intra-op thread per rank (:func:`init_distributed`), warm-up calls
-excluded, and compute measured on *all ranks at once* — a run's ranks compute at the same time,
-so the concurrency slowdown (ranks sharing cores, memory bandwidth) is in the measured numbers
-and the profile's ``cores_shared_by`` is 1; ``concurrency`` also times one expert forward on
-rank 0 alone and on all ranks together, for the record. Compute times are means over
-sustained blocks, averaged over ranks; collective times are medians over repeats (a one-off
-preemption by another process is not the collective's cost). Rank 0 writes
+excluded, and compute measured as a run does it (:func:`_together`): *all ranks at once*, one
+call after each barrier (so the process has blocked and been woken, as between a run's ops),
+median over calls, averaged over ranks — the concurrency slowdown (ranks sharing cores,
+memory bandwidth) is in the measured numbers and the profile's ``cores_shared_by`` is 1
+(``concurrency`` also times one expert forward on rank 0 alone and on all ranks together, for
+the record); memory-bound work (optimizer, copies) and expert / stand-in compute cycle over
+enough tensors to run out of cache as a run's once-per-pass work does; collective times are
+medians over repeats (a burst of another process's work on a shared machine is not the op's
+cost; validation takes the median over repeated runs likewise). Rank 0 writes
 ``{"compute": [...], "collectives": [...], "concurrency": {...}, "meta": {...}}``.
 """
 
@@ -57,6 +66,7 @@ SIZES = tuple(4096 * 4**k for k in range(6))          # 4 KiB .. 4 MiB
 GROUP_KINDS = {"all_reduce": AllReduce, "all_gather": AllGather,
                "reduce_scatter": ReduceScatter, "broadcast": Broadcast, "reduce": Reduce}
 KINDS = ("all_to_all", *GROUP_KINDS, "send_recv")
+SEND_RECV_TRANSFERS = (1, 2, 4)  # transfers per rank of one SendRecv op (relayouts: several)
 
 
 def _dev() -> torch.device:
@@ -73,24 +83,49 @@ def _sync() -> None:
 
 def _mean_time(fn: Callable[[], object], reps: int, warmup: int = 2,
                min_total_s: float = 0.03) -> float:
-    """Mean seconds per call over a sustained block (at least ``reps`` calls and
-    ``min_total_s``), after ``warmup`` untimed calls."""
+    """Seconds per call: the best over blocks of calls (at least ``reps`` calls and
+    ``min_total_s`` in all, 5 blocks or more), after ``warmup`` untimed calls. Each block's
+    mean keeps the cost of back-to-back calls; the best block is the one no other process
+    interrupted (bursts of other jobs on a shared machine are not the program's cost; the
+    validation runs take the median over repeats, at raised priority, for the same reason)."""
     for _ in range(warmup):
         fn()
     _sync()
-    count, t0 = 0, time.perf_counter()
-    while count < reps or time.perf_counter() - t0 < min_total_s:
-        fn()
-        count += 1
-    _sync()
-    return (time.perf_counter() - t0) / count
+    blocks, t_end = [], time.perf_counter() + min_total_s
+    per_block = max(1, -(-reps // 5))
+    while len(blocks) < 5 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(per_block):
+            fn()
+        _sync()
+        blocks.append((time.perf_counter() - t0) / per_block)
+    return float(np.min(blocks))
 
 
-def _together(fn: Callable[[], object], reps: int) -> float:
-    """:func:`_mean_time` of ``fn`` on every rank at once (started after a barrier), averaged
-    over ranks: compute under the run's concurrency."""
+def _together_loop(fn: Callable[[], object], reps: int) -> float:
+    """:func:`_mean_time` on every rank at once, averaged over ranks: back-to-back calls (a
+    per-op overhead, as between consecutive compute ops of a run)."""
     dist.barrier()
     t = torch.tensor([_mean_time(fn, reps)], dtype=torch.float64, device=_dev())
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def _together(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
+    """Seconds of one call of ``fn`` as a run makes it: every rank calls it at the same time
+    right after a collective (a barrier: the process blocked and was woken, as between a
+    run's ops), one call per barrier; the median over ``reps`` calls, averaged over ranks.
+    Back-to-back calls in a hot loop run 1.5–2× faster than the same op in a program."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        ts.append(time.perf_counter() - t0)
+    t = torch.tensor([float(np.median(ts))], dtype=torch.float64, device=_dev())
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
 
@@ -99,17 +134,57 @@ def _reps(m: int) -> int:
     return 15 if m <= 256 else 7
 
 
-def _expert_pass(model: ModelSpec, slots: int, m: int) -> tuple[Callable, Callable]:
+COLD_BYTES = 16 * 2**20  # > both cores' L2: a run touches each op's data once per pass
+
+
+def _rotating(make: Callable[[int], Callable[[], None]], set_bytes: float
+              ) -> Callable[[], None]:
+    """A closure that runs ``make(i)``'s work for ``i`` cycling over enough independent
+    tensor sets (``set_bytes`` each) to span :data:`COLD_BYTES`, so each call finds its data
+    out of the core's cache, as a run's once-per-iteration optimizer step and copies do."""
+    works = [make(i) for i in range(max(1, int(np.ceil(COLD_BYTES / max(set_bytes, 1.0)))))]
+    state = [0]
+
+    def run() -> None:
+        works[state[0] % len(works)]()
+        state[0] += 1
+    return run
+
+
+def bench_standin(model: ModelSpec, rank: int, world: int) -> list[dict]:
+    """The executor's stand-in for a layer's non-expert work (:meth:`RankExecutor._standin`)
+    at the FLOPs the lowering gives it: dense forward (``attention_flops_per_token · T``),
+    dense backward (2 × (dense + router)) and the router (``2·H·E·T``); ``rows`` is the GEMM
+    shape the op names (``T`` = tokens per rank)."""
+    T, H, F = model.tokens_per_rank, model.hidden_size, model.ffn_hidden_size
+    dense, router = model.attention_flops_per_token * T, 2.0 * H * model.num_experts * T
+    set_bytes = model.expert_weight_bytes + T * (3 * H + 3 * F) * model.bytes_activation
+    out = []
+    for name, flops in (("dense_fwd", dense), ("dense_bwd", 2 * (dense + router)),
+                        ("router", router)):
+        def make(i: int, flops: float = flops) -> Callable[[], None]:
+            return RankExecutor(model, rank, world, _dev())._standin(flops)
+        out.append({"kind": "standin", "name": name, "rows": T, "flops": flops,
+                    "t": _together(_rotating(make, set_bytes), 15)})
+    return out
+
+
+def _expert_pass(model: ModelSpec, slots: int, m: int, first_expert: int = 0
+                 ) -> tuple[Callable, Callable]:
     """Forward and backward closures of one layer-pass's expert op: ``slots`` local slots of
-    ``m`` rows each (rows of one slot interleaved with the others', as a receive buffer from
-    several sources holds them)."""
+    ``m`` rows each, laid out as a receive buffer from every rank holds them."""
     dev, dt, H = _dev(), torch_dtype(model), model.hidden_size
-    params = [expert_weights(model, 0, e).to(device=dev, dtype=dt) for e in range(slots)]
+    params = [expert_weights(model, 0, first_expert + e).to(device=dev, dtype=dt)
+              for e in range(slots)]
     grads = [torch.zeros_like(p) for p in params]
-    rows = torch.arange(slots * m, device=dev).view(m, slots)
+    # the receive buffer holds, per source rank, its rows slot by slot (moe_layer.plan_pass)
+    sources = dist.get_world_size()
+    per_src = [m // sources + (1 if w < m % sources else 0) for w in range(sources)]
+    slot_of_row = np.concatenate([np.repeat(np.arange(slots), c) for c in per_src])
     lp = ml.LayerPass(inputs=None, tok_K=torch.zeros(0, dtype=torch.long),
                       gate_K=torch.zeros(0), send_split_W=[], recv_split_W=[],
-                      slot_rows=[rows[:, s].contiguous() for s in range(slots)])
+                      slot_rows=[torch.from_numpy(np.flatnonzero(slot_of_row == s)).to(dev)
+                                 for s in range(slots)])
     lp.recv_MH = torch.randn(slots * m, H).to(dev, dt)
     lp.grad_recv_MH = torch.randn(slots * m, H).to(dev, dt)
     ml.expert_fwd(lp, params, model)
@@ -121,12 +196,33 @@ def _expert_pass(model: ModelSpec, slots: int, m: int) -> tuple[Callable, Callab
     return (lambda: ml.expert_fwd(lp, params, model)), bwd
 
 
+def _expert_sets(model: ModelSpec, slots: int, m: int) -> tuple[Callable, Callable]:
+    """Forward and backward closures cycling over enough independent layer-passes (own
+    weights, rows, activations) to span :data:`COLD_BYTES`: a run's expert op finds its
+    weights and rows out of the core's cache, as other layers' work ran in between."""
+    H, F = model.hidden_size, model.ffn_hidden_size
+    per_set = slots * (model.expert_weight_bytes + m * (3 * H + 4 * F) * model.bytes_activation)
+    passes = [_expert_pass(model, slots, m, i * slots)
+              for i in range(max(1, int(np.ceil(COLD_BYTES / per_set))))]
+    state = [0, 0]
+
+    def fwd() -> None:
+        passes[state[0] % len(passes)][0]()
+        state[0] += 1
+
+    def bwd() -> None:
+        passes[state[1] % len(passes)][1]()
+        state[1] += 1
+    return fwd, bwd
+
+
 def bench_expert(model: ModelSpec, world: int) -> list[dict]:
-    """Per-slot expert forward / backward time vs rows ``m`` (all ranks computing)."""
+    """Per-slot expert forward / backward time vs rows ``m`` (all ranks computing, data out
+    of cache)."""
     slots = max(1, model.num_experts // world)
     out = []
     for m in M_SWEEP:
-        fwd, bwd = _expert_pass(model, slots, m)
+        fwd, bwd = _expert_sets(model, slots, m)
         t_f, t_b = _together(fwd, _reps(m)) / slots, _together(bwd, _reps(m)) / slots
         for passes, t in ((1, t_f), (2, t_b)):
             out.append({"kind": "expert", "m": m, "passes": passes, "t": t, "slots": slots,
@@ -143,7 +239,7 @@ def bench_gemm(model: ModelSpec) -> list[dict]:
         for n in (8, 64, 4 * h, 16 * h):
             a, b = torch.randn(m, h).to(_dev(), dt), torch.randn(h, n).to(_dev(), dt)
             c = torch.empty(m, n, dtype=dt, device=_dev())
-            t = _together(lambda a=a, b=b, c=c: torch.matmul(a, b, out=c), _reps(m))
+            t = _together_loop(lambda a=a, b=b, c=c: torch.matmul(a, b, out=c), _reps(m))
             out.append({"kind": "gemm", "m": m, "n": n, "t": t, "flops": 2.0 * m * h * n,
                         "bytes": float((m * h + h * n + m * n) * a.element_size())})
     return out
@@ -151,25 +247,44 @@ def bench_gemm(model: ModelSpec) -> list[dict]:
 
 def bench_memory(model: ModelSpec) -> list[dict]:
     """The optimizer step as the executor runs it (Adam over expert-sized tensors, one call
-    each), host Adam and host copies (all ranks computing)."""
-    dt, out, chunk = torch_dtype(model), [], model.params_per_expert
-    for k in (1, 2, 4, 8, 16):
-        ps = [torch.zeros(chunk, dtype=dt, device=_dev()) for _ in range(k)]
-        gs = [torch.randn(chunk).to(_dev(), dt) for _ in range(k)]
-        adam = Adam(0.0)
+    each), host Adam and host copies (all ranks computing, data out of cache)."""
+    dt, dev, out, chunk = torch_dtype(model), _dev(), [], model.params_per_expert
+    elem = torch.empty(0, dtype=dt).element_size()
 
-        def step(ps=ps, gs=gs, adam=adam) -> None:
-            for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
-                adam.step(i, p, g)
-        out.append({"kind": "adam", "numel": k * chunk, "calls": k, "t": _together(step, 7)})
+    def adam_set(k: int) -> Callable[[int], Callable[[], None]]:
+        def make(i: int) -> Callable[[], None]:
+            ps = [torch.zeros(chunk, dtype=dt, device=dev) for _ in range(k)]
+            gs = [torch.randn(chunk).to(dev, dt) for _ in range(k)]
+            adam = Adam(0.0)
+
+            def step() -> None:
+                for j, (p, g) in enumerate(zip(ps, gs, strict=True)):
+                    adam.step(j, p, g)
+            return step
+        return make
+
+    for k in (1, 2, 4, 8, 16):
+        fn = _rotating(adam_set(k), 4 * k * chunk * elem)  # p, g, m, v
+        out.append({"kind": "adam", "numel": k * chunk, "calls": k, "t": _together(fn, 7)})
+
+    def host_adam_set(numel: int) -> Callable[[int], Callable[[], None]]:
+        def make(i: int) -> Callable[[], None]:
+            p, g, adam = torch.zeros(numel), torch.randn(numel), Adam(0.0)
+            return lambda: adam.step("k", p, g)
+        return make
+
+    def copy_set(nbytes: int) -> Callable[[int], Callable[[], None]]:
+        def make(i: int) -> Callable[[], None]:
+            src = torch.zeros(nbytes, dtype=torch.uint8, device=dev)  # device → host
+            dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=src.is_cuda)
+            return lambda: dst.copy_(src)
+        return make
+
     for numel in (2**14, 2**16, 2**18, 2**20):
-        hp, hg, host_adam = torch.zeros(numel), torch.randn(numel), Adam(0.0)
         out.append({"kind": "host_adam", "numel": numel,
-                    "t": _together(lambda p=hp, g=hg, a=host_adam: a.step("k", p, g), 7)})
-        src = torch.zeros(numel * 4, dtype=torch.uint8, device=_dev())  # device → host
-        dst = torch.empty(numel * 4, dtype=torch.uint8, pin_memory=src.is_cuda)
+                    "t": _together(_rotating(host_adam_set(numel), 16 * numel), 7)})
         out.append({"kind": "copy", "bytes": numel * 4,
-                    "t": _together(lambda s=src, d=dst: d.copy_(s), 7)})
+                    "t": _together(_rotating(copy_set(numel * 4), 8 * numel), 7)})
     return out
 
 
@@ -180,6 +295,27 @@ def bench_concurrency(model: ModelSpec, world: int, m: int = 128) -> dict:
     fwd, _ = _expert_pass(model, max(1, model.num_experts // world), m)
     alone = _mean_time(fwd, _reps(m)) if dist.get_rank() == 0 else 0.0
     return {"alone_s": alone, "together_s": _together(fwd, _reps(m)), "m": m}
+
+
+def bench_op_overhead(model: ModelSpec, rank: int, world: int, hb: Heartbeat,
+                      ops: int = 200) -> dict:
+    """Seconds the interpreter spends between two consecutive ops (its loop: waits, timer
+    marks, heartbeat): :meth:`RankExecutor.run` on a program of ``ops`` empty compute ops,
+    median gap between one op's end and the next one's start, averaged over ranks."""
+    from moesim.ops import Compute, Program
+
+    program = Program(num_ranks=world)
+    for _ in range(ops):
+        program.add(Compute(phase="dense", flops_R=np.zeros(world), bytes_R=np.zeros(world)))
+    ex = RankExecutor(model, rank, world, _dev())
+    gaps = []
+    for i in range(4):
+        events = sorted(ex.run(program, progress=hb.beat).events)
+        if i:
+            gaps += [b[1] - a[2] for a, b in zip(events[:-1], events[1:], strict=True)]
+    gap = torch.tensor([float(np.median(gaps))], dtype=torch.float64, device=_dev())
+    dist.all_reduce(gap)
+    return {"gap_s": float(gap) / world, "ops": ops}
 
 
 def _token_a2a(model: ModelSpec, nbytes: int, members: list[int], group: object | None
@@ -202,14 +338,16 @@ def _token_a2a(model: ModelSpec, nbytes: int, members: list[int], group: object 
     return run
 
 
-def _compiled(ex: RankExecutor, kind: str, nbytes: int, members: list[int]
-              ) -> Callable[[], None]:
+def _compiled(ex: RankExecutor, kind: str, nbytes: int, members: list[int],
+              transfers: int = 1) -> Callable[[], None]:
     """The executor's compiled work for a synthetic ``kind`` op of ``nbytes`` over
-    ``members`` (send/recv: a ring, each member sends ``nbytes`` to the next)."""
+    ``members`` (send/recv: a ring, each member sends ``transfers`` buffers of ``nbytes`` to
+    the next)."""
     ranks = np.array(members, dtype=np.int64)
     if kind == "send_recv":
-        op = SendRecv(phase="relayout", src_N=ranks, dst_N=np.roll(ranks, -1),
-                      bytes_N=np.full(len(ranks), float(nbytes)))
+        op = SendRecv(phase="relayout", src_N=np.tile(ranks, transfers),
+                      dst_N=np.tile(np.roll(ranks, -1), transfers),
+                      bytes_N=np.full(len(ranks) * transfers, float(nbytes)))
     else:
         extra = {"roots_G": ranks[:1]} if kind in ("broadcast", "reduce") else {}
         op = GROUP_KINDS[kind](phase="grad_sync", groups=(ranks,),
@@ -249,8 +387,8 @@ def bench_collectives(model: ModelSpec, rank: int, world: int, hb: Heartbeat, re
     After a barrier every rank computes for ``busy_s + r · stagger_s`` (members arrive one
     after another, and a blocked rank is woken as in a run), then runs the op; the time is
     ``max end − max arrival`` over the members (the executor's collective busy time after its
-    straggler alignment), median over ``reps``. The token all-to-all runs two all-to-alls per
-    call (dispatch + combine): its time is halved."""
+    straggler alignment), median over ``reps``. The token all-to-all runs two all-to-alls
+    per call (dispatch + combine): its time is halved."""
     ex = RankExecutor(model, rank, world, _dev())
     members_of = {n: list(range(n)) for n in range(2, world + 1)}
     ex.groups.ensure(SimpleNamespace(num_ranks=world, ops=[AllReduce(
@@ -261,6 +399,8 @@ def bench_collectives(model: ModelSpec, rank: int, world: int, hb: Heartbeat, re
     for n, members in members_of.items():
         group = ex.groups.get(tuple(members))
         for kind in KINDS:
+            if kind == "send_recv":
+                continue
             for nbytes in SIZES:
                 hb.beat()
                 fn = None
@@ -270,6 +410,12 @@ def bench_collectives(model: ModelSpec, rank: int, world: int, hb: Heartbeat, re
                 t = _time_collective(fn, reps, busy_s, stagger_s, work)
                 rows.append({"kind": kind, "n": n, "bytes": nbytes,
                              "t": t / 2 if kind == "all_to_all" else t})
+    for k in SEND_RECV_TRANSFERS:  # "n": transfers per rank, "bytes": what each rank sends
+        for nbytes in SIZES:
+            hb.beat()
+            fn = _compiled(ex, "send_recv", nbytes, list(range(world)), k)
+            rows.append({"kind": "send_recv", "n": k, "bytes": k * nbytes,
+                         "t": _time_collective(fn, reps, busy_s, stagger_s, work)})
     return rows
 
 
@@ -277,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moesim.executor.calibrate_bench", description=__doc__)
     p.add_argument("--model", default="tiny-cpu")
     p.add_argument("--out", required=True)
-    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--reps", type=int, default=15)
     p.add_argument("--heartbeat-dir", default=None)
     args = p.parse_args(argv)
     rank, world = init_distributed(300.0)
@@ -285,9 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model)
     compute = bench_expert(model, world)
     hb.beat(force=True)
-    compute += bench_gemm(model) + bench_memory(model)
+    compute += bench_gemm(model) + bench_standin(model, rank, world) + bench_memory(model)
     hb.beat(force=True)
     concurrency = bench_concurrency(model, world)
+    overhead = bench_op_overhead(model, rank, world, hb)
     coll = bench_collectives(model, rank, world, hb, args.reps)
     if rank == 0:
         meta = {"world_size": world, "cpu_count": os.cpu_count(), "backend": dist.get_backend(),
@@ -295,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                 "model": model.name, "compute_concurrent": True,
                 "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
         Path(args.out).write_text(json.dumps({"compute": compute, "collectives": coll,
-                                              "concurrency": concurrency, "meta": meta}))
+                                              "concurrency": concurrency,
+                                              "op_overhead": overhead, "meta": meta}))
     dist.barrier()
     dist.destroy_process_group()
     return 0

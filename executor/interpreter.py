@@ -13,9 +13,11 @@ orders the collectives). What each op does:
   buffer of its ``bytes_RR``;
 - ``Compute(phase="optimizer")`` — Adam on this rank's slot parameters (real tensors);
 - other ``Compute`` (attention, router, dense) — a documented stand-in, since the MoE layer is
-  the object of study: real GEMM work of the op's FLOPs, as expert-shaped FFN forwards on ``m`` =
-  tokens-per-rank rows (the GEMM shape the cost model assumes for dense work, so one efficiency
-  curve serves both);
+  the object of study: real GEMM work of the op's FLOPs, as expert-shaped FFN forwards done the
+  way an expert slot does them (row gather, FFN, row scatter) on equal blocks of at most
+  ``m`` = tokens-per-rank rows (the GEMM shape the cost model assumes for dense work);
+  ``moesim calibrate`` times this stand-in and writes the profile's ``dense_gemm_eff_curve``,
+  so the simulator prices exactly this workload;
 - ``AllReduce / AllGather / ReduceScatter / Broadcast / Reduce`` — over each op group's process
   group, moving the expert tensors named by ``experts_G`` (parameters; gradients in phase
   ``grad_sync``), or a buffer of ``bytes_G`` for dense (``-1``) or unnamed groups;
@@ -262,9 +264,10 @@ class RankExecutor:
         return self._standin(float(np.asarray(op.flops_R)[self.rank]))
 
     def _standin(self, flops: float) -> Callable[[], None]:
-        """Stand-in compute of ``flops`` on ``m`` = tokens-per-rank rows (the GEMM shape the
-        cost model assumes for dense work): expert-shaped FFN forwards, as many as the FLOPs
-        need (the last on fewer rows); work smaller than one FFN row-block (the router) is one
+        """Stand-in compute of ``flops`` (see the module docstring): expert-shaped FFN forwards
+        over ``ceil(rows / m)`` equal blocks of rows (``m`` = tokens per rank, the GEMM shape
+        the cost model assumes for dense work), each gathered, run and scattered as an expert
+        slot's rows are; work smaller than one FFN row-block (the router) is one
         ``[m, H] @ [H, n]`` matmul."""
         m, h = max(1, self.model.tokens_per_rank), self.model.hidden_size
         x = self._buffer(("mm_x", m), (m, h), randn=True)
@@ -276,12 +279,17 @@ class RankExecutor:
                                                                                  (m, n))
             return lambda: torch.matmul(x, b, out=out)
         w = self._buffer(("mm_w",), (self.model.params_per_expert,), randn=True)
+        y = self._buffer(("mm_y", m), (m, h))
         rows = int(round(flops / self.model.expert_flops_per_token))
-        blocks = [x[:min(m, rows - k)] for k in range(0, rows, m)]
+        blocks = -(-rows // m)
+        sizes = [rows // blocks + (1 if b < rows % blocks else 0) for b in range(blocks)]
+        idx = [torch.arange(k, device=self.device) for k in sorted(set(sizes))]
+        picks = [idx[sorted(set(sizes)).index(k)] for k in sizes]
 
         def work() -> None:
-            for xb in blocks:
-                ffn_forward(xb, w, self.model)
+            for rows_b in picks:
+                yb, _ = ffn_forward(x.index_select(0, rows_b), w, self.model)
+                y.index_copy_(0, rows_b, yb)
         return work
 
     def _optimizer_step(self, numel: int) -> None:

@@ -5,7 +5,11 @@ For every (trace, world size, policy) of the grid, on the same trace slice:
 1. the trace is fitted to the run (:func:`prepare_trace`) and saved, so both backends read the
    same file;
 2. the executor runs it (:func:`moesim.executor.launch.launch`, ``moesim run``'s path) →
-   ``<out>/<config>/measured``;
+   ``<out>/<config>/measured`` (and ``measured-2`` … with ``--repeats``), after ``--warmup``
+   untimed runs of the first iteration; with repeats every measured quantity is the median over
+   them, iteration by iteration (one-off preemption by other processes is not the program's
+   time); ``--quiet-wait-s`` first waits for other processes to leave the CPUs idle
+   (:func:`wait_for_quiet`);
 3. the simulator runs it with the calibrated profile (``--profile``, a cluster TOML from
    ``moesim calibrate``, reshaped to one node × world size as the executor's ranks see it)
    → ``<out>/<config>/predicted``; both runs carry the same config, so ``moesim report`` pairs
@@ -25,6 +29,9 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-cpu")
     p.add_argument("--iterations", default="0:4", metavar="A:B")
     p.add_argument("--out", required=True, help="directory for runs, table and figure")
+    p.add_argument("--repeats", type=int, default=1, help="executor runs per configuration; "
+                   "measured times are the median over them")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs of the first iteration")
+    p.add_argument("--quiet-wait-s", type=float, default=0.0, help="before each executor run, "
+                   "wait up to this long for other processes to leave the CPUs idle")
     p.add_argument("--hang-timeout-s", type=float, default=120.0)
     p.set_defaults(func=run_validate)
 
@@ -133,6 +145,41 @@ def load_named_trace(name: str, world: int, model: ModelSpec, iterations: int):
     return trace
 
 
+# -- a quiet machine ---------------------------------------------------------------------------
+
+
+def _busy_cores(window_s: float) -> float:
+    """CPU cores busy (all processes) over ``window_s``, from ``/proc/stat``."""
+    def sample() -> tuple[float, float]:
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+    t0, i0 = sample()
+    time.sleep(window_s)
+    t1, i1 = sample()
+    cores = os.cpu_count() or 1
+    return cores * (1.0 - (i1 - i0) / max(t1 - t0, 1e-9))
+
+
+def wait_for_quiet(max_wait_s: float, busy_limit: float = 0.35, window_s: float = 0.5
+                   ) -> float:
+    """Wait until the machine is quiet — fewer than ``busy_limit`` cores busy over two
+    consecutive ``window_s`` windows — or ``max_wait_s`` passed; returns the seconds waited
+    (measurements of a CPU run on a machine other jobs share are only comparable when taken
+    while those jobs are idle). No-op where ``/proc/stat`` is missing or ``max_wait_s <= 0``."""
+    if max_wait_s <= 0 or not Path("/proc/stat").exists():
+        return 0.0
+    start = time.monotonic()
+    while time.monotonic() - start < max_wait_s:
+        if _busy_cores(window_s) < busy_limit and _busy_cores(window_s) < busy_limit:
+            break
+        time.sleep(1.0)
+    waited = time.monotonic() - start
+    if waited >= max_wait_s:
+        print(f"note: the machine did not become quiet within {max_wait_s:.0f} s; measuring "
+              "anyway", file=sys.stderr, flush=True)
+    return waited
+
+
 # -- one configuration -----------------------------------------------------------------------
 
 
@@ -171,16 +218,21 @@ def run_config(trace_path: Path, trace_name: str, spec: str, world: int, args,
     cluster = resolve_cluster(args.profile, world, cuda=False)  # as the executor's ranks do
     trace = load_trace(trace_path)
     start, stop = parse_iterations(args.iterations, trace.num_iterations)
-    measured, predicted = out / "measured", out / "predicted"
-    argv = ["--trace", str(trace_path), "--model", args.model, "--policy", name,
-            "--cluster", str(args.profile), "--iterations", f"{start}:{stop}",
-            "--out", str(measured), "--timeline", "first"]
-    for k in knobs:
-        argv += ["--knob", k]
-    launch(argv, world, measured, hang_timeout_s=args.hang_timeout_s)
+    predicted = out / "predicted"
+    repeats = max(1, int(getattr(args, "repeats", 1)))
+    measured = [out / ("measured" if i == 0 else f"measured-{i + 1}") for i in range(repeats)]
+    for i, run_dir in enumerate(measured):
+        argv = ["--trace", str(trace_path), "--model", args.model, "--policy", name,
+                "--cluster", str(args.profile), "--iterations", f"{start}:{stop}",
+                "--out", str(run_dir), "--timeline", "first" if i == 0 else "none",
+                "--warmup", str(getattr(args, "warmup", 2))]
+        for k in knobs:
+            argv += ["--knob", k]
+        wait_for_quiet(float(getattr(args, "quiet_wait_s", 0.0)))
+        launch(argv, world, run_dir, hang_timeout_s=args.hang_timeout_s)
     simulate(trace_path, load_model(args.model), cluster, policy, iterations=(start, stop),
              out_dir=predicted, timeline_iterations=[start], progress=False)
-    comp = compare_runs(load_run(predicted), load_run(measured))
+    comp = compare_runs(load_run(predicted), [load_run(m) for m in measured])
     return ConfigResult(out.name, trace_name, spec, world, comp)
 
 

@@ -125,7 +125,7 @@ def _planned(args: argparse.Namespace, world: int, cuda: bool):
     """Rank 0's side of a run: model, cluster, config and the iterator of planned iterations."""
     from moesim.executor.plan import iteration_programs, parse_iterations
     from moesim.policies import make_policy
-    from moesim.simulate import _fit_model, _fit_trace
+    from moesim.simulate import fit_inputs
     from moesim.specs import load_model
     from moesim.traces.io import load_trace
 
@@ -135,8 +135,8 @@ def _planned(args: argparse.Namespace, world: int, cuda: bool):
         raise MoesimError(f"trace {args.trace} has {trace.meta.num_ranks} ranks but the run has "
                           f"{world}; change --world-size or regroup the trace "
                           "(moesim.executor.validate.prepare_trace)")
-    trace = _fit_like_simulator(_fit_trace, trace, cluster, args.seed)
-    model = _fit_model(load_model(args.model), trace)  # as the simulator: same trace and model
+    # the simulator's own fitting, so both backends see the same tokens per rank and passes
+    trace, model = fit_inputs(trace, load_model(args.model), cluster, args.seed)
     knobs = parse_knobs(args.knob)
     policy = make_policy(args.policy, knobs)
     start, stop = parse_iterations(args.iterations, trace.num_iterations)
@@ -144,16 +144,6 @@ def _planned(args: argparse.Namespace, world: int, cuda: bool):
     items = iteration_programs(trace.counts_TLRE, trace.meta.micro_batches_per_iteration,
                                policy, model, cluster, start, stop, args.seed)
     return model, config, items
-
-
-def _fit_like_simulator(fit_trace, trace, cluster, seed: int):
-    """Call the simulator's trace fitting (its signature gained a ``seed`` once; accept
-    both)."""
-    import inspect
-
-    if len(inspect.signature(fit_trace).parameters) >= 3:
-        return fit_trace(trace, cluster, seed)
-    return fit_trace(trace, cluster)
 
 
 def _next_item(items) -> object:

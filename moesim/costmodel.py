@@ -12,6 +12,10 @@ Compute (``Compute``), multiplied by ``hardware.cores_shared_by`` (CPU ranks sha
 - anything else: ``max(bytes / mem_bw, flops / (peak · eff)) + launch`` with ``eff =
   eff(gemm_rows)`` for GEMM-shaped work and ``elementwise_eff`` otherwise.
 
+``eff`` is ``hardware.gemm_eff_curve``; expert backward passes use
+``backward_gemm_eff_curve`` and non-expert GEMM-shaped work ``dense_gemm_eff_curve`` where the
+profile has them (calibrated CPU profiles do; the GPU presets use one curve).
+
 Collectives follow nccl-tests' definitions (``doc/PERFORMANCE.md`` in NVIDIA/nccl-tests): for a
 collective of size ``S`` bytes taking ``t``, ``algbw = S / t`` and ``busbw = algbw · factor``
 with factor ``2(n−1)/n`` for all-reduce, ``(n−1)/n`` for all-gather, reduce-scatter and
@@ -25,7 +29,9 @@ level), and ``latency = hardware.collective_latency_s + level.latency_s``. Group
 cost nothing. A level may give one collective kind its own ``busbw`` and ``latency``
 (``LinkLevel.per_kind``: ``all_to_all``, ``all_reduce``, ``all_gather``, ``reduce_scatter``,
 ``broadcast``, ``reduce``, ``send_recv``); they replace the level's for ops of that kind only,
-and the bus factors still apply.
+and the bus factors still apply. A per-kind entry may add ``latency_per_peer_s`` per member
+beyond the first (``latency + (n − 1) · latency_per_peer``); for send/recv ``n`` is the rank's
+number of transfers (the larger of its sends and receives; gloo pays per message).
 
 All-to-all from its bytes matrix ``B[K, K]``: per rank, bytes out and in over NVLink
 (same-node peers) and over the NIC (other nodes), self-traffic free; rank time =
@@ -36,6 +42,9 @@ peers, so ``t = S(n−1)/n / busbw``, i.e. ``busbw = (S/t)·(n−1)/n = algbw·(
 
 ``SendRecv``: per rank, the same four directions over its own transfers. ``HostCompute``:
 ``bytes / host_optimizer_GBps``. ``HostCopy``: ``host.latency + bytes / host.bw`` (PCIe).
+
+Every op's duration gets ``hardware.op_overhead_s`` on top (0 in the GPU presets; the CPU
+executor's per-op interpreter time in a calibrated CPU profile).
 """
 
 from __future__ import annotations
@@ -97,28 +106,36 @@ class CostModel:
         curve = self.hw.gemm_eff_curve
         self._log2_m = np.log2([p[0] for p in curve])
         self._eff = np.array([p[1] for p in curve])
-        bwd = self.hw.backward_gemm_eff_curve or curve
-        self._bwd_log2_m = np.log2([p[0] for p in bwd])
-        self._bwd_eff = np.array([p[1] for p in bwd])
+        self._curves = {name: (np.log2([p[0] for p in c]), np.array([p[1] for p in c]))
+                        for name, c in (("bwd", self.hw.backward_gemm_eff_curve or curve),
+                                        ("dense", self.hw.dense_gemm_eff_curve or curve))}
         self._links = {kind: self._link_arrays(kind) for kind in ("", *_KIND.values())}
 
-    def _link_arrays(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(bw [bytes/s], latency [s])`` of ``kind``, each ``[2]``: intra, inter level."""
+    def _link_arrays(self, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(bw [bytes/s], latency [s], latency per peer [s])`` of ``kind``, each ``[2]``:
+        intra, inter level."""
         c = self.cluster
         (bi, li), (bo, lo) = c.intra.for_kind(kind), c.inter.for_kind(kind)
-        return np.array([bi, bo]) * GB, self.hw.collective_latency_s + np.array([li, lo])
+        per_peer = np.array([c.intra.latency_per_peer_s(kind), c.inter.latency_per_peer_s(kind)])
+        return (np.array([bi, bo]) * GB, self.hw.collective_latency_s + np.array([li, lo]),
+                per_peer)
 
-    def efficiency(self, m: np.ndarray, backward: bool = False) -> np.ndarray:
-        """``hardware.gemm_efficiency`` with the curve's arrays built once (``backward``: the
-        expert-backward curve, which defaults to the forward one)."""
-        if backward:
-            return np.interp(np.log2(np.maximum(m, 1.0)), self._bwd_log2_m, self._bwd_eff)
-        return np.interp(np.log2(np.maximum(m, 1.0)), self._log2_m, self._eff)
+    def efficiency(self, m: np.ndarray, curve: str = "") -> np.ndarray:
+        """``hardware.gemm_efficiency`` with the curve's arrays built once; ``curve``
+        ``"bwd"`` / ``"dense"`` picks the expert-backward / non-expert curve (each defaults to
+        the forward one)."""
+        xs, ys = self._curves[curve] if curve else (self._log2_m, self._eff)
+        return np.interp(np.log2(np.maximum(m, 1.0)), xs, ys)
 
     # -- dispatch ---------------------------------------------------------------------------
     def duration(self, op: Op) -> np.ndarray:
         """Seconds: ``[R]`` for per-rank ops (compute, host, send/recv), ``[G]`` per group of
-        a group collective, ``[1]`` for an all-to-all (its slowest rank)."""
+        a group collective, ``[1]`` for an all-to-all (its slowest rank); plus
+        ``hardware.op_overhead_s`` where it is set."""
+        t = self._work(op)
+        return t + self.hw.op_overhead_s if self.hw.op_overhead_s > 0 else t
+
+    def _work(self, op: Op) -> np.ndarray:
         if isinstance(op, Compute):
             return self.compute(op)
         if isinstance(op, HostCompute):
@@ -157,7 +174,8 @@ class CostModel:
         if op.gemm_tokens_RS is not None:
             t = self._expert_gemms(op)
         else:
-            eff = self.efficiency(op.gemm_rows) if op.gemm_rows > 0 else hw.elementwise_eff
+            eff = (self.efficiency(op.gemm_rows, "dense") if op.gemm_rows > 0
+                   else hw.elementwise_eff)
             t = np.maximum(np.asarray(op.bytes_R, dtype=np.float64) / (hw.mem_bw_GBps * GB),
                            np.asarray(op.flops_R, dtype=np.float64) / (hw.peak_flops * eff))
             t = t + hw.launch_s
@@ -173,16 +191,19 @@ class CostModel:
             active_R = np.maximum((m_RS > 0).sum(axis=1), 1)
             w = float(np.max(np.asarray(op.bytes_R) / (p * active_R)))
             f = float(np.asarray(op.flops_R).sum() / max(p * m_RS.sum(), 1.0))
-        flop_t = p * m_RS * f / (hw.peak_flops * self.efficiency(m_RS, backward=p >= 2))
+        flop_t = p * m_RS * f / (hw.peak_flops * self.efficiency(m_RS, "bwd" if p >= 2 else ""))
         slot_t = np.maximum(p * w / (hw.mem_bw_GBps * GB), flop_t) + hw.launch_s
         return np.where(m_RS > 0, slot_t, 0.0).sum(axis=1)
 
     # -- collectives ------------------------------------------------------------------------
-    def _latency(self, spans_nodes: np.ndarray | bool, kind: str = "") -> np.ndarray:
-        """Fixed seconds of a ``kind`` collective: the inter-node level's where it spans
-        nodes, else the intra-node level's (per-kind values where the level has them)."""
-        lat = self._links[kind][1]
-        return np.where(spans_nodes, lat[1], lat[0])
+    def _latency(self, spans_nodes: np.ndarray | bool, kind: str = "",
+                 members: np.ndarray | int = 2) -> np.ndarray:
+        """Fixed seconds of a ``kind`` collective of ``members`` ranks: the inter-node
+        level's where it spans nodes, else the intra-node level's (per-kind values where the
+        level has them, with their per-peer term)."""
+        _, lat, per_peer = self._links[kind]
+        n1 = np.asarray(members) - 1
+        return np.where(spans_nodes, lat[1] + per_peer[1] * n1, lat[0] + per_peer[0] * n1)
 
     def group_collective(self, op: GroupCollective) -> np.ndarray:
         """Seconds per group: ``[G]``."""
@@ -193,9 +214,10 @@ class CostModel:
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         nodes = self.node_R[members]
         spans = np.maximum.reduceat(nodes, starts) != np.minimum.reduceat(nodes, starts)
-        bw_L, lat_L = self._links[collective_kind(op)]
-        bw, lat = np.where(spans, bw_L[1], bw_L[0]), np.where(spans, lat_L[1], lat_L[0])
-        t = lat + bus_factor(op, sizes) * np.asarray(op.bytes_G, float) / bw
+        kind = collective_kind(op)
+        bw = np.where(spans, self._links[kind][0][1], self._links[kind][0][0])
+        t = self._latency(spans, kind, sizes) + bus_factor(op, sizes) \
+            * np.asarray(op.bytes_G, float) / bw
         return np.where(sizes > 1, t, 0.0)
 
     def all_to_all(self, bytes_KK: np.ndarray, ranks: np.ndarray | None = None) -> float:
@@ -203,7 +225,7 @@ class CostModel:
         t_K, spans = self.all_to_all_ranks(bytes_KK, ranks)
         if len(t_K) <= 1:
             return 0.0
-        return float(t_K.max() + self._latency(spans, "all_to_all"))
+        return float(t_K.max() + self._latency(spans, "all_to_all", len(t_K)))
 
     def all_to_all_ranks(self, bytes_KK: np.ndarray, ranks: np.ndarray | None = None
                          ) -> tuple[np.ndarray, bool]:
@@ -230,8 +252,11 @@ class CostModel:
         bw = self._links["send_recv"][0]
         t = np.maximum(np.maximum(io[0], io[1]) / bw[0], np.maximum(io[2], io[3]) / bw[1])
         busy = np.bincount(np.concatenate([src[keep], dst[keep]]), minlength=R) > 0
+        transfers = np.maximum(np.bincount(src[keep], minlength=R),
+                               np.bincount(dst[keep], minlength=R))
         return np.where(busy, t + self._latency(np.bincount(np.concatenate(
-            [src[keep & cross], dst[keep & cross]]), minlength=R) > 0, "send_recv"), 0.0)
+            [src[keep & cross], dst[keep & cross]]), minlength=R) > 0, "send_recv", transfers),
+            0.0)
 
 
 def _intra_inter_io(B: np.ndarray, nodes_K: np.ndarray | None, gpus_per_node: int

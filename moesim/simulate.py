@@ -376,8 +376,6 @@ def fit_model(model: ModelSpec, trace: RoutingTrace) -> ModelSpec:
                          micro_batches=meta.micro_batches_per_iteration)
 
 
-_fit_trace = fit_trace  # old private names, kept for callers that still use them
-_fit_model = fit_model
 
 
 def _iterations(iterations: Any, available: int) -> list[int]:

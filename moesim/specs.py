@@ -200,14 +200,18 @@ COLLECTIVE_KINDS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter", 
 @dataclass(frozen=True, kw_only=True)
 class CollectiveLink:
     """One collective kind's own bus bandwidth and latency on a link level (see
-    :attr:`LinkLevel.per_kind`)."""
+    :attr:`LinkLevel.per_kind`). ``latency_per_peer_s`` (optional) adds latency per member
+    beyond the first: a group of ``n`` pays ``latency_s + (n − 1) · latency_per_peer_s``
+    (gloo's ring steps on oversubscribed CPUs); for ``send_recv`` ``n`` is a rank's number of
+    transfers (gloo pays per message)."""
 
     bw_GBps: float
     latency_s: float
+    latency_per_peer_s: float = 0.0
 
     def __post_init__(self) -> None:
         _positive(self, "bw_GBps")
-        _non_negative(self, "latency_s")
+        _non_negative(self, "latency_s", "latency_per_peer_s")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,6 +240,11 @@ class LinkLevel:
         return (self.bw_GBps, self.latency_s) if link is None else (link.bw_GBps,
                                                                      link.latency_s)
 
+    def latency_per_peer_s(self, kind: str) -> float:
+        """Extra latency per group member beyond the first for ``kind`` (0 unless given)."""
+        link = self.per_kind.get(kind)
+        return 0.0 if link is None else link.latency_per_peer_s
+
 
 def _per_kind(table: Any, level: LinkLevel) -> dict[str, CollectiveLink]:
     """Validate ``LinkLevel.per_kind``: known kind names; tables filled from the level."""
@@ -250,11 +259,13 @@ def _per_kind(table: Any, level: LinkLevel) -> dict[str, CollectiveLink]:
         if isinstance(value, CollectiveLink):
             out[kind] = value
             continue
-        if not isinstance(value, dict) or set(value) - {"bw_GBps", "latency_s"}:
-            raise MoesimError(f"LinkLevel.per_kind.{kind} must be a table with bw_GBps and/or "
-                              f"latency_s, got {value!r}")
+        if not isinstance(value, dict) or set(value) - {"bw_GBps", "latency_s",
+                                                        "latency_per_peer_s"}:
+            raise MoesimError(f"LinkLevel.per_kind.{kind} must be a table with bw_GBps, "
+                              f"latency_s and/or latency_per_peer_s, got {value!r}")
         out[kind] = CollectiveLink(bw_GBps=value.get("bw_GBps", level.bw_GBps),
-                                   latency_s=value.get("latency_s", level.latency_s))
+                                   latency_s=value.get("latency_s", level.latency_s),
+                                   latency_per_peer_s=value.get("latency_per_peer_s", 0.0))
     return out
 
 
@@ -274,7 +285,12 @@ class HardwareProfile:
     concurrent compute slows down by that factor. ``backward_gemm_eff_curve`` (optional, same
     form) is ``eff(m)`` of expert backward passes (dgrad + wgrad, ``gemm_passes = 2``) where it
     differs from the forward's (measured on CPU: backward is 2.4–4× a forward, not 2×); empty
-    means the forward curve serves both.
+    means the forward curve serves both. ``dense_gemm_eff_curve`` (optional) likewise prices
+    GEMM-shaped work outside the experts (attention, router: ``Compute`` ops with
+    ``gemm_rows``), e.g. the CPU executor's stand-in for attention; empty means the forward
+    curve. ``op_overhead_s`` is host time a rank spends per op
+    outside the op itself (the CPU executor's interpreter loop between ops, ~10 µs); it is
+    added to every op's duration. 0 for GPUs, whose per-kernel cost is ``launch_s``.
     """
 
     name: str
@@ -288,6 +304,8 @@ class HardwareProfile:
     collective_latency_s: float = 10e-6
     cores_shared_by: float = 1.0
     backward_gemm_eff_curve: tuple[tuple[float, float], ...] = ()
+    dense_gemm_eff_curve: tuple[tuple[float, float], ...] = ()
+    op_overhead_s: float = 0.0
     description: str = ""
     source: str = ""
 
@@ -295,16 +313,14 @@ class HardwareProfile:
         _text(self, "name", "description", "source")
         _positive(self, "peak_flops", "mem_bw_GBps", "host_optimizer_GBps", "elementwise_eff",
                   "cores_shared_by")
-        _non_negative(self, "launch_s", "collective_latency_s")
+        _non_negative(self, "launch_s", "collective_latency_s", "op_overhead_s")
         if self.elementwise_eff > 1:
             raise MoesimError(f"HardwareProfile.elementwise_eff must be in (0, 1], got "
                               f"{self.elementwise_eff!r}")
         object.__setattr__(self, "gemm_eff_curve", _eff_curve(self.gemm_eff_curve))
-        if len(self.backward_gemm_eff_curve):
-            object.__setattr__(self, "backward_gemm_eff_curve",
-                               _eff_curve(self.backward_gemm_eff_curve))
-        else:
-            object.__setattr__(self, "backward_gemm_eff_curve", ())
+        for name in ("backward_gemm_eff_curve", "dense_gemm_eff_curve"):
+            curve = getattr(self, name)
+            object.__setattr__(self, name, _eff_curve(curve) if len(curve) else ())
 
     def gemm_efficiency(self, m: np.ndarray | float) -> np.ndarray:
         """Fraction of peak FLOP/s a GEMM with ``m`` rows reaches (vectorised)."""
@@ -513,12 +529,14 @@ def load_cluster(name_or_path: str | Path) -> Cluster:
 
 def spec_to_dict(spec: Any) -> dict[str, Any]:
     """A JSON-ready dict of any of the spec dataclasses (nested ones included); optional
-    tables left empty (a link level's ``per_kind``, the hardware's ``backward_gemm_eff_curve``)
-    are omitted, so a spec without them reads as it did before they existed."""
+    fields left at their empty default (a link level's ``per_kind``, the hardware's
+    ``backward_gemm_eff_curve``, ``dense_gemm_eff_curve`` and ``op_overhead_s``) are omitted,
+    so a spec without them reads as it did before they existed."""
     return _drop_empty(dataclasses.asdict(spec))
 
 
-_OPTIONAL_EMPTY = ("per_kind", "backward_gemm_eff_curve")
+_OPTIONAL_EMPTY = ("per_kind", "backward_gemm_eff_curve", "dense_gemm_eff_curve",
+                   "op_overhead_s")
 
 
 def _drop_empty(obj: Any) -> Any:

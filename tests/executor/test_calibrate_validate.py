@@ -13,6 +13,8 @@ from moesim.ops import PHASES
 from moesim.results import IterationRecord, RunWriter, load_run
 from moesim.specs import load_cluster, load_model
 
+AG_ALPHA, AG_BUSBW = 1.4e-3, 0.5e9
+
 
 def _raw(model, alpha=2e-4, busbw=1.5e9, peak=5e10):
     rng = np.random.default_rng(0)
@@ -20,9 +22,13 @@ def _raw(model, alpha=2e-4, busbw=1.5e9, peak=5e10):
     for m in (1, 4, 16, 64, 256, 1024):
         for passes in (1, 2):
             f = passes * m * model.expert_flops_per_token
-            eff = m / (m + 20.0)
+            eff = m / (m + 20.0) / (1.0 if passes == 1 else 1.5)  # backward: 3x a forward
             compute.append({"kind": "expert", "m": m, "passes": passes, "flops": f,
                             "bytes": 1.0, "t": 3e-6 + f / (peak * eff)})
+    T = model.tokens_per_rank  # the stand-in runs at 60% of peak
+    compute += [{"kind": "standin", "name": "dense_fwd", "rows": T, "flops": 1e7,
+                 "t": 3e-6 + 1e7 / (0.6 * peak)},
+                {"kind": "standin", "name": "router", "rows": T, "flops": 1e4, "t": 1e-5}]
     for numel in (2**14, 2**18):
         compute += [{"kind": "adam", "numel": numel, "t": numel * 24 / 8e9},
                     {"kind": "host_adam", "numel": numel, "t": numel * 8 / 3e9},
@@ -32,6 +38,10 @@ def _raw(model, alpha=2e-4, busbw=1.5e9, peak=5e10):
         for nbytes in (4096, 65536, 1 << 20, 4 << 20):
             t = (alpha + factor * nbytes / busbw) * (1 + 0.01 * rng.standard_normal())
             coll.append({"kind": kind, "n": 2, "bytes": nbytes, "t": t})
+    for n in (2, 4):  # gloo-like all-gather: a larger fixed cost, its own bandwidth
+        for nbytes in (4096, 65536, 1 << 20, 4 << 20):
+            coll.append({"kind": "all_gather", "n": n, "bytes": nbytes,
+                         "t": AG_ALPHA + (n - 1) / n * nbytes / AG_BUSBW})
     meta = {"world_size": 2, "cpu_count": 1, "backend": "gloo", "torch": "x", "model": "tiny"}
     return {"compute": compute, "collectives": coll, "meta": meta}
 
@@ -48,14 +58,88 @@ def test_profile_fit_and_toml_round_trip(tmp_path):
     raw = _raw(model)
     fit = fit_profile(raw, model)
     coll = fit["collectives"]
-    assert coll["alpha_s"] == pytest.approx(2e-4, rel=0.1)
-    assert coll["busbw_GBps"] == pytest.approx(1.5, rel=0.1)
+    a2a = coll["per_kind"]["all_to_all"]
+    assert a2a["alpha_s"] == pytest.approx(2e-4, rel=0.1)
+    assert a2a["busbw_GBps"] == pytest.approx(1.5, rel=0.1)
+    ag = coll["per_kind"]["all_gather"]  # fitted on its own, over both group sizes
+    assert ag["alpha_s"] + ag["alpha_peer_s"] == pytest.approx(AG_ALPHA, rel=1e-6)
+    assert ag["busbw_GBps"] == pytest.approx(AG_BUSBW / 1e9, rel=1e-6)
     assert fit["mem_bw_GBps"] == pytest.approx(8.0, rel=0.05)
-    assert fit["compute"]["mape_pct"] < 20
+    assert fit["compute"]["mape_pct"] < 1e-6  # forward and backward curves tabulated
     cluster = load_cluster(write_profile(fit, raw["meta"], tmp_path / "cal.toml"))
     assert cluster.world_size == 2 and cluster.intra.bw_GBps == pytest.approx(
         coll["busbw_GBps"])
-    assert cluster.hardware.cores_shared_by == 2.0  # 2 ranks on 1 CPU
+    assert cluster.intra.for_kind("all_gather")[0] == pytest.approx(AG_BUSBW / 1e9, rel=1e-6)
+    assert cluster.hardware.cores_shared_by == 2.0  # 2 ranks on 1 CPU, single-rank raw file
+    assert cluster.hardware.backward_gemm_eff_curve
+    raw["meta"]["compute_concurrent"] = True  # measured with all ranks at once: already in
+    fit = fit_profile(raw, model)
+    cluster = load_cluster(write_profile(fit, raw["meta"], tmp_path / "cal2.toml"))
+    assert cluster.hardware.cores_shared_by == 1.0
+
+
+def test_calibrated_profile_reproduces_the_measurements(tmp_path):
+    """The cost model with the written profile gives back the benchmark times it was fitted
+    on: per-slot expert forward and backward, and each collective kind at its own α."""
+    from moesim.costmodel import CostModel
+    from moesim.ops import AllGather, AllReduce, Compute
+
+    model = load_model("tiny-cpu")
+    raw = _raw(model)
+    raw["meta"]["compute_concurrent"] = True
+    cluster = load_cluster(write_profile(fit_profile(raw, model), raw["meta"],
+                                         tmp_path / "cal.toml")).with_shape(1, 4)
+    cm = CostModel(cluster)
+    for row in raw["compute"]:
+        if row["kind"] != "expert":
+            continue
+        op = Compute(phase="expert", kind="expert_ffn", gemm_passes=row["passes"],
+                     gemm_tokens_RS=np.array([[row["m"]]] * 4), flops_R=np.zeros(4),
+                     bytes_R=np.zeros(4), weight_bytes=model.expert_weight_bytes,
+                     flops_per_token=model.expert_flops_per_token)
+        assert cm.duration(op)[0] == pytest.approx(row["t"], rel=1e-6)
+    dense = Compute(phase="dense", kind="attention", gemm_rows=model.tokens_per_rank,
+                    flops_R=np.full(4, 1e7), bytes_R=np.zeros(4))
+    assert cm.duration(dense)[0] == pytest.approx(3e-6 + 1e7 / (0.6 * 5e10), rel=1e-3)
+    groups = (np.arange(4),)
+    ag = cm.duration(AllGather(phase="optimizer", groups=groups, bytes_G=np.array([1e6])))
+    assert ag[0] == pytest.approx(AG_ALPHA + 0.75 * 1e6 / AG_BUSBW, rel=1e-6)
+    ar = cm.duration(AllReduce(phase="grad_sync", groups=groups, bytes_G=np.array([1e6])))
+    assert ar[0] < ag[0]  # the all-reduce keeps its own (smaller) fixed cost
+
+
+def test_compare_runs_takes_the_median_of_repeats(tmp_path):
+    pred = _run(tmp_path / "p", "simulator", [0.010, 0.010], 1.0)
+    reps = [_run(tmp_path / f"m{i}", "executor", steps, 1.0) for i, steps in
+            enumerate([[0.010, 0.011], [0.030, 0.010], [0.010, 0.012]])]
+    comp = compare_runs(pred, reps)
+    np.testing.assert_allclose(comp.step.measured_I, [0.010, 0.011])
+    assert comp.step.mape_pct == pytest.approx(100 * (0 + 1 / 11) / 2)
+
+
+def test_executor_plan_uses_the_simulator_seam():
+    """plan.iteration_programs decides with simulate's public helpers: same decisions."""
+    from moesim import simulate as sim
+    from moesim.executor.plan import fit_run_inputs, iteration_programs
+    from moesim.executor.validate import load_named_trace
+    from moesim.policies import make_policy
+    from moesim.specs import load_cluster
+
+    model = load_model("tiny-cpu")
+    cluster = load_cluster("cpu-gloo-4").with_shape(1, 2)
+    trace, model = fit_run_inputs(load_named_trace("synth", 2, model, 3), model, cluster, 0)
+    policy = make_policy("swiftmoe", {"slots_per_rank": "5"})
+    planned = list(iteration_programs(trace.counts_TLRE, trace.meta.micro_batches_per_iteration,
+                                      policy, model, cluster, 0, 3, seed=0))
+    previous = None
+    for item in planned:
+        decision, counts = sim.decide_iteration(policy, trace.counts_TLRE,
+                                                trace.meta.micro_batches_per_iteration,
+                                                item.iteration, previous, model, cluster, 0)
+        np.testing.assert_array_equal(decision.placement.phy2log_LP,
+                                      item.decision.placement.phy2log_LP)
+        np.testing.assert_array_equal(counts, item.counts_MLRE)
+        previous = decision
 
 
 def test_prepare_trace_regroups_and_caps():
