@@ -8,7 +8,10 @@ out=docs/img
 mkdir -p "$out"
 for policy in static_ep swiftmoe eplb laer_fsep smartmoe; do
     if [ ! -f "$runs/$policy/manifest.json" ]; then
-        python -m moesim simulate --policy "$policy" --knob capacity_factor=none \
+        knobs=(--knob capacity_factor=none)
+        # 16 GPUs x 2 slots = 32 experts leaves LAER no room for replicas; give it SwiftMoE's S=4
+        [ "$policy" = laer_fsep ] && knobs+=(--knob slots_per_rank=4)
+        python -m moesim simulate --policy "$policy" "${knobs[@]}" \
             --out "$runs/$policy" --timeline 10 --quiet
     fi
 done
