@@ -10,8 +10,6 @@ from moesim.analysis import search
 from moesim.analysis.plots import plot_step_time
 from moesim.analysis.report import build_report
 
-simulate = pytest.importorskip("moesim.simulate", reason="the simulator is not built yet")
-
 SPEC = """
 [search]
 traces = ["tiny.npz"]
@@ -86,9 +84,9 @@ def test_cluster_reshape_syntax():
 
 
 def test_example_spec_runs_on_the_bundled_trace(tmp_path):
-    traces = pytest.importorskip("moesim.traces")
-    if not hasattr(traces, "bundled_trace_path"):
-        pytest.skip("no bundled trace in this build yet")
+    from moesim.traces import bundled_trace_path
+
+    assert bundled_trace_path().is_file()
     outcome = search.run_search(None, tmp_path / "s", workers=1, limit=1, progress=False)
     assert [r["status"] for r in outcome.records] == ["ok"], outcome.records
 

@@ -8,7 +8,6 @@ Shape legend: ``G`` GPUs, ``N`` nodes, ``E`` experts, ``K`` candidates.
 
 from __future__ import annotations
 
-import laer_reference as ref
 import numpy as np
 import pytest
 
@@ -16,6 +15,7 @@ from moesim.errors import MoesimError
 from moesim.policies import laer_fsep, make_policy
 from moesim.policies.primitives import copies_to_phy2log, greedy_place, precise_replicas
 from moesim.specs import Cluster, HardwareProfile, LinkLevel, ModelSpec
+from tests.policies import laer_reference as ref
 
 
 def _setup(nodes: int, gpn: int, E: int, C: int, **knobs) -> tuple[ModelSpec, Cluster, object]:

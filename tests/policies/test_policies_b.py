@@ -14,59 +14,32 @@ import pytest
 
 from moesim.errors import MoesimError
 from moesim.placement import Decision
-from moesim.policies import History, make_policy
+from moesim.policies import make_policy
 from moesim.policies.oracle_ilp import gap_to_oracle, max_load_lower_bound
 from moesim.policies.primitives import greedy_place, precise_replicas
 from moesim.routing import split_tokens
-from moesim.specs import Cluster, HardwareProfile, LinkLevel, ModelSpec
+from moesim.specs import Cluster, ModelSpec
+from tests.policies.policytoys import (
+    check_placement,
+    history_of,
+    lower_run,
+    skewed_counts_TLRE,
+    tiny_cluster,
+    tiny_model,
+)
 
 # --------------------------------------------------------------------------------------------
 # fixtures
 
 
-def _model(E: int = 8, L: int = 2, tokens: int = 256, k: int = 2, hidden: int = 256,
-           ffn: int = 512) -> ModelSpec:
-    return ModelSpec(name="tiny", num_layers=L, hidden_size=hidden, ffn_hidden_size=ffn,
-                     num_experts=E, top_k=k, tokens_per_rank=tokens, seq_len=tokens)
 
 
-def _cluster(nodes: int = 2, gpn: int = 2) -> Cluster:
-    hw = HardwareProfile(name="hw", peak_flops=312e12, mem_bw_GBps=2000.0)
-    return Cluster(name="c", num_nodes=nodes, gpus_per_node=gpn,
-                   intra=LinkLevel(bw_GBps=200.0, latency_s=5e-6),
-                   inter=LinkLevel(bw_GBps=20.0, latency_s=1e-5),
-                   host=LinkLevel(bw_GBps=25.0, latency_s=1e-5), gpu_memory_GiB=80.0,
-                   hardware=hw)
 
 
-def _counts_TLRE(model: ModelSpec, G: int, passes: int, seed: int) -> np.ndarray:
-    """Skewed random counts: each pass draws a Dirichlet popularity per layer."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((passes, model.num_layers, G, model.num_experts), dtype=np.int64)
-    for t in range(passes):
-        for l in range(model.num_layers):
-            p = rng.dirichlet(np.full(model.num_experts, 0.4))
-            out[t, l] = rng.multinomial(model.tokens_per_rank * model.top_k, p, size=G)
-    return out
 
 
-def _history(counts_TLRE: np.ndarray, ppi: int = 1, previous: Decision | None = None,
-             current: np.ndarray | None = None) -> History:
-    return History(iteration=counts_TLRE.shape[0] // ppi, past_TLRE=counts_TLRE,
-                   passes_per_iteration=ppi, previous=previous, current_TLRE=current)
 
 
-def _check_valid(d: Decision, G: int, E: int, L: int) -> None:
-    """Every expert placed, slot counts respected, log2phy inverts phy2log."""
-    pl = d.placement
-    assert pl.phy2log_LP.shape == (L, G * pl.slots_per_rank)
-    assert (pl.logcnt_LE >= 1).all()
-    l2p = pl.log2phy_LEK
-    for l in range(L):
-        for e in range(E):
-            slots = l2p[l, e][l2p[l, e] >= 0]
-            assert (pl.phy2log_LP[l, slots] == e).all()
-    assert d.planner_time_s > 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,13 +74,13 @@ def _naive_fsep_cost(copies_GE: np.ndarray, counts_RE: np.ndarray, model: ModelS
 
 @pytest.mark.parametrize("recompute", [False, True])
 def test_laer_keeps_the_cheapest_candidate(recompute: bool) -> None:
-    model, cluster = _model(E=8, L=2), _cluster(2, 4)
-    counts = _counts_TLRE(model, cluster.world_size, 6, seed=1)
+    model, cluster = tiny_model(E=8, L=2), tiny_cluster(2, 4)
+    counts = skewed_counts_TLRE(model, cluster.world_size, 6, seed=1)
     policy = make_policy("laer_fsep", {"num_random_candidates": 4, "recompute": recompute,
                                        "lag_iterations": 0, "window": 3,
                                        "keep_candidates": True})
-    d = policy.decide(_history(counts), model, cluster, np.random.default_rng(0))
-    _check_valid(d, cluster.world_size, model.num_experts, model.num_layers)
+    d = policy.decide(history_of(counts), model, cluster, np.random.default_rng(0))
+    check_placement(d, cluster.world_size, model.num_experts, model.num_layers)
     assert d.routing == "node_first" and d.slot_capacity is None
     window = counts[-3:].sum(0) / 3.0                              # per-pass counts [L, R, E]
     for l in range(model.num_layers):
@@ -144,28 +117,28 @@ def test_laer_precise_is_a_load_per_replica_heap() -> None:
 
 
 def test_laer_plan_is_applied_one_iteration_later() -> None:
-    model, cluster = _model(E=8, L=2), _cluster(2, 2)
+    model, cluster = tiny_model(E=8, L=2), tiny_cluster(2, 2)
     G = cluster.world_size
-    counts = _counts_TLRE(model, G, 12, seed=5).reshape(6, 2, model.num_layers, G, 8)
+    counts = skewed_counts_TLRE(model, G, 12, seed=5).reshape(6, 2, model.num_layers, G, 8)
     counts = counts.reshape(12, model.num_layers, G, 8)              # 6 iterations × 2 passes
     changed = counts.copy()
     changed[-2:] = changed[-2:, :, :, ::-1]                          # iteration t−1 reversed
     policy = make_policy("laer_fsep")
-    a = policy.decide(_history(counts, 2), model, cluster, np.random.default_rng(7))
-    b = policy.decide(_history(changed, 2), model, cluster, np.random.default_rng(7))
+    a = policy.decide(history_of(counts, 2), model, cluster, np.random.default_rng(7))
+    b = policy.decide(history_of(changed, 2), model, cluster, np.random.default_rng(7))
     assert (a.placement.phy2log_LP == b.placement.phy2log_LP).all()
     assert a.info["planned_through_iteration"] == 4                  # t = 6 uses ≤ t − 2
     older = counts.copy()
     older[-4:-2] = older[-4:-2, :, :, ::-1]                          # iteration t−2 reversed
-    c = policy.decide(_history(older, 2), model, cluster, np.random.default_rng(7))
+    c = policy.decide(history_of(older, 2), model, cluster, np.random.default_rng(7))
     assert a.info["candidate_costs_L"] != c.info["candidate_costs_L"]
 
 
 def test_laer_empty_history_is_an_even_split() -> None:
-    model, cluster = _model(E=8, L=1), _cluster(2, 2)
-    d = make_policy("laer_fsep").decide(_history(np.zeros((0, 1, 4, 8), np.int64)), model,
+    model, cluster = tiny_model(E=8, L=1), tiny_cluster(2, 2)
+    d = make_policy("laer_fsep").decide(history_of(np.zeros((0, 1, 4, 8), np.int64)), model,
                                         cluster, np.random.default_rng(0))
-    _check_valid(d, 4, 8, 1)
+    check_placement(d, 4, 8, 1)
     assert (d.placement.logcnt_LE == 1).all()
 
 
@@ -229,15 +202,15 @@ def _realised_max_load(d: Decision, counts_LRE: np.ndarray, gpn: int) -> np.ndar
 
 @pytest.mark.parametrize("seed", range(3))
 def test_oracle_max_load_is_below_every_heuristic(seed: int) -> None:
-    model, cluster = _model(E=6, L=1), _cluster(2, 2)
+    model, cluster = tiny_model(E=6, L=1), tiny_cluster(2, 2)
     G, S = cluster.world_size, 3
-    counts = _counts_TLRE(model, G, 6, seed=20 + seed)
+    counts = skewed_counts_TLRE(model, G, 6, seed=20 + seed)
     past, current = counts[:5], counts[5:]
     oracle = make_policy("oracle_ilp", {"slots_per_rank": S, "mip_gap": 0.0,
                                         "time_limit_s": 20.0})
-    do = oracle.decide(_history(past, current=current), model, cluster,
+    do = oracle.decide(history_of(past, current=current), model, cluster,
                        np.random.default_rng(0))
-    _check_valid(do, G, 6, 1)
+    check_placement(do, G, 6, 1)
     assert do.info["status_L"] == ["optimal"]
     heuristics = {
         "laer_fsep": make_policy("laer_fsep", {"slots_per_rank": S, "lag_iterations": 0}),
@@ -249,7 +222,7 @@ def test_oracle_max_load_is_below_every_heuristic(seed: int) -> None:
     decisions = {}
     for name, p in heuristics.items():
         try:
-            decisions[name] = p.decide(_history(past), model, cluster, np.random.default_rng(1))
+            decisions[name] = p.decide(history_of(past), model, cluster, np.random.default_rng(1))
         except MoesimError:                       # e.g. static EP needs G | E
             continue
     assert {"laer_fsep", "hecate", "hecate_top"} <= set(decisions)
@@ -296,12 +269,12 @@ def _brute_force_max_load(load_E: np.ndarray, G: int, S: int) -> float:
 @pytest.mark.parametrize("load", [[700, 200, 60, 40], [100, 100, 100, 100], [990, 5, 3, 2],
                                   [400, 390, 10, 200]])
 def test_oracle_equals_brute_force(load: list[int]) -> None:
-    model, cluster = _model(E=4, L=1), _cluster(1, 2)
+    model, cluster = tiny_model(E=4, L=1), tiny_cluster(1, 2)
     counts = np.zeros((1, 1, 2, 4), dtype=np.int64)
     counts[0, 0, 0] = np.array(load) // 2
     counts[0, 0, 1] = np.array(load) - np.array(load) // 2
     d = make_policy("oracle_ilp", {"slots_per_rank": 3, "mip_gap": 0.0}).decide(
-        _history(np.zeros((0, 1, 2, 4), np.int64), current=counts), model, cluster,
+        history_of(np.zeros((0, 1, 2, 4), np.int64), current=counts), model, cluster,
         np.random.default_rng(0))
     best = _brute_force_max_load(np.array(load, float), 2, 3)
     assert d.info["max_load_L"][0] == pytest.approx(best, rel=1e-6)
@@ -310,20 +283,20 @@ def test_oracle_equals_brute_force(load: list[int]) -> None:
 
 
 def test_oracle_layer_time_objective_runs() -> None:
-    model, cluster = _model(E=4, L=1), _cluster(2, 2)
-    counts = _counts_TLRE(model, 4, 1, seed=30)
+    model, cluster = tiny_model(E=4, L=1), tiny_cluster(2, 2)
+    counts = skewed_counts_TLRE(model, 4, 1, seed=30)
     d = make_policy("oracle_ilp", {"objective": "layer_time", "slots_per_rank": 2}).decide(
-        _history(np.zeros((0, 1, 4, 4), np.int64), current=counts), model, cluster,
+        history_of(np.zeros((0, 1, 4, 4), np.int64), current=counts), model, cluster,
         np.random.default_rng(0))
-    _check_valid(d, 4, 4, 1)
+    check_placement(d, 4, 4, 1)
     assert d.info["status_L"][0] in ("optimal", "time_limit")
     assert 0 <= d.info["gap_L"][0] < 1
 
 
 def test_oracle_needs_current_counts() -> None:
-    model, cluster = _model(E=4, L=1), _cluster(1, 2)
+    model, cluster = tiny_model(E=4, L=1), tiny_cluster(1, 2)
     with pytest.raises(MoesimError, match="current"):
-        make_policy("oracle_ilp").decide(_history(np.zeros((1, 1, 2, 4), np.int64)), model,
+        make_policy("oracle_ilp").decide(history_of(np.zeros((1, 1, 2, 4), np.int64)), model,
                                          cluster, np.random.default_rng(0))
 
 
@@ -350,10 +323,10 @@ def test_bad_knobs_name_the_field(name: str, knobs: dict, field: str) -> None:
 
 
 def test_too_few_slots_is_a_clear_error() -> None:
-    model, cluster = _model(E=16, L=1), _cluster(1, 2)
+    model, cluster = tiny_model(E=16, L=1), tiny_cluster(1, 2)
     with pytest.raises(MoesimError, match="slots_per_rank"):
         make_policy("laer_fsep", {"slots_per_rank": 2}).decide(
-            _history(np.zeros((0, 1, 2, 16), np.int64)), model, cluster,
+            history_of(np.zeros((0, 1, 2, 16), np.int64)), model, cluster,
             np.random.default_rng(0))
 
 
@@ -371,35 +344,12 @@ def test_highs_without_highspy_is_a_clear_error() -> None:
 # lowering
 
 
-def _lower_run(name: str, knobs: dict, iterations: int = 4, micro_batches: int = 2):
-    """Decide, lower, cost and schedule a few iterations; returns the last (decision, ctx,
-    schedule) and every decision."""
-    from moesim.costmodel import CostModel
-    from moesim.engine import schedule
-    from moesim.lowering import lower_iteration_ctx
-
-    model = _model(E=8, L=2).replace(micro_batches=micro_batches)
-    cluster = _cluster(2, 4)
-    G = cluster.world_size
-    counts = _counts_TLRE(model, G, iterations * micro_batches, seed=40)
-    policy = make_policy(name, knobs)
-    prev, decisions = None, []
-    for it in range(iterations):
-        cur = counts[it * micro_batches:(it + 1) * micro_batches]
-        h = History(iteration=it, past_TLRE=counts[:it * micro_batches],
-                    passes_per_iteration=micro_batches, previous=prev)
-        d = policy.decide(h, model, cluster, np.random.default_rng(it))
-        ctx = lower_iteration_ctx(policy, d, prev, cur, model, cluster)
-        sched = schedule(ctx.program.ops, CostModel(cluster).durations(ctx.program), G)
-        prev = d
-        decisions.append(d)
-    return model, cluster, decisions, ctx, sched
 
 
 def test_laer_lowering_volumes() -> None:
     from moesim.ops import AllToAll
 
-    model, cluster, ds, ctx, sched = _lower_run("laer_fsep", {})
+    model, cluster, ds, ctx, sched = lower_run("laer_fsep", {})
     G, C, P = cluster.world_size, 2, model.params_per_expert
     assert np.isfinite(sched.makespan_s) and sched.makespan_s > 0
     gathers = [op for op in ctx.program.ops if op.phase == "param_gather"]
