@@ -162,6 +162,54 @@ class Policy:
         return f"{type(self).__name__}({self.config})"
 
 
+# -- knob validation shared by the policies' Config.__post_init__ -----------------------------
+
+
+def check_ints(policy: str, config: Any, minimums: dict[str, int],
+               optional: tuple[str, ...] = ()) -> None:
+    """Each knob in ``minimums`` is an integer (not a bool) at least its minimum; the knobs in
+    ``optional`` may also be None."""
+    for name, lo in minimums.items():
+        v = getattr(config, name)
+        if v is None and name in optional:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            none = " or None" if name in optional else ""
+            raise MoesimError(f"{policy}: {name}={v!r} must be an integer >= {lo}{none}; "
+                              f"set {name}={max(lo, 1)} or more")
+
+
+def check_capacity_factor(policy: str, cf: Any) -> None:
+    """``capacity_factor`` is a positive number, or None for dropless."""
+    if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float))
+                           or not cf > 0):
+        raise MoesimError(f"{policy}: capacity_factor must be > 0, or None for dropless "
+                          f"(got {cf!r})")
+
+
+def check_choice(policy: str, name: str, value: Any, choices: tuple) -> None:
+    """``value`` is one of ``choices``."""
+    if value not in choices:
+        raise MoesimError(f"{policy}: {name}={value!r}; use one of "
+                          f"{', '.join(map(str, choices))}")
+
+
+def check_bools(policy: str, config: Any, *names: str) -> None:
+    """Each named knob is True or False."""
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            raise MoesimError(f"{policy}: {name} must be true or false")
+
+
+def check_slots_cover(policy: str, slots_per_rank: int, num_ranks: int,
+                      num_experts: int) -> None:
+    """``slots_per_rank × num_ranks`` slots can hold every expert at least once."""
+    if slots_per_rank * num_ranks < num_experts:
+        raise MoesimError(f"{policy}: {slots_per_rank} slots per GPU × {num_ranks} GPUs < "
+                          f"{num_experts} experts; raise slots_per_rank to at least "
+                          f"{-(-num_experts // num_ranks)}")
+
+
 def register_policy(name: str):
     """Class decorator: give a :class:`Policy` subclass its registry name."""
 

@@ -32,7 +32,15 @@ import numpy as np
 
 from moesim.errors import MoesimError
 from moesim.placement import Decision, Placement
-from moesim.policies.base import History, Policy, register_policy
+from moesim.policies.base import (
+    History,
+    Policy,
+    check_capacity_factor,
+    check_choice,
+    check_ints,
+    check_slots_cover,
+    register_policy,
+)
 from moesim.policies.primitives import (
     balanced_packing,
     moved_count_L,
@@ -131,22 +139,11 @@ class EPLB(Policy):
         routing: str = "even"
 
         def __post_init__(self) -> None:
-            if self.routing not in ("even", "node_first", "local_first"):
-                raise MoesimError(f"eplb: routing={self.routing!r} must be one of even, "
-                                  "node_first, local_first")
-            for name in ("window", "interval", "num_groups"):
-                value = getattr(self, name)
-                if not isinstance(value, int) or value < 1:
-                    raise MoesimError(f"eplb: {name}={value!r} must be a positive integer")
-            if not isinstance(self.num_redundant_per_rank, int) or \
-                    self.num_redundant_per_rank < 0:
-                raise MoesimError("eplb: num_redundant_per_rank must be an integer >= 0")
-            if self.slots_per_rank is not None and (not isinstance(self.slots_per_rank, int)
-                                                    or self.slots_per_rank < 1):
-                raise MoesimError("eplb: slots_per_rank must be a positive integer or None "
-                                  "(derive it from num_redundant_per_rank)")
-            if self.capacity_factor is not None and not self.capacity_factor > 0:
-                raise MoesimError("eplb: capacity_factor must be > 0, or None for dropless")
+            check_choice("eplb", "routing", self.routing, ("even", "node_first", "local_first"))
+            check_ints("eplb", self, {"window": 1, "interval": 1, "num_groups": 1,
+                                      "num_redundant_per_rank": 0, "slots_per_rank": 1},
+                       optional=("slots_per_rank",))
+            check_capacity_factor("eplb", self.capacity_factor)
 
     def slots(self, model: ModelSpec, cluster: Cluster) -> int:
         """Slots per GPU under this config."""
@@ -160,9 +157,7 @@ class EPLB(Policy):
         start = time.perf_counter()
         S, G, E, L = self.slots(model, cluster), cluster.world_size, model.num_experts, \
             model.num_layers
-        if S * G < E:
-            raise MoesimError(f"eplb: {S} slots per GPU × {G} GPUs < {E} experts; raise "
-                              "slots_per_rank or num_redundant_per_rank")
+        check_slots_cover("eplb", S, G, E)
         prev = history.previous.placement if history.previous else None
         usable = prev is not None and prev.phy2log_LP.shape == (L, S * G)
         replan = not usable or history.iteration % self.config.interval == 0

@@ -42,7 +42,13 @@ import numpy as np
 from moesim.errors import MoesimError
 from moesim.ops import Broadcast, Reduce
 from moesim.placement import Decision, Placement
-from moesim.policies.base import History, Policy, register_policy
+from moesim.policies.base import (
+    History,
+    Policy,
+    check_capacity_factor,
+    check_ints,
+    register_policy,
+)
 from moesim.policies.primitives import (
     dense_params_R,
     emit_gpu_optimizer,
@@ -133,11 +139,8 @@ class FasterMoE(Policy):
         capacity_factor: float | None = None
 
         def __post_init__(self) -> None:
-            if not isinstance(self.max_shadow, int) or self.max_shadow < 0:
-                raise MoesimError(f"fastermoe: max_shadow={self.max_shadow!r} must be an "
-                                  "integer >= 0")
-            if self.capacity_factor is not None and not self.capacity_factor > 0:
-                raise MoesimError("fastermoe: capacity_factor must be > 0, or None for dropless")
+            check_ints("fastermoe", self, {"max_shadow": 0})
+            check_capacity_factor("fastermoe", self.capacity_factor)
 
     def decide(self, history: History, model: ModelSpec, cluster: Cluster,
                rng: np.random.Generator) -> Decision:

@@ -40,7 +40,15 @@ import numpy as np
 
 from moesim.errors import MoesimError
 from moesim.placement import Decision, Placement
-from moesim.policies.base import History, Policy, register_policy
+from moesim.policies.base import (
+    History,
+    Policy,
+    check_capacity_factor,
+    check_choice,
+    check_ints,
+    check_slots_cover,
+    register_policy,
+)
 from moesim.policies.primitives import (
     dense_params_R,
     emit_gpu_optimizer,
@@ -144,23 +152,15 @@ class FlexMoE(Policy):
         routing: str = "even"
 
         def __post_init__(self) -> None:
-            if self.routing not in ("even", "node_first", "local_first"):
-                raise MoesimError(f"flexmoe: routing={self.routing!r} must be one of even, "
-                                  "node_first, local_first")
-            for name in ("slots_per_rank", "check_interval", "window"):
-                value = getattr(self, name)
-                if not isinstance(value, int) or value < 1:
-                    raise MoesimError(f"flexmoe: {name}={value!r} must be a positive integer")
+            check_choice("flexmoe", "routing", self.routing,
+                         ("even", "node_first", "local_first"))
+            check_ints("flexmoe", self, {"slots_per_rank": 1, "check_interval": 1, "window": 1,
+                                         "patience": 0, "max_moves": 0},
+                       optional=("max_moves",))
             if not self.threshold >= 1.0:
                 raise MoesimError(f"flexmoe: threshold={self.threshold!r} is a max/min ratio; "
                                   "use a value >= 1 (e.g. 1.5)")
-            if not isinstance(self.patience, int) or self.patience < 0:
-                raise MoesimError(f"flexmoe: patience={self.patience!r} must be an integer >= 0")
-            if self.max_moves is not None and (not isinstance(self.max_moves, int)
-                                               or self.max_moves < 0):
-                raise MoesimError("flexmoe: max_moves must be an integer >= 0 or None")
-            if self.capacity_factor is not None and not self.capacity_factor > 0:
-                raise MoesimError("flexmoe: capacity_factor must be > 0, or None for dropless")
+            check_capacity_factor("flexmoe", self.capacity_factor)
 
     def decide(self, history: History, model: ModelSpec, cluster: Cluster,
                rng: np.random.Generator) -> Decision:
@@ -168,9 +168,7 @@ class FlexMoE(Policy):
         start = time.perf_counter()
         S, G, E, L = self.config.slots_per_rank, cluster.world_size, model.num_experts, \
             model.num_layers
-        if S * G < E:
-            raise MoesimError(f"flexmoe: slots_per_rank={S} × {G} GPUs < {E} experts; raise "
-                              f"slots_per_rank to at least {-(-E // G)}")
+        check_slots_cover("flexmoe", S, G, E)
         prev = history.previous
         usable = prev is not None and prev.placement.phy2log_LP.shape == (L, G * S)
         current_LP = (prev.placement.phy2log_LP if usable

@@ -87,10 +87,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.errors import MoesimError
 from moesim.ops import Broadcast, Reduce, SendRecv
 from moesim.placement import Decision, Placement
-from moesim.policies.base import History, Policy, register_policy
+from moesim.policies.base import (
+    History,
+    Policy,
+    check_bools,
+    check_capacity_factor,
+    check_ints,
+    register_policy,
+)
 from moesim.policies.primitives import (
     dense_params_R,
     emit_gpu_optimizer,
@@ -221,22 +227,11 @@ class Hecate(Policy):
         capacity_factor: float | None = None
 
         def __post_init__(self) -> None:
-            for name, lo in (("extra_slots_per_rank", 0), ("reshard_interval", 1),
-                             ("load_window", 1)):
-                v = getattr(self, name)
-                if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                    raise MoesimError(f"hecate: {name} must be an integer >= {lo}, got {v!r}; "
-                                      f"set {name}={max(lo, 1)} or more")
-            t = self.overlap_degree
-            if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 0):
-                raise MoesimError(f"hecate: overlap_degree must be an integer >= 0 or None "
-                                  f"(computed), got {t!r}")
-            if not isinstance(self.rematerialize, bool):
-                raise MoesimError("hecate: rematerialize must be true or false")
-            cf = self.capacity_factor
-            if cf is not None and not (isinstance(cf, (int, float)) and cf > 0):
-                raise MoesimError(f"hecate: capacity_factor must be > 0 or None (dropless), "
-                                  f"got {cf!r}")
+            check_ints("hecate", self, {"extra_slots_per_rank": 0, "reshard_interval": 1,
+                                        "load_window": 1, "overlap_degree": 0},
+                       optional=("overlap_degree",))  # None: computed from the cluster
+            check_bools("hecate", self, "rematerialize")
+            check_capacity_factor("hecate", self.capacity_factor)
 
     def decide(self, history: History, model: ModelSpec, cluster: Cluster,
                rng: np.random.Generator) -> Decision:

@@ -80,7 +80,15 @@ import numpy as np
 from moesim.errors import MoesimError
 from moesim.ops import AllToAll
 from moesim.placement import Decision, Placement
-from moesim.policies.base import History, Policy, register_policy
+from moesim.policies.base import (
+    History,
+    Policy,
+    check_bools,
+    check_capacity_factor,
+    check_ints,
+    check_slots_cover,
+    register_policy,
+)
 from moesim.policies.primitives import (
     copies_to_phy2log,
     dense_params_R,
@@ -202,19 +210,11 @@ class LaerFsep(Policy):
         keep_candidates: bool = False
 
         def __post_init__(self) -> None:
-            for name, lo in (("slots_per_rank", 1), ("window", 1), ("lag_iterations", 0),
-                             ("num_random_candidates", 0), ("perturb_moves", 1)):
-                v = getattr(self, name)
-                if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                    raise MoesimError(f"laer_fsep: {name} must be an integer >= {lo}, got "
-                                      f"{v!r}; set {name}={lo} or more")
-            for name in ("recompute", "keep_candidates"):
-                if not isinstance(getattr(self, name), bool):
-                    raise MoesimError(f"laer_fsep: {name} must be true or false")
-            cf = self.capacity_factor
-            if cf is not None and not (isinstance(cf, (int, float)) and cf > 0):
-                raise MoesimError(f"laer_fsep: capacity_factor must be > 0 or None (dropless), "
-                                  f"got {cf!r}")
+            check_ints("laer_fsep", self, {"slots_per_rank": 1, "window": 1,
+                                           "lag_iterations": 0, "num_random_candidates": 0,
+                                           "perturb_moves": 1})
+            check_bools("laer_fsep", self, "recompute", "keep_candidates")
+            check_capacity_factor("laer_fsep", self.capacity_factor)
 
     def decide(self, history: History, model: ModelSpec, cluster: Cluster,
                rng: np.random.Generator) -> Decision:
@@ -222,10 +222,7 @@ class LaerFsep(Policy):
         t0 = time.perf_counter()
         cfg = self.config
         G, E, L = cluster.world_size, model.num_experts, model.num_layers
-        if G * cfg.slots_per_rank < E:
-            raise MoesimError(f"laer_fsep: {G} GPUs × slots_per_rank={cfg.slots_per_rank} "
-                              f"cannot hold {E} experts; raise slots_per_rank to "
-                              f"{-(-E // G)} or more")
+        check_slots_cover("laer_fsep", cfg.slots_per_rank, G, E)
         counts_LRE, seen = _visible_counts(history, cfg.window, cfg.lag_iterations, L, G, E)
         rows, info = [], _empty_info(seen)
         for l in range(L):

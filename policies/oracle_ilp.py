@@ -32,6 +32,10 @@ bound on any placement's max load with ``S`` slots: the solver's optimum when pr
 combinatorial bound of :func:`max_load_lower_bound`), ``gap_L`` (``(found − bound) / found``,
 of the objective), ``even_split_max_load_L`` (max load when the placement is executed with the
 ``even`` routing it reports — the executable rules cannot realise arbitrary splits).
+
+Determinism: a layer solved to optimality (``status_L == "optimal"``) gives the same placement
+on every run; a layer stopped by ``time_limit_s`` returns the incumbent found so far, which
+depends on how fast the machine is — raise ``time_limit_s`` when reproducibility matters.
 """
 
 from __future__ import annotations
@@ -46,7 +50,15 @@ import pulp
 
 from moesim.errors import MoesimError
 from moesim.placement import Decision, Placement
-from moesim.policies.base import History, Policy, register_policy
+from moesim.policies.base import (
+    History,
+    Policy,
+    check_capacity_factor,
+    check_choice,
+    check_ints,
+    check_slots_cover,
+    register_policy,
+)
 from moesim.policies.primitives import (
     copies_to_phy2log,
     gpu_load,
@@ -214,17 +226,9 @@ class OracleIlp(Policy):
         capacity_factor: float | None = None
 
         def __post_init__(self) -> None:
-            for name in ("slots_per_rank", "threads"):
-                v = getattr(self, name)
-                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    raise MoesimError(f"oracle_ilp: {name} must be a positive integer, got "
-                                      f"{v!r}")
-            if self.objective not in OBJECTIVES:
-                raise MoesimError(f"oracle_ilp: objective={self.objective!r}; use one of "
-                                  f"{', '.join(OBJECTIVES)}")
-            if self.solver not in SOLVERS:
-                raise MoesimError(f"oracle_ilp: solver={self.solver!r}; use one of "
-                                  f"{', '.join(SOLVERS)}")
+            check_ints("oracle_ilp", self, {"slots_per_rank": 1, "threads": 1})
+            check_choice("oracle_ilp", "objective", self.objective, OBJECTIVES)
+            check_choice("oracle_ilp", "solver", self.solver, SOLVERS)
             if self.solver == "highs" and not _highs_available():
                 raise MoesimError("oracle_ilp: solver='highs' needs the highspy package; "
                                   "pip install highspy, or use solver='cbc'")
@@ -233,10 +237,7 @@ class OracleIlp(Policy):
                                   f"{self.time_limit_s!r}")
             if not (isinstance(self.mip_gap, (int, float)) and 0 <= self.mip_gap < 1):
                 raise MoesimError(f"oracle_ilp: mip_gap must be in [0, 1), got {self.mip_gap!r}")
-            cf = self.capacity_factor
-            if cf is not None and not (isinstance(cf, (int, float)) and cf > 0):
-                raise MoesimError(f"oracle_ilp: capacity_factor must be > 0 or None "
-                                  f"(dropless), got {cf!r}")
+            check_capacity_factor("oracle_ilp", self.capacity_factor)
 
     def decide(self, history: History, model: ModelSpec, cluster: Cluster,
                rng: np.random.Generator) -> Decision:
@@ -244,9 +245,7 @@ class OracleIlp(Policy):
         t0 = time.perf_counter()
         cfg = self.config
         G, E, L, S = cluster.world_size, model.num_experts, model.num_layers, cfg.slots_per_rank
-        if G * S < E:
-            raise MoesimError(f"oracle_ilp: {G} GPUs × slots_per_rank={S} cannot hold {E} "
-                              f"experts; raise slots_per_rank to {-(-E // G)} or more")
+        check_slots_cover("oracle_ilp", S, G, E)
         if history.current_TLRE is None:
             raise MoesimError("oracle_ilp needs the current iteration's counts; run it through "
                               "the simulator, which hands oracle policies History.current_TLRE")

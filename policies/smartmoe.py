@@ -37,7 +37,13 @@ import numpy as np
 
 from moesim.errors import MoesimError
 from moesim.placement import Decision, Placement
-from moesim.policies.base import History, Policy, register_policy
+from moesim.policies.base import (
+    History,
+    Policy,
+    check_capacity_factor,
+    check_ints,
+    register_policy,
+)
 from moesim.policies.primitives import (
     balanced_packing,
     ema_load_LE,
@@ -81,14 +87,10 @@ class SmartMoE(Policy):
         capacity_factor: float | None = None
 
         def __post_init__(self) -> None:
-            for name in ("freq", "window"):
-                value = getattr(self, name)
-                if not isinstance(value, int) or value < 1:
-                    raise MoesimError(f"smartmoe: {name}={value!r} must be a positive integer")
+            check_ints("smartmoe", self, {"freq": 1, "window": 1})
             if not 0.0 <= self.ema_decay < 1.0:
                 raise MoesimError(f"smartmoe: ema_decay={self.ema_decay!r} must be in [0, 1)")
-            if self.capacity_factor is not None and not self.capacity_factor > 0:
-                raise MoesimError("smartmoe: capacity_factor must be > 0, or None for dropless")
+            check_capacity_factor("smartmoe", self.capacity_factor)
 
     def decide(self, history: History, model: ModelSpec, cluster: Cluster,
                rng: np.random.Generator) -> Decision:

@@ -34,7 +34,14 @@ from moesim import memory as memory_model
 from moesim.errors import MoesimError
 from moesim.ops import HostCompute, HostCopy
 from moesim.placement import Decision, Placement
-from moesim.policies.base import History, Policy, register_policy
+from moesim.policies.base import (
+    History,
+    Policy,
+    check_capacity_factor,
+    check_choice,
+    check_ints,
+    register_policy,
+)
 from moesim.specs import Cluster, ModelSpec
 
 CAPACITY_RULES = ("megatron", "deepspeed")
@@ -77,12 +84,9 @@ class StaticEP(Policy):
         optimizer_on_host: bool = False
 
         def __post_init__(self) -> None:
-            if self.ep_size is not None and self.ep_size <= 0:
-                raise ValueError("static_ep: ep_size must be a positive integer; use e.g. 8")
-            if self.capacity_factor is not None and self.capacity_factor <= 0:
-                raise ValueError("static_ep: capacity_factor must be > 0, or none for dropless")
-            if self.capacity_rule not in CAPACITY_RULES:
-                raise ValueError(f"static_ep: capacity_rule must be one of {CAPACITY_RULES}")
+            check_ints("static_ep", self, {"ep_size": 1}, optional=("ep_size",))
+            check_capacity_factor("static_ep", self.capacity_factor)
+            check_choice("static_ep", "capacity_rule", self.capacity_rule, CAPACITY_RULES)
 
     def decide(self, history: History, model: ModelSpec, cluster: Cluster,
                rng: np.random.Generator) -> Decision:

@@ -39,10 +39,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.errors import MoesimError
 from moesim.ops import AllReduce, HostCompute, HostCopy, SendRecv
 from moesim.placement import Decision, Placement
-from moesim.policies.base import History, Policy, register_policy
+from moesim.policies.base import (
+    History,
+    Policy,
+    check_capacity_factor,
+    check_ints,
+    check_slots_cover,
+    register_policy,
+)
 from moesim.policies.primitives import (
     contiguous_slots,
     dense_params_R,
@@ -135,12 +141,8 @@ class SwiftMoE(Policy):
         optimizer_on_host: bool = True
 
         def __post_init__(self) -> None:
-            if not isinstance(self.slots_per_rank, int) or self.slots_per_rank < 1:
-                raise MoesimError(f"swiftmoe: slots_per_rank={self.slots_per_rank!r} must be a "
-                                  "positive integer (paper: 4)")
-            if self.capacity_factor is not None and not self.capacity_factor > 0:
-                raise MoesimError(f"swiftmoe: capacity_factor={self.capacity_factor!r} must be "
-                                  "> 0, or None for dropless")
+            check_ints("swiftmoe", self, {"slots_per_rank": 1})  # the paper uses 4
+            check_capacity_factor("swiftmoe", self.capacity_factor)
 
     def decide(self, history: History, model: ModelSpec, cluster: Cluster,
                rng: np.random.Generator) -> Decision:
@@ -148,9 +150,7 @@ class SwiftMoE(Policy):
         start = time.perf_counter()
         S, G, E, L = self.config.slots_per_rank, cluster.world_size, model.num_experts, \
             model.num_layers
-        if S * G < E:
-            raise MoesimError(f"swiftmoe: slots_per_rank={S} × {G} GPUs < {E} experts; raise "
-                              f"slots_per_rank to at least {-(-E // G)}")
+        check_slots_cover("swiftmoe", S, G, E)
         pop_LE = window_load_LE(history, 1, L, E)
         phy2log_LP = np.stack([contiguous_slots(replica_counts_swiftmoe(pop_LE[l], S * G), S * G)
                                for l in range(L)])

@@ -85,6 +85,13 @@ def same_info(a, b) -> bool:
     return a == b
 
 
+def stopped_by_clock(d: Decision) -> bool:
+    """A solver stopped by its wall-clock limit (oracle_ilp's ``time_limit``) returns whatever
+    incumbent it had, which depends on machine speed: the one documented exception to
+    "deterministic for a fixed seed"."""
+    return "time_limit" in d.info.get("status_L", [])
+
+
 def same_decision(a: Decision, b: Decision) -> bool:
     return (np.array_equal(a.placement.phy2log_LP, b.placement.phy2log_LP)
             and a.placement.slots_per_rank == b.placement.slots_per_rank
@@ -144,7 +151,8 @@ def test_policy_invariants(name: str, shape: tuple[int, int], model: ModelSpec) 
         check_routing(dec, cluster, counts[it * MICRO_BATCHES:(it + 1) * MICRO_BATCHES])
         if it in (0, 1, ITERATIONS - 1):   # (not every iteration: oracle ILPs are slow)
             again = policy.decide(hist, model, cluster, np.random.default_rng(it))
-            assert same_decision(dec, again), "decide is not deterministic for a fixed seed"
+            if not (stopped_by_clock(dec) or stopped_by_clock(again)):
+                assert same_decision(dec, again), "decide is not deterministic for a fixed seed"
         json.dumps(dec.info, default=lambda a: np.asarray(a).tolist())   # serialisable
         previous = dec
     # the last iteration again, with the passes after it changed: nothing may differ
