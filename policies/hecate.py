@@ -97,13 +97,12 @@ from moesim.policies.base import (
     check_ints,
     register_policy,
 )
+from moesim.policies.greedy import greedy_place, precise_replicas
 from moesim.policies.primitives import (
     dense_params_R,
     emit_gpu_optimizer,
     greedy_pack_fixed,
-    greedy_place,
     per_iteration_load_TLE,
-    precise_replicas,
     relabel_gpus_for_layer,
     slot_capacity,
 )

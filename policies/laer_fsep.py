@@ -45,7 +45,7 @@ Planner (per layer), as in the paper:
 Departures: the paper's planner is C++ and runs off the critical path; ours is Python, built for
 speed without changing the result (``tests/policies/test_laer_reference.py`` holds it to the
 straightforward version it replaced): the precise split selects the heap's pops in one numpy
-partition; the greedy (:func:`moesim.policies.primitives.greedy_place`) places every candidate
+partition; the greedy (:func:`moesim.policies.greedy.greedy_place`) places every candidate
 from one start with per-node heaps and a sorted list of the nodes' best GPUs, a round of nodes
 per expert at a time; the cost of all candidates is one numpy pass over the placed copies, with
 the sums over GPUs taken in closed form (equal up to float rounding, ~1e-16 relative). Counts
@@ -89,12 +89,10 @@ from moesim.policies.base import (
     check_slots_cover,
     register_policy,
 )
+from moesim.policies.greedy import copies_J_to_phy2log, greedy_place_J, precise_replicas
 from moesim.policies.primitives import (
-    copies_to_phy2log,
     dense_params_R,
     emit_gpu_optimizer,
-    greedy_place_J,
-    precise_replicas,
     relabel_gpus_for_layer,
     slot_capacity,
 )
@@ -382,5 +380,4 @@ def plan_layer(counts_RE: np.ndarray, model: ModelSpec, cluster: Cluster, cfg,
         facts["candidate_copies"] = np.bincount((k * G + g) * E + e,
                                                 minlength=K * G * E).reshape(K, G, E)
     mine = k == best
-    copies_GE = np.bincount(g[mine] * E + e[mine], minlength=G * E).reshape(G, E)
-    return copies_to_phy2log(copies_GE, C), facts
+    return copies_J_to_phy2log(g[mine], e[mine], E, G, C), facts

@@ -59,13 +59,8 @@ from moesim.policies.base import (
     check_slots_cover,
     register_policy,
 )
-from moesim.policies.primitives import (
-    copies_to_phy2log,
-    gpu_load,
-    greedy_place,
-    precise_replicas,
-    slot_capacity,
-)
+from moesim.policies.greedy import copies_to_phy2log, greedy_place, precise_replicas
+from moesim.policies.primitives import gpu_load, slot_capacity
 from moesim.specs import Cluster, ModelSpec
 
 OBJECTIVES = ("max_load", "layer_time")

@@ -13,7 +13,12 @@ import pytest
 
 from moesim.errors import MoesimError
 from moesim.policies import laer_fsep, make_policy
-from moesim.policies.primitives import copies_to_phy2log, greedy_place, precise_replicas
+from moesim.policies.greedy import (
+    copies_J_to_phy2log,
+    copies_to_phy2log,
+    greedy_place,
+    precise_replicas,
+)
 from moesim.specs import Cluster, HardwareProfile, LinkLevel, ModelSpec
 from tests.policies import laer_reference as ref
 
@@ -67,10 +72,11 @@ def test_kept_candidates_equal_the_old_placements() -> None:
 
 def test_precise_replicas_equal_the_old_heap() -> None:
     rng = np.random.default_rng(7)
-    for _ in range(2000):
+    for trial in range(3000):
         E, N = int(rng.integers(1, 40)), int(rng.integers(1, 9))
         slots, cap = int(rng.integers(E, 6 * E + 2)), int(rng.integers(1, 70))
-        load = rng.pareto(1.0, E) * 100
+        load = [rng.pareto(1.0, E) * 100, rng.dirichlet(np.full(E, 0.4)) * 1e5,
+                rng.integers(0, 5, E).astype(float)][trial % 3]   # heavy tail, skew, ties
         if rng.random() < 0.3:
             load = np.round(load / 100) * 100                    # ties
         if rng.random() < 0.1:
@@ -133,11 +139,17 @@ def test_greedy_equals_the_old_greedy(mode: int) -> None:
         assert (greedy_place(R[0], *rest, **kw) == old[0]).all()
 
 
-def test_copies_to_phy2log_equals_the_old_layout() -> None:
+def test_slot_rows_equal_the_old_layout() -> None:
+    """``copies_to_phy2log`` (from ``[G, E]`` copies) and ``copies_J_to_phy2log`` (from a
+    shuffled list of copies) both give the old layout."""
     rng = np.random.default_rng(3)
     for _ in range(500):
         G, E = (int(x) for x in rng.integers(1, 9, 2))
         copies = rng.integers(0, 3, (G, E)) * (rng.random((G, E)) < 0.5)
         S = int(copies.sum(1).max()) + int(rng.integers(1, 3))
-        assert (copies_to_phy2log(copies, S) == ref.copies_to_phy2log(copies, S)).all()
-
+        old = ref.copies_to_phy2log(copies, S)
+        assert (copies_to_phy2log(copies, S) == old).all()
+        g, e = np.nonzero(copies)
+        g, e = g.repeat(copies[g, e]), e.repeat(copies[g, e])
+        order = rng.permutation(g.shape[0])
+        assert (copies_J_to_phy2log(g[order], e[order], E, G, S) == old).all()

@@ -15,8 +15,8 @@ import pytest
 from moesim.errors import MoesimError
 from moesim.placement import Decision
 from moesim.policies import make_policy
+from moesim.policies.greedy import greedy_place, precise_replicas
 from moesim.policies.oracle_ilp import gap_to_oracle, max_load_lower_bound
-from moesim.policies.primitives import greedy_place, precise_replicas
 from moesim.routing import split_tokens
 from moesim.specs import Cluster, ModelSpec
 from tests.policies.policytoys import (
