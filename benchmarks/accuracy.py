@@ -3,25 +3,33 @@
     python benchmarks/accuracy.py --out runs/accuracy            # full grid (16 configs)
     python benchmarks/accuracy.py --out runs/acc-smoke --quick   # 2 configs, 2 iterations
 
-For each world size (2 and 4) it calibrates the machine (``moesim calibrate``; or reuses
-``--profile-dir/cpu-gloo-w{N}.toml``), then for every (trace, policy + capacity factor) runs the
-executor and the simulator on the same trace slice (:func:`moesim.executor.validate.run_config`)
-and reports per-iteration step-time MAPE and max error, plus per-phase errors, as a table,
+For each world size (2 and 4) and every (trace, policy + capacity factor) it calibrates the
+machine (``moesim calibrate``, ~20 s) right before the configuration's runs — the VM this was
+built on drifts by up to ~20 % over minutes (other tenants), so a profile taken at the start
+describes a different machine ten minutes later — then runs the executor and the simulator on
+the same trace slice (:func:`moesim.executor.validate.run_config`). ``--calibrate-once`` takes
+one profile per world size; ``--profile-dir`` reuses ``cpu-gloo-w{N}.toml`` files. It
+reports per-iteration step-time MAPE and max error, plus per-phase errors, as a table,
 ``accuracy.csv`` and ``predicted_vs_measured.png``. Target: step-time MAPE ≤ 10 % at world
 size 2.
 
-Traces (both fitted to the tiny model by :func:`moesim.executor.validate.prepare_trace`):
+Traces (both fitted to the model by :func:`moesim.executor.validate.prepare_trace`):
 
-- ``synth`` — a synthetic trace with the tiny model's shape and a skewed, drifting popularity;
+- ``synth`` — a synthetic trace with the model's shape and a skewed, drifting popularity;
 - ``smartmoe`` — the real SmartMoE-AE training trace (16 ranks, 24 layers, 32 experts, top-2,
   4 micro-batches of 2048 tokens): ranks summed in groups of 16/N, the first 2 layers kept,
   experts summed in groups of 4 (32 → 8), the first 2 micro-batches of each iteration kept, and
-  every row scaled to the tiny model's 256 tokens × top-2 (skipped with a note when
+  every row scaled to the model's tokens per rank × top-k (skipped with a note when
   ``../shared/data/smartmoe-trace`` is absent).
 
 Policies: static EP dropless and with capacity factors 1.0 and 2.0 (drops), SwiftMoE (its
 default cf 1.0, one spare slot per rank, re-placed every iteration): 2 world sizes × 2 traces ×
 4 = 16 configurations.
+
+Model: ``small-cpu`` (H 256, 8 experts of F 512), whose steps (~0.2 s at world size 2) are
+GEMM-bound; with ``--model tiny-cpu`` (~30 ms steps) about 60 % of a step is gloo's per-message
+latency (~0.3 ms per collective on loopback TCP) and interpreter time, which vary ±25 % from run
+to run on 2 vCPUs.
 
 Measurement hygiene: the profile comes from microbenchmarks only (``moesim calibrate``; the
 validation runs are never fitted), one intra-op thread per rank, ``--warmup`` untimed runs of
@@ -46,12 +54,13 @@ POLICIES = ("static_ep", "static_ep:capacity_factor=1.0", "static_ep:capacity_fa
             "swiftmoe:slots_per_rank={spr}")
 
 
-def _calibrate(world: int, out: Path, model: str) -> Path:
+def _calibrate(world: int, out: Path, model: str, name: str = "") -> Path:
     from moesim.executor.calibrate import run_calibrate
 
-    path = out / f"cpu-gloo-w{world}.toml"
+    stem = name or f"cpu-gloo-w{world}"
+    path = out / f"{stem}.toml"
     run_calibrate(argparse.Namespace(world_size=world, out=str(path), model=model, reps=15,
-                                     raw=str(out / f"raw-w{world}.json"), from_raw=None,
+                                     raw=str(out / f"{stem}-raw.json"), from_raw=None,
                                      hang_timeout_s=300.0))
     return path
 
@@ -103,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--model", default="tiny-cpu")
+    p.add_argument("--model", default="small-cpu", help="small-cpu (default): GEMM-bound "
+                   "steps of ~0.2 s; tiny-cpu: ~30 ms steps dominated by gloo latency")
     p.add_argument("--world-sizes", default="2,4")
     p.add_argument("--iterations", default="0:6", metavar="A:B")
     p.add_argument("--profile-dir", default=None, help="reuse cpu-gloo-w{N}.toml from here")
@@ -115,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                    "leave the CPUs idle (0: do not wait)")
     p.add_argument("--nice", type=int, default=-10, help="scheduling niceness for this run and "
                    "the processes it starts (negative needs privileges; 0: leave as is)")
+    p.add_argument("--calibrate-once", action="store_true", help="one profile per world size "
+                   "(default: calibrate again right before each configuration, so that the "
+                   "profile sees the machine the runs see)")
     p.add_argument("--quick", action="store_true", help="smoke test: synth trace, static_ep, "
                    "2 iterations, 1 repeat")
     args = p.parse_args(argv)
@@ -130,11 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for world in [int(w) for w in args.world_sizes.split(",")]:
         print(f"world size {world}: load average {_load()}", flush=True)
-        if not args.profile_dir:
+        each = not (args.profile_dir or args.calibrate_once or args.quick)
+        if args.profile_dir:
+            profile = str(Path(args.profile_dir) / f"cpu-gloo-w{world}.toml")
+        elif not each:
             wait_for_quiet(args.quiet_wait_s)
-        profile = (Path(args.profile_dir) / f"cpu-gloo-w{world}.toml" if args.profile_dir
-                   else _calibrate(world, out, args.model))
-        ns = argparse.Namespace(profile=str(profile), model=args.model, iterations=iterations,
+            profile = str(_calibrate(world, out, args.model))
+        ns = argparse.Namespace(profile=None if each else profile, model=args.model,
+                                iterations=iterations,
                                 hang_timeout_s=120.0, warmup=args.warmup,
                                 repeats=1 if args.quick else args.repeats,
                                 quiet_wait_s=args.quiet_wait_s)
@@ -144,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             for spec in policies:
                 spec = spec.format(spr=model.num_experts // world + 1)
                 cfg = f"{tname}-{spec.replace(':', '_').replace('=', '')}-w{world}"
+                if each:
+                    wait_for_quiet(args.quiet_wait_s)
+                    ns.profile = str(_calibrate(world, out, args.model, f"{cfg}-profile"))
                 res = run_config(Path(tpath), tname, spec, world, ns, out / cfg)
                 print(format_table(res.comparison.rows(), title=f"== {cfg}"), flush=True)
                 results.append(res)

@@ -41,8 +41,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# glibc malloc settings for the ranks (a user's own values win): serve tensors below 256 MiB
+# from the heap and keep freed memory, instead of mmap-ing each large tensor afresh and
+# page-faulting it in on first touch. Measured on the CPU executor (small-cpu model, SwiftMoE,
+# 2 ranks): with glibc's defaults the expert and dense GEMMs ran 12–15 % slower than the same
+# GEMMs in `moesim calibrate`, because re-layouts and activations kept allocating new buffers;
+# with these, within 2 %. Harmless on CUDA ranks (host-side allocations only).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+              "MALLOC_TOP_PAD_": str(64 << 20)}
+
+
 def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {**MALLOC_ENV, **os.environ}
     env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

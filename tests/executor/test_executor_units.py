@@ -100,3 +100,28 @@ def test_hand_written_ffn_backward_matches_autograd(model, gated):
     gx, gw = torch.autograd.grad(ya, (xa, wa), dy)
     assert torch.allclose(y, ya.detach(), atol=1e-10)
     assert torch.allclose(dx, gx, atol=1e-10) and torch.allclose(grad_w, gw, atol=1e-10)
+
+
+def test_rank_env_sets_malloc_defaults_but_keeps_the_users(monkeypatch):
+    """Ranks get the launcher's glibc malloc settings (heap-served tensors, no per-tensor
+    mmap), torchrun's variables and one intra-op thread; a value the user exported wins."""
+    from moesim.executor.launch import MALLOC_ENV, _rank_env
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    env = _rank_env(1, 2, 29500)
+    assert env["MALLOC_MMAP_THRESHOLD_"] == MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "12345"
+    assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_PORT"]) == ("1", "2", "29500")
+    assert env["OMP_NUM_THREADS"] == "1"
+
+
+def test_host_benchmark_sizes_reach_the_models_optimizer_shard():
+    from moesim.executor.calibrate_bench import _host_sizes
+
+    small, tiny = load_model("small-cpu"), load_model("tiny-cpu")
+    shard = small.expert_params_per_layer * small.num_layers / 2
+    assert _host_sizes(tiny, 2) == [2**14, 2**16, 2**18, 2**20]
+    sizes = _host_sizes(small, 2)
+    assert sizes[:4] == [2**14, 2**16, 2**18, 2**20] and sizes[-1] >= shard > sizes[-2]
+    assert _host_sizes(load_model("deepseek-v3"), 1)[-1] == 2**24       # capped
