@@ -44,9 +44,9 @@ def free_port() -> int:
 # glibc malloc settings for the ranks (a user's own values win): serve tensors below 256 MiB
 # from the heap and keep freed memory, instead of mmap-ing each large tensor afresh and
 # page-faulting it in on first touch. Measured on the CPU executor (small-cpu model, SwiftMoE,
-# 2 ranks): with glibc's defaults the expert and dense GEMMs ran 12–15 % slower than the same
+# 2 ranks): with glibc's defaults the expert and dense GEMMs ran 11–13 % slower than the same
 # GEMMs in `moesim calibrate`, because re-layouts and activations kept allocating new buffers;
-# with these, within 2 %. Harmless on CUDA ranks (host-side allocations only).
+# with these, within 2–4 %. Harmless on CUDA ranks (host-side allocations only).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
               "MALLOC_TOP_PAD_": str(64 << 20)}
 
