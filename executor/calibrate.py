@@ -37,7 +37,10 @@ older single-rank benchmark, without ``meta.compute_concurrent``, get
 
 Output: a Cluster TOML (1 node × N ranks, the measured link) and its HardwareProfile TOML
 beside it (``<stem>-hw.toml``), both written atomically; ``moesim.specs.load_cluster(path)``
-loads them.
+loads them. With one rank (``--world-size 1``: a machine with a single GPU, where NCCL cannot
+run two ranks) no collective is measured: compute, memory and host parameters are calibrated
+and the link levels are copied, and labelled as copied, from ``--links-from`` (default: the
+H100 preset under NCCL, ``cpu-gloo-4`` under gloo). On CUDA the device memory is the GPU's.
 
 Shape legend: ``K`` measurements.
 """
@@ -65,6 +68,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", default=None, help="also keep the raw measurements (JSON) here")
     p.add_argument("--from-raw", default=None, help=argparse.SUPPRESS)
     p.add_argument("--hang-timeout-s", type=float, default=300.0)
+    p.add_argument("--links-from", default=None, metavar="CLUSTER",
+                   help="with --world-size 1 (nothing to measure collectives on): the cluster "
+                   "preset or TOML whose link levels to copy (default: h100-4x8-ib400x8 "
+                   "under NCCL, cpu-gloo-4 under gloo)")
+    from moesim.executor.worker import add_backend_argument
+
+    add_backend_argument(p)
     p.set_defaults(func=run_calibrate)
 
 
@@ -73,8 +83,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from moesim.executor.launch import launch
     from moesim.specs import load_model
 
-    if args.world_size < 2:
-        raise MoesimError("--world-size must be >= 2 (collectives need two ranks)")
+    if args.world_size < 1:
+        raise MoesimError("--world-size must be >= 1 (2 or more to measure collectives)")
     if args.from_raw:
         raw = json.loads(Path(args.from_raw).read_text())
     else:
@@ -82,11 +92,15 @@ def run_calibrate(args: argparse.Namespace) -> int:
             out = Path(tmp) / "raw.json"
             launch(["--model", args.model, "--out", str(out), "--reps", str(args.reps)],
                    args.world_size, Path(tmp) / "run", hang_timeout_s=args.hang_timeout_s,
-                   module="moesim.executor.calibrate_bench")
+                   module="moesim.executor.calibrate_bench",
+                   backend=getattr(args, "backend", None))
             raw = json.loads(out.read_text())
     if args.raw:
         Path(args.raw).write_text(json.dumps(raw))
     fit = fit_profile(raw, load_model(args.model))
+    if fit["collectives"] is None:
+        fit["links_from"] = getattr(args, "links_from", None) or (
+            "h100-4x8-ib400x8" if raw["meta"]["backend"] == "nccl" else "cpu-gloo-4")
     cluster_path = write_profile(fit, raw["meta"], Path(args.out))
     print(summary_text(fit, raw["meta"], cluster_path))
     return 0
@@ -268,7 +282,7 @@ def fit_profile(raw: dict, model) -> dict:
             "op_overhead_s": max(overhead, 0.0),
             "mem_bw_GBps": mem_bw / GB, "host_optimizer_GBps": host_bw / GB,
             "host_link": {"latency_s": lat, "bw_GBps": copy_bw / GB}, "gemm_eff_curve": eff,
-            "collectives": fit_collectives(raw["collectives"])}
+            "collectives": fit_collectives(raw["collectives"]) if raw["collectives"] else None}
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -296,7 +310,8 @@ def write_profile(fit: dict, meta: dict, out: Path) -> Path:
     c, coll = fit["compute"], fit["collectives"]
     hw_path = out.with_name(f"{out.stem}-hw.toml")
     src = (f"moesim calibrate: {meta['backend']}, torch {meta['torch']}, {world} ranks, "
-           f"{cores} CPUs, model {meta['model']}")
+           f"{cores} CPUs{', ' + meta['device'] if meta.get('device') else ''}, "
+           f"model {meta['model']}")
     hw = {"description": f"calibrated {meta['backend']} rank ({world} ranks)", "source": src,
           "peak_flops": c["peak_flops"], "mem_bw_GBps": fit["mem_bw_GBps"],
           "launch_s": c["launch_s"], "gemm_eff_curve": [list(p) for p in fit["gemm_eff_curve"]],
@@ -307,16 +322,20 @@ def write_profile(fit: dict, meta: dict, out: Path) -> Path:
         hw["backward_gemm_eff_curve"] = [list(p) for p in c["backward_curve"]]
     if fit.get("dense_curve"):
         hw["dense_gemm_eff_curve"] = [list(p) for p in fit["dense_curve"]]
-    link = {"bw_GBps": coll["busbw_GBps"], "latency_s": coll["alpha_s"],
-            "per_kind": {k: {"bw_GBps": v["busbw_GBps"], "latency_s": v["alpha_s"],
-                             **({"latency_per_peer_s": v["alpha_peer_s"]}
-                                if v.get("alpha_peer_s") else {})}
-                         for k, v in coll["per_kind"].items()}}
+    if coll is None:
+        intra, inter, copied = _links_of(fit["links_from"])
+    else:
+        intra = inter = {"bw_GBps": coll["busbw_GBps"], "latency_s": coll["alpha_s"],
+                         "per_kind": {k: {"bw_GBps": v["busbw_GBps"], "latency_s": v["alpha_s"],
+                                          **({"latency_per_peer_s": v["alpha_peer_s"]}
+                                             if v.get("alpha_peer_s") else {})}
+                                      for k, v in coll["per_kind"].items()}}
     total = _mem_total_gib()
+    device_gib = meta.get("device_memory_GiB") or round(total / world, 2)
     cluster = {"description": f"1 node x {world} ranks, calibrated", "source": src,
                "num_nodes": 1, "gpus_per_node": world, "hardware": hw_path.name,
-               "gpu_memory_GiB": round(total / world, 2), "host_memory_GiB": round(total, 2),
-               "intra": link, "inter": link,
+               "gpu_memory_GiB": device_gib, "host_memory_GiB": round(total, 2),
+               "intra": intra, "inter": inter,
                "host": {"bw_GBps": fit["host_link"]["bw_GBps"],
                         "latency_s": fit["host_link"]["latency_s"]}}
     how = ("1: compute was measured with all ranks computing at once" if
@@ -328,16 +347,38 @@ def write_profile(fit: dict, meta: dict, out: Path) -> Path:
                f"max {c['max_pct']:.1f}% (forward and backward curves).\n"
                "# mem_bw_GBps: effective, from the executor's Adam step; collective latency is "
                "in the cluster's link level.\n")
-    kinds = "; ".join(f"{k}: α {v['alpha_s'] * 1e6:.0f} us, busbw {v['busbw_GBps']:.2f} GB/s "
-                      f"(MAPE {v['mape_pct']:.0f}%)" for k, v in coll["per_kind"].items())
-    cl_head = (f"# Calibrated by `moesim calibrate` ({src}).\n"
-               f"# Link level: one α/busbw over all collectives (MAPE "
-               f"{coll['mape_pct']:.1f}%), used by kinds not in per_kind.\n"
-               f"# per_kind fits: {kinds}\n")
+    if coll is None:
+        cl_head = (f"# Calibrated by `moesim calibrate` ({src}).\n"
+                   f"# Links NOT measured (one rank, no collective to time): intra and inter "
+                   f"copied from {copied}.\n")
+    else:
+        kinds = "; ".join(f"{k}: α {v['alpha_s'] * 1e6:.0f} us, busbw "
+                          f"{v['busbw_GBps']:.2f} GB/s (MAPE {v['mape_pct']:.0f}%)"
+                          for k, v in coll["per_kind"].items())
+        cl_head = (f"# Calibrated by `moesim calibrate` ({src}).\n"
+                   f"# Link level: one α/busbw over all collectives (MAPE "
+                   f"{coll['mape_pct']:.1f}%), used by kinds not in per_kind.\n"
+                   f"# per_kind fits: {kinds}\n")
     atomic_write_bytes(hw_path, (hw_head + tomli_w.dumps(hw)).encode())
     atomic_write_bytes(out, (cl_head + tomli_w.dumps(cluster)).encode())
     load_cluster(out)  # must load
     return out
+
+
+def _links_of(name: str) -> tuple[dict, dict, str]:
+    """The intra and inter link levels of cluster ``name`` as TOML tables, and its name."""
+    from dataclasses import asdict
+
+    from moesim.specs import load_cluster
+
+    cluster = load_cluster(name)
+
+    def table(link) -> dict:
+        out = asdict(link)
+        if not out["per_kind"]:
+            del out["per_kind"]
+        return out
+    return table(cluster.intra), table(cluster.inter), cluster.name
 
 
 def summary_text(fit: dict, meta: dict, path: Path) -> str:
@@ -354,9 +395,13 @@ def summary_text(fit: dict, meta: dict, path: Path) -> str:
              f"{meta.get('load_avg', float('nan')):.2f}",
              f"  memory: {fit['mem_bw_GBps']:.2f} GB/s (Adam), host Adam "
              f"{fit['host_optimizer_GBps']:.2f} GB/s, host copy "
-             f"{fit['host_link']['bw_GBps']:.2f} GB/s",
-             f"  collectives: alpha {coll['alpha_s'] * 1e6:.0f} us, busbw "
-             f"{coll['busbw_GBps']:.3f} GB/s, fit MAPE {coll['mape_pct']:.1f}%"]
+             f"{fit['host_link']['bw_GBps']:.2f} GB/s"]
+    if coll is None:
+        lines.append(f"  collectives: not measured (one rank); links copied from "
+                     f"{fit['links_from']}")
+        return "\n".join(lines)
+    lines.append(f"  collectives: alpha {coll['alpha_s'] * 1e6:.0f} us, busbw "
+                 f"{coll['busbw_GBps']:.3f} GB/s, fit MAPE {coll['mape_pct']:.1f}%")
     for k, v in coll["per_kind"].items():
         lines.append(f"    {k:<15} alpha {v['alpha_s'] * 1e6:7.0f} us  + "
                      f"{v.get('alpha_peer_s', 0.0) * 1e6:5.0f} us/peer  busbw "

@@ -55,13 +55,13 @@ import torch
 import torch.distributed as dist
 
 from moesim.executor import moe_layer as ml
-from moesim.executor.interpreter import Adam, RankExecutor
+from moesim.executor.interpreter import HOST_ADAM_CHUNK, Adam, RankExecutor
 from moesim.executor.replay import expert_weights, torch_dtype
 from moesim.executor.worker import Heartbeat, init_distributed
 from moesim.ops import AllGather, AllReduce, Broadcast, Reduce, ReduceScatter, SendRecv
 from moesim.specs import ModelSpec, load_model
 
-M_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+M_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # extended by :func:`m_sweep`
 SIZES = tuple(4096 * 4**k for k in range(6))          # 4 KiB .. 4 MiB
 GROUP_KINDS = {"all_reduce": AllReduce, "all_gather": AllGather,
                "reduce_scatter": ReduceScatter, "broadcast": Broadcast, "reduce": Reduce}
@@ -169,13 +169,37 @@ def bench_standin(model: ModelSpec, rank: int, world: int) -> list[dict]:
     return out
 
 
+def m_sweep(model: ModelSpec, world: int) -> tuple[int, ...]:
+    """Rows per slot to measure: :data:`M_SWEEP`, extended by powers of two up to the most
+    rows one slot can receive in a micro-batch (every rank's every token: a token picks an
+    expert at most once), so a run's ``m`` is never past the measured range (a skewed real
+    trace sends every token of a micro-batch to its two hottest experts)."""
+    most = world * model.tokens_per_rank  # tokens_per_rank: one micro-batch's
+    sweep = list(M_SWEEP)
+    while sweep[-1] < most:
+        sweep.append(sweep[-1] * 2)
+    return tuple(sweep)
+
+
+_WEIGHTS: dict[tuple, torch.Tensor] = {}
+
+
+def _weights(model: ModelSpec, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s weights on this rank's device, made once per calibration (seeded
+    generation on the CPU costs ~1 s per Mixtral-sized expert; the sweep reuses them)."""
+    key = (model.name, expert)
+    if key not in _WEIGHTS:
+        _WEIGHTS[key] = expert_weights(model, 0, expert).to(device=_dev(),
+                                                            dtype=torch_dtype(model))
+    return _WEIGHTS[key]
+
+
 def _expert_pass(model: ModelSpec, slots: int, m: int, first_expert: int = 0
                  ) -> tuple[Callable, Callable]:
     """Forward and backward closures of one layer-pass's expert op: ``slots`` local slots of
     ``m`` rows each, laid out as a receive buffer from every rank holds them."""
     dev, dt, H = _dev(), torch_dtype(model), model.hidden_size
-    params = [expert_weights(model, 0, first_expert + e).to(device=dev, dtype=dt)
-              for e in range(slots)]
+    params = [_weights(model, first_expert + e) for e in range(slots)]
     grads = [torch.zeros_like(p) for p in params]
     # the receive buffer holds, per source rank, its rows slot by slot (moe_layer.plan_pass)
     sources = dist.get_world_size()
@@ -221,7 +245,7 @@ def bench_expert(model: ModelSpec, world: int) -> list[dict]:
     of cache)."""
     slots = max(1, model.num_experts // world)
     out = []
-    for m in M_SWEEP:
+    for m in m_sweep(model, world):
         fwd, bwd = _expert_sets(model, slots, m)
         t_f, t_b = _together(fwd, _reps(m)) / slots, _together(bwd, _reps(m)) / slots
         for passes, t in ((1, t_f), (2, t_b)):
@@ -269,7 +293,7 @@ def bench_memory(model: ModelSpec, world: int = 1) -> list[dict]:
 
     def host_adam_set(numel: int) -> Callable[[int], Callable[[], None]]:
         def make(i: int) -> Callable[[], None]:
-            p, g, adam = torch.zeros(numel), torch.randn(numel), Adam(0.0)
+            p, g, adam = torch.zeros(numel), torch.randn(numel), Adam(0.0, HOST_ADAM_CHUNK)
             return lambda: adam.step("k", p, g)
         return make
 
@@ -400,7 +424,9 @@ def bench_collectives(model: ModelSpec, rank: int, world: int, hb: Heartbeat, re
     after another, and a blocked rank is woken as in a run), then runs the op; the time is
     ``max end − max arrival`` over the members (the executor's collective busy time after its
     straggler alignment), median over ``reps``. The token all-to-all runs two all-to-alls
-    per call (dispatch + combine): its time is halved."""
+    per call (dispatch + combine): its time is halved. One rank: nothing to measure."""
+    if world < 2:
+        return []
     ex = RankExecutor(model, rank, world, _dev())
     members_of = {n: list(range(n)) for n in range(2, world + 1)}
     ex.groups.ensure(SimpleNamespace(num_ranks=world, ops=[AllReduce(
@@ -452,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"world_size": world, "cpu_count": os.cpu_count(), "backend": dist.get_backend(),
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "model": model.name, "compute_concurrent": True,
+                **({"device": torch.cuda.get_device_name(),
+                    "device_memory_GiB": round(torch.cuda.get_device_properties(
+                        _dev()).total_memory / 2**30, 2)} if _dev().type == "cuda" else {}),
                 "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
         Path(args.out).write_text(json.dumps({"compute": compute, "collectives": coll,
                                               "concurrency": concurrency,

@@ -7,7 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the executor's subcommands to ``moesim``'s parser."""
-    from moesim.executor.worker import add_run_arguments
+    from moesim.executor.worker import add_backend_argument, add_run_arguments
 
     run = sub.add_parser("run", help="run a policy on a trace with the torch.distributed "
                          "executor (N local ranks; gloo on CPU, NCCL on GPU)",
@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--world-size", type=int, default=2, help="local ranks to start")
     run.add_argument("--hang-timeout-s", type=float, default=120.0,
                      help="end the run when no rank makes progress for this long")
+    add_backend_argument(run)
     run.set_defaults(func=_run)
 
     from moesim.executor.calibrate import add_arguments as add_calibrate
@@ -63,7 +64,8 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise MoesimError(f"output directory {out} is not empty; choose a new --out")
-    launch(worker_argv(args), args.world_size, out, hang_timeout_s=args.hang_timeout_s)
+    launch(worker_argv(args), args.world_size, out, hang_timeout_s=args.hang_timeout_s,
+           backend=args.backend)
     print(run_summary(out))
     return 0
 

@@ -51,8 +51,10 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_"
               "MALLOC_TOP_PAD_": str(64 << 20)}
 
 
-def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+def _rank_env(rank: int, world: int, port: int, backend: str | None = None) -> dict[str, str]:
     env = {**MALLOC_ENV, **os.environ}
+    if backend:
+        env["MOESIM_BACKEND"] = backend
     env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -99,8 +101,11 @@ def finish_incomplete(out_dir: Path, error: str) -> None:
 
 
 def launch(worker_args: list[str], world_size: int, out_dir: str | Path, *,
-           hang_timeout_s: float = 120.0, module: str = "moesim.executor.worker") -> None:
-    """Run ``python -m module worker_args`` as ``world_size`` ranks; raise on any failure."""
+           hang_timeout_s: float = 120.0, module: str = "moesim.executor.worker",
+           backend: str | None = None) -> None:
+    """Run ``python -m module worker_args`` as ``world_size`` ranks; raise on any failure.
+    ``backend`` (``auto`` / ``nccl`` / ``gloo``) is passed to the ranks as ``MOESIM_BACKEND``
+    (:func:`moesim.executor.worker.choose_backend`); None leaves the environment's."""
     out_dir = Path(out_dir)
     logs = Path(tempfile.mkdtemp(prefix="moesim-run-"))
     port = free_port()
@@ -113,7 +118,7 @@ def launch(worker_args: list[str], world_size: int, out_dir: str | Path, *,
             files += [f for f in (err, out) if f is not None]
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", module, *worker_args, "--heartbeat-dir", str(logs)],
-                env=_rank_env(r, world_size, port), stdout=out, stderr=err,
+                env=_rank_env(r, world_size, port, backend), stdout=out, stderr=err,
                 start_new_session=True))
         failure = _watch(procs, logs, hang_timeout_s, time.time())
     except BaseException:

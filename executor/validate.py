@@ -40,7 +40,9 @@ import numpy as np
 from moesim.errors import MoesimError
 from moesim.specs import ModelSpec
 
-SMARTMOE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "smartmoe-trace"
+# the real SmartMoE sample: ``$MOESIM_SMARTMOE_DIR``, else ``shared/`` beside the checkout
+SMARTMOE_DIR = Path(os.environ.get("MOESIM_SMARTMOE_DIR") or Path(__file__).resolve().parents[2]
+                    / "shared" / "data" / "smartmoe-trace")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet-wait-s", type=float, default=0.0, help="before each executor run, "
                    "wait up to this long for other processes to leave the CPUs idle")
     p.add_argument("--hang-timeout-s", type=float, default=120.0)
+    from moesim.executor.worker import add_backend_argument
+
+    add_backend_argument(p)
     p.set_defaults(func=run_validate)
 
 
@@ -229,7 +234,8 @@ def run_config(trace_path: Path, trace_name: str, spec: str, world: int, args,
         for k in knobs:
             argv += ["--knob", k]
         wait_for_quiet(float(getattr(args, "quiet_wait_s", 0.0)))
-        launch(argv, world, run_dir, hang_timeout_s=args.hang_timeout_s)
+        launch(argv, world, run_dir, hang_timeout_s=args.hang_timeout_s,
+               backend=getattr(args, "backend", None))
     simulate(trace_path, load_model(args.model), cluster, policy, iterations=(start, stop),
              out_dir=predicted, timeline_iterations=[start], progress=False)
     comp = compare_runs(load_run(predicted), [load_run(m) for m in measured])

@@ -1,8 +1,9 @@
 """The executor's per-rank entry point: ``torchrun --nproc-per-node N -m moesim.executor.worker``.
 
 It reads the torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-``MASTER_PORT``), joins the process group (NCCL on CUDA tensors when a GPU is visible, gloo on
-CPU tensors otherwise; the same code), and replays a trace slice through a policy:
+``MASTER_PORT``), joins the process group (NCCL on CUDA tensors when every local rank has a GPU
+of its own, gloo on CPU tensors otherwise, or as ``MOESIM_BACKEND`` says; the same code), and
+replays a trace slice through a policy:
 
     rank 0: policy.decide → lower_iteration → broadcast the Program to every rank
     every rank: prepare (untimed: slots, forced tokens, process groups) → barrier → run the
@@ -71,6 +72,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="collective timeout of the process group (seconds)")
 
 
+def add_backend_argument(p: argparse.ArgumentParser) -> None:
+    """``--backend`` of the commands that start ranks (passed to them as ``MOESIM_BACKEND``)."""
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="process group backend of the ranks: auto (default: NCCL when every "
+                   "local rank has a GPU of its own, else gloo on CPU), nccl or gloo")
+
+
 def parse_knobs(items: list[str]) -> dict[str, str]:
     knobs = {}
     for item in items:
@@ -117,7 +125,9 @@ def _config(args: argparse.Namespace, trace, model, cluster, policy, world: int,
                   started_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   executor={"world_size": world, "dist_backend": dist.get_backend(),
                             "mode": "replay", "warmup": args.warmup, "torch": torch.__version__,
-                            "device": "cuda" if torch.cuda.is_available() else "cpu"})
+                            "device": _device().type,
+                            **({"gpu": torch.cuda.get_device_name()}
+                               if _device().type == "cuda" else {})})
     return config
 
 
@@ -242,9 +252,30 @@ def run_rank(args: argparse.Namespace, rank: int, world: int, hb: Heartbeat) -> 
     return 0
 
 
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def choose_backend(requested: str | None = None) -> str:
+    """The process group backend of this rank: ``requested`` (default: the ``MOESIM_BACKEND``
+    environment variable, else ``auto``). ``auto`` is NCCL when CUDA is available and every
+    local rank gets a GPU of its own (``LOCAL_WORLD_SIZE`` ≤ visible GPUs; NCCL refuses two
+    ranks on one device), else gloo on CPU tensors; ``nccl`` without enough GPUs is an error."""
+    want = (requested or os.environ.get("MOESIM_BACKEND") or "auto").lower()
+    if want not in BACKENDS:
+        raise MoesimError(f"backend {want!r}: use one of {', '.join(BACKENDS)}")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if want == "gloo":
+        return "gloo"
+    if want == "nccl" and gpus < local:
+        raise MoesimError(f"backend nccl needs a GPU per local rank: {local} ranks, {gpus} "
+                          f"GPU(s) visible; start fewer ranks or use --backend gloo")
+    return "nccl" if gpus >= local else "gloo"
+
+
 def _device() -> torch.device:
     """``cuda:LOCAL_RANK`` under NCCL, else the CPU."""
-    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+    if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return torch.device("cpu")
 
@@ -259,12 +290,18 @@ def _check_line(r: dict) -> str:
 def init_distributed(timeout_s: float) -> tuple[int, int]:
     """Join the process group from the torchrun environment; returns ``(rank, world)``."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    cuda = torch.cuda.is_available()
-    if cuda:
+    backend = choose_backend()
+    if backend == "nccl":  # host-side work (a host optimizer) gets this rank's share of cores
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(local, 1)))
     else:
         torch.set_num_threads(1)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+        if rank == 0 and torch.cuda.is_available() and not os.environ.get("MOESIM_BACKEND"):
+            print(f"moesim: note: {torch.cuda.device_count()} GPU(s) for "
+                  f"{os.environ.get('LOCAL_WORLD_SIZE', world)} local ranks; running gloo on "
+                  "CPU tensors (NCCL needs a GPU per rank)", file=sys.stderr)
+    dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     return rank, world
 

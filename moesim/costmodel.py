@@ -221,10 +221,15 @@ class CostModel:
         return np.where(sizes > 1, t, 0.0)
 
     def all_to_all(self, bytes_KK: np.ndarray, ranks: np.ndarray | None = None) -> float:
-        """Seconds of an all-to-all among ``ranks`` (default all): its slowest rank."""
+        """Seconds of an all-to-all among ``ranks`` (default all): its slowest rank. One
+        member (a single-GPU run) sends only to itself: no link, but its rows still go
+        through device memory twice (the permutation into the send buffer and the copy to
+        the receive buffer, as Megatron's permute kernel and NCCL's self-chunk copy do), each
+        a read and a write: ``4 · bytes / mem_bw + launch``; zero bytes cost nothing."""
         t_K, spans = self.all_to_all_ranks(bytes_KK, ranks)
         if len(t_K) <= 1:
-            return 0.0
+            nbytes = float(np.asarray(bytes_KK, dtype=np.float64).sum())
+            return 4 * nbytes / (self.hw.mem_bw_GBps * GB) + self.hw.launch_s if nbytes else 0.0
         return float(t_K.max() + self._latency(spans, "all_to_all", len(t_K)))
 
     def all_to_all_ranks(self, bytes_KK: np.ndarray, ranks: np.ndarray | None = None

@@ -181,3 +181,38 @@ def test_compare_runs_reports_mape_and_max(tmp_path):
     assert comp.phases["dispatch"].mape_pct == pytest.approx(0, abs=1e-6)
     assert "grad_sync" not in comp.phases  # zero in both
     assert "step" in format_table(comp.rows())
+
+
+def test_one_rank_profile_copies_the_links_and_says_so(tmp_path):
+    """A one-rank calibration (one GPU: no collective to time) measures compute only; the
+    written cluster takes its link levels from the named preset, labelled as copied."""
+    model = load_model("tiny-cpu")
+    raw = _raw(model)
+    raw["collectives"] = []
+    raw["meta"].update(world_size=1, compute_concurrent=True, backend="nccl",
+                       device="NVIDIA H100 80GB HBM3", device_memory_GiB=79.19)
+    fit = fit_profile(raw, model)
+    assert fit["collectives"] is None
+    fit["links_from"] = "h100-4x8-ib400x8"
+    path = write_profile(fit, raw["meta"], tmp_path / "h100.toml")
+    cluster, preset = load_cluster(path), load_cluster("h100-4x8-ib400x8")
+    assert cluster.world_size == 1 and cluster.gpu_memory_GiB == 79.19
+    assert cluster.intra == preset.intra and cluster.inter == preset.inter
+    assert "copied from h100-4x8-ib400x8" in path.read_text()
+    assert "NVIDIA H100" in cluster.hardware.source
+    assert cluster.hardware.peak_flops == pytest.approx(fit["compute"]["peak_flops"])
+
+
+def test_single_rank_all_to_all_costs_its_local_copies():
+    """One member sends only to itself: two passes over its rows through device memory
+    (permute + self-copy), no link; nothing to send costs nothing."""
+    from moesim.costmodel import CostModel
+
+    cluster = load_cluster("h100-4x8-ib400x8").with_shape(1, 1)
+    cm, hw = CostModel(cluster), cluster.hardware
+    t = cm.all_to_all(np.array([[1e8]]))
+    assert t == pytest.approx(4e8 / (hw.mem_bw_GBps * 1e9) + hw.launch_s)
+    assert cm.all_to_all(np.zeros((1, 1))) == 0.0
+    two = load_cluster("h100-4x8-ib400x8").with_shape(1, 2)
+    assert CostModel(two).all_to_all(np.diag([1e8, 1e8])) == pytest.approx(
+        CostModel(two).all_to_all(np.zeros((2, 2))))  # self-traffic is free with peers

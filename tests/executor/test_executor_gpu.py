@@ -62,3 +62,21 @@ def test_cuda_expert_ffn_matches_cpu():
         outs.append([t.cpu() for t in (y, dx, gw)])
     for a, b in zip(*outs, strict=True):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_one_gpu_run_on_nccl(tmp_path):
+    """`moesim run` with one NCCL rank: CUDA tensors, CUDA-event timing, a complete run."""
+    from moesim.cli import main
+    from moesim.executor.validate import load_named_trace
+    from moesim.results import load_run
+    from moesim.specs import load_model
+    from moesim.traces.io import save_trace
+
+    trace = save_trace(load_named_trace("synth", 1, load_model("tiny-cpu"), 2),
+                       tmp_path / "w1.npz")
+    out = tmp_path / "run"
+    assert main(["run", "--world-size", "1", "--backend", "nccl", "--trace", str(trace),
+                 "--model", "tiny-cpu", "--iterations", "0:2", "--out", str(out)]) == 0
+    run = load_run(out)
+    assert run.complete and run.config["executor"]["dist_backend"] == "nccl"
+    assert run.config["executor"]["device"] == "cuda"

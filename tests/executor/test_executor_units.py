@@ -125,3 +125,90 @@ def test_host_benchmark_sizes_reach_the_models_optimizer_shard():
     sizes = _host_sizes(small, 2)
     assert sizes[:4] == [2**14, 2**16, 2**18, 2**20] and sizes[-1] >= shard > sizes[-2]
     assert _host_sizes(load_model("deepseek-v3"), 1)[-1] == 2**24       # capped
+
+
+def test_backend_choice_follows_gpus_per_local_rank(monkeypatch):
+    """auto: NCCL only when every local rank has a GPU of its own, else gloo; an explicit
+    nccl without enough GPUs is a one-line error naming the fix; the launcher passes it on."""
+    from moesim.errors import MoesimError
+    from moesim.executor import worker
+    from moesim.executor.launch import _rank_env
+
+    monkeypatch.setattr(worker.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(worker.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("MOESIM_BACKEND", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert worker.choose_backend() == "nccl"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert worker.choose_backend() == "gloo"
+    assert worker.choose_backend("gloo") == "gloo"
+    with pytest.raises(MoesimError, match="GPU per local rank.*--backend gloo"):
+        worker.choose_backend("nccl")
+    monkeypatch.setenv("MOESIM_BACKEND", "mpi")
+    with pytest.raises(MoesimError, match="auto, nccl, gloo"):
+        worker.choose_backend()
+    assert _rank_env(0, 2, 29500, "gloo")["MOESIM_BACKEND"] == "gloo"
+
+
+def test_chunked_adam_matches_one_call():
+    """The host Adam in chunks (bounded temporaries) computes the same update as one call."""
+    from moesim.executor.interpreter import Adam
+
+    p0, g = torch.randn(10_000, dtype=torch.float64), torch.randn(10_000, dtype=torch.float64)
+    whole, chunked = p0.clone(), p0.clone()
+    a, b = Adam(1e-2), Adam(1e-2, chunk=999)
+    for _ in range(3):
+        a.step("k", whole, g)
+        b.step("k", chunked, g)
+    assert torch.equal(whole, chunked) and not torch.equal(whole, p0)
+    assert len(b.state) == 11  # one state per chunk
+
+
+def test_expert_sweep_reaches_a_micro_batchs_tokens():
+    """Calibration measures up to the most rows a slot can get (every token of every rank),
+    so a skewed trace's row counts are never extrapolated."""
+    from moesim.executor.calibrate_bench import M_SWEEP, m_sweep
+
+    assert m_sweep(load_model("tiny-cpu"), 2) == M_SWEEP
+    gpu = m_sweep(load_model("small-gpu"), 1)
+    assert gpu[:len(M_SWEEP)] == M_SWEEP and gpu[-1] == 16384
+
+
+def test_kernel_warmup_runs_each_new_row_count_once(tmp_path, monkeypatch):
+    """On CUDA the interpreter runs every expert row count an iteration brings for the first
+    time once, untimed, on scratch buffers (here forced on CPU): each count once, the slots'
+    gradients untouched."""
+    import argparse
+
+    import torch.distributed as dist
+
+    from moesim.executor.interpreter import RankExecutor
+    from moesim.executor.launch import free_port
+    from moesim.executor.validate import load_named_trace
+    from moesim.executor.worker import _planned
+    from moesim.traces.io import save_trace
+
+    model = load_model("tiny-cpu")
+    trace = save_trace(load_named_trace("synth", 1, model, 2), tmp_path / "w1.npz")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        ns = argparse.Namespace(trace=str(trace), model="tiny-cpu", policy="static_ep", knob=[],
+                                cluster=None, iterations="0:2", seed=0, out=str(tmp_path / "x"),
+                                timeline="none", warmup=0, check=False, timeout_s=60)
+        _, _, items = _planned(ns, 1, False)
+        ex = RankExecutor(model, 0, 1, torch.device("cpu"))
+        assert not ex.warm_kernels  # CPU: nothing to load
+        ex.warm_kernels = True
+        seen: set[int] = set()
+        for item in items:
+            ex.prepare(item.program, item.iteration)
+            counts = {len(r) for lp in ex.passes.values() for r in lp.slot_rows} - {0}
+            assert counts <= ex._warm_m and ex._warm_m == seen | counts
+            seen = set(ex._warm_m)
+            assert all(float(g.abs().sum()) == 0 for gs in ex.slot_grads.values() for g in gs)
+            ex.run(item.program)
+        assert float(ex._warm_grad.abs().sum()) > 0
+    finally:
+        dist.destroy_process_group()
