@@ -2,6 +2,8 @@
 
     python benchmarks/accuracy.py --out runs/accuracy            # full grid (16 configs)
     python benchmarks/accuracy.py --out runs/acc-smoke --quick   # 2 configs, 2 iterations
+    # one GPU (what benchmarks/gpu_accuracy.sh runs):
+    python benchmarks/accuracy.py --out runs/gpu --backend nccl --world-sizes 1 --model small-gpu
 
 For each world size (2 and 4) and every (trace, policy + capacity factor) it calibrates the
 machine (``moesim calibrate``, ~20 s) right before the configuration's runs — the VM this was
