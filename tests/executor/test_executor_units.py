@@ -212,3 +212,22 @@ def test_kernel_warmup_runs_each_new_row_count_once(tmp_path, monkeypatch):
         assert float(ex._warm_grad.abs().sum()) > 0
     finally:
         dist.destroy_process_group()
+
+
+def test_collective_context_benchmark_prints_its_table():
+    """`benchmarks/collective_context.py` runs 2 gloo ranks and prints one row per operation
+    with a time and a factor for each context."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "benchmarks/collective_context.py", "--rounds", "1"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [ln for ln in out.stdout.splitlines() if re.match(r"(token all-to-all|all-reduce)", ln)]
+    assert len(rows) == 3
+    for row in rows:
+        times = [float(x) for x in re.findall(r"([\d.]+) ms", row)]
+        assert len(times) == 3 and all(t > 0 for t in times) and "(1.00x)" in row
