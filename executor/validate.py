@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-sizes", default="2", help="comma list, e.g. 2,4")
     p.add_argument("--profile", default="cpu-gloo-4", help="cluster TOML from `moesim "
                    "calibrate` (or a preset); reshaped to 1 node x world size")
-    p.add_argument("--model", default="tiny-cpu")
+    p.add_argument("--model", default="small-cpu", help="model preset (default: small-cpu, "
+                   "GEMM-bound on CPU)")
     p.add_argument("--iterations", default="0:4", metavar="A:B")
     p.add_argument("--out", required=True, help="directory for runs, table and figure")
     p.add_argument("--repeats", type=int, default=1, help="executor runs per configuration; "

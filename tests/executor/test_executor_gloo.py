@@ -124,7 +124,7 @@ def test_validate_runs_both_backends_and_compares(tmp_path, capsys):
 
     out = tmp_path / "val"
     code = main(["validate", "--traces", "synth", "--policies", "static_ep", "--world-sizes",
-                 "2", "--iterations", "0:2", "--out", str(out),
+                 "2", "--iterations", "0:2", "--model", "tiny-cpu", "--out", str(out),
                  "--hang-timeout-s", str(HANG_S)])
     assert code == 0
     measured = load_run(out / "synth-static_ep-w2" / "measured")
@@ -170,7 +170,8 @@ def test_calibrate_writes_a_loadable_profile(tmp_path, capsys):
     from moesim.specs import load_cluster
 
     out = tmp_path / "cal.toml"
-    assert main(["calibrate", "--world-size", "2", "--reps", "1", "--out", str(out)]) == 0
+    assert main(["calibrate", "--world-size", "2", "--reps", "1", "--model", "tiny-cpu",
+                 "--out", str(out)]) == 0
     cluster = load_cluster(out)
     assert cluster.world_size == 2 and cluster.hardware.peak_flops > 0
     assert cluster.intra.bw_GBps > 0 and cluster.hardware.cores_shared_by >= 1
