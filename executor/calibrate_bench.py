@@ -55,7 +55,8 @@ import torch
 import torch.distributed as dist
 
 from moesim.executor import moe_layer as ml
-from moesim.executor.interpreter import HOST_ADAM_CHUNK, Adam, RankExecutor
+from moesim.executor.interpreter import RankExecutor
+from moesim.executor.optim import HOST_ADAM_CHUNK, Adam
 from moesim.executor.replay import expert_weights, torch_dtype
 from moesim.executor.worker import Heartbeat, init_distributed
 from moesim.ops import AllGather, AllReduce, Broadcast, Reduce, ReduceScatter, SendRecv

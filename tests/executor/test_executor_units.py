@@ -152,7 +152,7 @@ def test_backend_choice_follows_gpus_per_local_rank(monkeypatch):
 
 def test_chunked_adam_matches_one_call():
     """The host Adam in chunks (bounded temporaries) computes the same update as one call."""
-    from moesim.executor.interpreter import Adam
+    from moesim.executor.optim import Adam
 
     p0, g = torch.randn(10_000, dtype=torch.float64), torch.randn(10_000, dtype=torch.float64)
     whole, chunked = p0.clone(), p0.clone()
