@@ -165,7 +165,8 @@ def test_policy_invariants(name: str, shape: tuple[int, int], model: ModelSpec) 
     base = policy.decide(prev_hist, model, cluster, np.random.default_rng(0))
     other = policy.decide(history_at(changed, last, None, policy.oracle), model, cluster,
                           np.random.default_rng(0))
-    assert same_decision(base, other), "the decision depends on passes it may not see"
+    if not (stopped_by_clock(base) or stopped_by_clock(other)):
+        assert same_decision(base, other), "the decision depends on passes it may not see"
 
 
 @pytest.mark.parametrize("name", available_policies())
