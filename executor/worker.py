@@ -300,7 +300,7 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
         if rank == 0 and torch.cuda.is_available() and not os.environ.get("MOESIM_BACKEND"):
             print(f"moesim: note: {torch.cuda.device_count()} GPU(s) for "
                   f"{os.environ.get('LOCAL_WORLD_SIZE', world)} local ranks; running gloo on "
-                  "CPU tensors (NCCL needs a GPU per rank)", file=sys.stderr)
+                  "CPU tensors (NCCL needs a GPU per rank)", flush=True)
     dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     return rank, world

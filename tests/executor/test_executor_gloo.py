@@ -176,3 +176,18 @@ def test_calibrate_writes_a_loadable_profile(tmp_path, capsys):
     assert cluster.world_size == 2 and cluster.hardware.peak_flops > 0
     assert cluster.intra.bw_GBps > 0 and cluster.hardware.cores_shared_by >= 1
     assert "collectives" in capsys.readouterr().out
+
+
+def test_one_rank_calibration_copies_the_named_links(tmp_path, capsys):
+    """`moesim calibrate --world-size 1` (a one-GPU machine's case, here on gloo) measures
+    compute only and takes the link levels from --links-from, saying so."""
+    from moesim.cli import main
+    from moesim.specs import load_cluster
+
+    out = tmp_path / "one.toml"
+    assert main(["calibrate", "--world-size", "1", "--model", "tiny-cpu", "--backend", "gloo",
+                 "--links-from", "a100-4x8-ib800", "--out", str(out)]) == 0
+    cluster, source = load_cluster(out), load_cluster("a100-4x8-ib800")
+    assert cluster.world_size == 1 and cluster.hardware.peak_flops > 0
+    assert cluster.intra == source.intra and cluster.inter == source.inter
+    assert "links copied from a100-4x8-ib800" in capsys.readouterr().out
