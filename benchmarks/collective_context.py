@@ -5,7 +5,8 @@
 `moesim calibrate` times each collective after 1 ms of cache-resident busy work, a 64 × 64
 matmul, in `calibrate_bench._time_collective`. In a run, a collective follows several ms of
 GEMMs whose data evicts the caches. This benchmark times the same executor operations through
-that same function after three kinds of preceding work, alternating them:
+that same function, alternating four kinds of preceding work: short or long (1 or 10 ms), and
+cache-resident or cache-evicting (64 × 64, or 512 × 256 × 2048 matmuls). The operations are:
 - the token all-to-all of dispatch + combine, 1 MiB per rank, halved;
 - a 256 B all-reduce: the routing-count exchange;
 - a 2 MiB all-reduce: the dense grad sync.
@@ -13,10 +14,11 @@ that same function after three kinds of preceding work, alternating them:
 Each cell is the median over rounds of the op's median of 15 calls. In brackets is the factor
 over the calibration's context.
 
-Measured on the 2-vCPU development VM (2026-11-26), over four runs:
-- the all-to-all takes 1.2–1.7× its calibration-context time after 3–10 ms of large GEMMs;
-- the 2 MiB all-reduce takes 1.4–2.3×;
-- the 256 B all-reduce takes 2.2–12×.
+Measured on the 2-vCPU development VM (2026-11-26), two runs of `--rounds 5`:
+- every other context is slower than the calibration's: the all-to-all by 1.2–1.4×, the
+  2 MiB all-reduce by 1.3–2.4× and the 256 B all-reduce by 1.8–9.4×;
+- length alone (10 ms of the small matmul) and eviction alone (1 ms of the large one) each
+  account for most of it.
 
 This matches the runs, whose collectives take about twice their calibrated time.
 
@@ -37,7 +39,8 @@ CASES = (("token all-to-all, 1 MiB", "all_to_all", 1 << 20),
          ("all-reduce, 256 B", "all_reduce", 256),
          ("all-reduce, 2 MiB", "all_reduce", 2 << 20))
 CONTEXTS = (("1 ms, 64x64 matmul (calibration)", 1e-3, (64, 64, 64)),
-            ("3 ms, 512x256x512 matmul", 3e-3, (512, 256, 512)),
+            ("10 ms, 64x64 matmul", 10e-3, (64, 64, 64)),
+            ("1 ms, 512x256x2048 matmul", 1e-3, (512, 256, 2048)),
             ("10 ms, 512x256x2048 matmul", 10e-3, (512, 256, 2048)))
 
 
