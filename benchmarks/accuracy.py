@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         write_csv,
         write_figure,
     )
+    from moesim.executor.worker import add_backend_argument
     from moesim.specs import load_model
     from moesim.traces.io import save_trace
 
@@ -135,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate-once", action="store_true", help="one profile per world size "
                    "(default: calibrate again right before each configuration, so that the "
                    "profile sees the machine the runs see)")
-    p.add_argument("--backend", choices=("auto", "nccl", "gloo"), default=None,
-                   help="process group backend of the ranks (default auto: NCCL when every "
-                   "rank has a GPU of its own, else gloo); --backend nccl --world-sizes 1 "
-                   "validates one GPU")
+    add_backend_argument(p)  # --backend nccl --world-sizes 1 validates one GPU
     p.add_argument("--quick", action="store_true", help="smoke test: synth trace, static_ep, "
                    "2 iterations, 1 repeat")
     args = p.parse_args(argv)

@@ -86,6 +86,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     if args.world_size < 1:
         raise MoesimError("--world-size must be >= 1 (2 or more to measure collectives)")
+    links_from = getattr(args, "links_from", None)
+    if links_from and args.world_size > 1:
+        raise MoesimError("--links-from is for --world-size 1 only (with 2 or more ranks the "
+                          "links are measured); drop it")
+    if links_from:
+        _links_of(links_from)  # a bad name fails now, not after the benchmark
     if args.from_raw:
         raw = json.loads(Path(args.from_raw).read_text())
     else:

@@ -216,3 +216,16 @@ def test_single_rank_all_to_all_costs_its_local_copies():
     two = load_cluster("h100-4x8-ib400x8").with_shape(1, 2)
     assert CostModel(two).all_to_all(np.diag([1e8, 1e8])) == pytest.approx(
         CostModel(two).all_to_all(np.zeros((2, 2))))  # self-traffic is free with peers
+
+
+def test_links_from_is_checked_before_measuring(tmp_path):
+    """--links-from with several ranks, or naming no cluster, fails at once (exit 2, one
+    line), before any rank starts and with nothing written."""
+    from moesim.cli import main
+
+    out = tmp_path / "x.toml"
+    assert main(["calibrate", "--world-size", "2", "--links-from", "a100-4x8-ib800",
+                 "--out", str(out)]) == 2
+    assert main(["calibrate", "--world-size", "1", "--links-from", "nosuch",
+                 "--out", str(out)]) == 2
+    assert not out.exists()
