@@ -57,14 +57,15 @@ POLICIES = ("static_ep", "static_ep:capacity_factor=1.0", "static_ep:capacity_fa
 
 
 def _calibrate(world: int, out: Path, model: str, name: str = "",
-               backend: str | None = None) -> Path:
+               backend: str | None = None, context_iterations: int = 3) -> Path:
     from moesim.executor.calibrate import run_calibrate
 
     stem = name or f"{_profile_stem(backend)}-w{world}"
     path = out / f"{stem}.toml"
     run_calibrate(argparse.Namespace(world_size=world, out=str(path), model=model, reps=15,
                                      raw=str(out / f"{stem}-raw.json"), from_raw=None,
-                                     hang_timeout_s=300.0, backend=backend, links_from=None))
+                                     hang_timeout_s=300.0, backend=backend, links_from=None,
+                                     context_iterations=context_iterations))
     return path
 
 
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate-once", action="store_true", help="one profile per world size "
                    "(default: calibrate again right before each configuration, so that the "
                    "profile sees the machine the runs see)")
+    p.add_argument("--context-iterations", type=int, default=3, help="calibrate's context "
+                   "stage: iterations of its own workload (0: microbenchmarks only)")
     add_backend_argument(p)  # --backend nccl --world-sizes 1 validates one GPU
     p.add_argument("--quick", action="store_true", help="smoke test: synth trace, static_ep, "
                    "2 iterations, 1 repeat")
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             profile = str(Path(args.profile_dir) / f"{_profile_stem(args.backend)}-w{world}.toml")
         elif not each:
             wait_for_quiet(args.quiet_wait_s)
-            profile = str(_calibrate(world, out, args.model, backend=args.backend))
+            profile = str(_calibrate(world, out, args.model, backend=args.backend,
+                                     context_iterations=args.context_iterations))
         ns = argparse.Namespace(profile=None if each else profile, model=args.model,
                                 iterations=iterations,
                                 hang_timeout_s=120.0, warmup=args.warmup,
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 if each:
                     wait_for_quiet(args.quiet_wait_s)
                     ns.profile = str(_calibrate(world, out, args.model, f"{cfg}-profile",
-                                                args.backend))
+                                                args.backend, args.context_iterations))
                 res = run_config(Path(tpath), tname, spec, world, ns, out / cfg)
                 print(format_table(res.comparison.rows(), title=f"== {cfg}"), flush=True)
                 results.append(res)

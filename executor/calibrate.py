@@ -3,8 +3,8 @@
 Launches :mod:`moesim.executor.calibrate_bench` on N local ranks (the executor's own code paths:
 its expert op over a layer-pass's slots, the stand-in matmul, its optimizer step, host copies,
 every collective kind as the interpreter runs it), then fits every parameter on *relative*
-error (least squares on relative or log time) from those microbenchmarks only — never from
-validation runs:
+error (least squares on relative or log time) from those microbenchmarks and a short run of
+calibrate's own workload — never from validation runs:
 
 - compute, the cost model's ``max(bytes/mem_bw, flops/(peak·eff(m))) + launch`` per slot:
   ``launch_s`` from the smallest stand-in matmul (per-op overhead), ``peak_flops`` the best rate
@@ -27,7 +27,11 @@ validation runs:
   kinds (all-to-all rows weighted ×4), used by kinds that were not measured;
 - the host link (``HostCopy``): latency and bandwidth of host copies;
 - ``op_overhead_s``: the interpreter's own time between two ops (median gap over a program of
-  empty ops run by :meth:`RankExecutor.run`).
+  empty ops run by :meth:`RankExecutor.run`);
+- ``context_factors`` (``--context-iterations N``, default 3; 0 skips): how much longer each
+  kind of op takes inside a training step than in those microbenchmarks, from N iterations of
+  the executor on calibrate's own workload (a synthetic trace with its own seed, never a
+  validation trace), see :mod:`moesim.executor.calibrate_context`.
 
 Compute is measured with all ranks computing at once (as in a run), so the concurrency slowdown
 is in the curves and ``cores_shared_by`` is 1; the slowdown of an expert forward with all ranks
@@ -73,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --world-size 1 (nothing to measure collectives on): the cluster "
                    "preset or TOML whose link levels to copy (default: h100-4x8-ib400x8 "
                    "under NCCL, cpu-gloo-4 under gloo)")
+    p.add_argument("--context-iterations", type=int, default=3, metavar="N",
+                   help="then run the calibration workload (its own synthetic trace; static "
+                   "EP and SwiftMoE) for N iterations and fit how much longer each kind of op "
+                   "takes inside a step than in the microbenchmarks (default 3; 0 skips)")
     from moesim.executor.worker import add_backend_argument
 
     add_backend_argument(p)
@@ -80,36 +88,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    """Measure (or reuse ``--from-raw``), fit, write the TOMLs, print a summary."""
+    """Measure (or reuse ``--from-raw``), fit, measure the context factors, write the TOMLs,
+    print a summary."""
+    from moesim.executor import calibrate_context as context
     from moesim.executor.launch import launch
     from moesim.specs import load_model
 
     if args.world_size < 1:
         raise MoesimError("--world-size must be >= 1 (2 or more to measure collectives)")
+    iterations = int(getattr(args, "context_iterations", 0) or 0)
+    if iterations < 0:
+        raise MoesimError("--context-iterations must be >= 0 (0 skips the context stage)")
     links_from = getattr(args, "links_from", None)
     if links_from and args.world_size > 1:
         raise MoesimError("--links-from is for --world-size 1 only (with 2 or more ranks the "
                           "links are measured); drop it")
     if links_from:
         _links_of(links_from)  # a bad name fails now, not after the benchmark
-    if args.from_raw:
-        raw = json.loads(Path(args.from_raw).read_text())
-    else:
-        with tempfile.TemporaryDirectory(prefix="moesim-cal-") as tmp:
+    backend = getattr(args, "backend", None)
+    with tempfile.TemporaryDirectory(prefix="moesim-cal-") as tmp:
+        if args.from_raw:
+            raw = json.loads(Path(args.from_raw).read_text())
+        else:
             out = Path(tmp) / "raw.json"
             launch(["--model", args.model, "--out", str(out), "--reps", str(args.reps)],
                    args.world_size, Path(tmp) / "run", hang_timeout_s=args.hang_timeout_s,
-                   module="moesim.executor.calibrate_bench",
-                   backend=getattr(args, "backend", None))
+                   module="moesim.executor.calibrate_bench", backend=backend)
             raw = json.loads(out.read_text())
+        fit = fit_profile(raw, load_model(args.model))
+        if fit["collectives"] is None:
+            fit["links_from"] = links_from or (
+                "h100-4x8-ib400x8" if raw["meta"]["backend"] == "nccl" else "cpu-gloo-4")
+        if iterations and not args.from_raw:
+            base = write_profile(fit, raw["meta"], Path(tmp) / "base" / "profile.toml")
+            raw["context"] = context.measure(base, args.model, args.world_size,
+                                             Path(tmp) / "context", iterations, backend,
+                                             args.hang_timeout_s)
+    if raw.get("context"):
+        fit["context_factors"] = context.fit_factors(raw["context"])
     if args.raw:
-        Path(args.raw).write_text(json.dumps(raw))
-    fit = fit_profile(raw, load_model(args.model))
-    if fit["collectives"] is None:
-        fit["links_from"] = getattr(args, "links_from", None) or (
-            "h100-4x8-ib400x8" if raw["meta"]["backend"] == "nccl" else "cpu-gloo-4")
+        from moesim.results import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.raw), json.dumps(raw).encode())
     cluster_path = write_profile(fit, raw["meta"], Path(args.out))
     print(summary_text(fit, raw["meta"], cluster_path))
+    if raw.get("context"):
+        print(f"  context factors (in-step / microbenchmark time, from "
+              f"{'the raw file' if args.from_raw else f'{iterations} iterations'} of the "
+              f"calibration workload; x1 where not listed):")
+        print("\n".join(context.summary_lines(raw["context"], fit["context_factors"])))
     return 0
 
 
@@ -325,6 +352,8 @@ def write_profile(fit: dict, meta: dict, out: Path) -> Path:
           "elementwise_eff": 1.0, "host_optimizer_GBps": fit["host_optimizer_GBps"],
           "collective_latency_s": 0.0, "cores_shared_by": shared,
           "op_overhead_s": fit.get("op_overhead_s", 0.0)}
+    if fit.get("context_factors"):
+        hw["context_factors"] = dict(fit["context_factors"])
     if c.get("backward_curve"):
         hw["backward_gemm_eff_curve"] = [list(p) for p in c["backward_curve"]]
     if fit.get("dense_curve"):
@@ -353,7 +382,10 @@ def write_profile(fit: dict, meta: dict, out: Path) -> Path:
                f"# Compute fit over per-slot expert timings: MAPE {c['mape_pct']:.1f}%, "
                f"max {c['max_pct']:.1f}% (forward and backward curves).\n"
                "# mem_bw_GBps: effective, from the executor's Adam step; collective latency is "
-               "in the cluster's link level.\n")
+               "in the cluster's link level.\n"
+               + ("# context_factors: in-step over microbenchmark time per op class, from the "
+                  "calibration workload (moesim.executor.calibrate_context).\n"
+                  if fit.get("context_factors") else ""))
     if coll is None:
         cl_head = (f"# Calibrated by `moesim calibrate` ({src}).\n"
                    f"# Links NOT measured (one rank, no collective to time): intra and inter "

@@ -44,7 +44,10 @@ peers, so ``t = S(n−1)/n / busbw``, i.e. ``busbw = (S/t)·(n−1)/n = algbw·(
 ``bytes / host_optimizer_GBps``. ``HostCopy``: ``host.latency + bytes / host.bw`` (PCIe).
 
 Every op's duration gets ``hardware.op_overhead_s`` on top (0 in the GPU presets; the CPU
-executor's per-op interpreter time in a calibrated CPU profile).
+executor's per-op interpreter time in a calibrated CPU profile), and is then multiplied by its
+context factor (:func:`context_factor`; 1 unless the profile has ``context_factors``, which
+``moesim calibrate`` measures in a short training run: small collectives and host work take
+longer between heavy compute than in isolated microbenchmarks).
 """
 
 from __future__ import annotations
@@ -82,6 +85,31 @@ def collective_kind(op: Op) -> str:
         if isinstance(op, cls):
             return kind
     raise TypeError(f"{type(op).__name__} is not a collective")
+
+
+def context_class(op_type: type) -> str:
+    """The :data:`moesim.specs.CONTEXT_CLASSES` name of an op type."""
+    for cls, name in ((Compute, "compute"), (HostCompute, "host_compute"),
+                      (HostCopy, "host_copy"), *_KIND.items()):
+        if issubclass(op_type, cls):
+            return name
+    raise TypeError(f"{op_type.__name__} has no context class")
+
+
+def context_key(op: Op) -> str:
+    """``class.phase.direction`` of ``op`` (:func:`context_class`), the most specific key of
+    ``HardwareProfile.context_factors``."""
+    return f"{context_class(type(op))}.{op.phase}.{op.direction}"
+
+
+def context_factor(factors: dict[str, float], key: str) -> float:
+    """The factor of an op with :func:`context_key` ``key``: the most specific of
+    ``class.phase.direction``, ``class.phase`` and ``class`` in ``factors``, else 1."""
+    while key:
+        if key in factors:
+            return factors[key]
+        key = key.rpartition(".")[0]
+    return 1.0
 
 
 def bus_factor(op: GroupCollective, n: np.ndarray) -> np.ndarray:
@@ -132,8 +160,16 @@ class CostModel:
         """Seconds: ``[R]`` for per-rank ops (compute, host, send/recv), ``[G]`` per group of
         a group collective, ``[1]`` for an all-to-all (its slowest rank); plus
         ``hardware.op_overhead_s`` where it is set."""
+        return self._base(op) * self._factor(op)
+
+    def _base(self, op: Op) -> np.ndarray:
+        """:meth:`duration` before the context factor."""
         t = self._work(op)
         return t + self.hw.op_overhead_s if self.hw.op_overhead_s > 0 else t
+
+    def _factor(self, op: Op) -> float:
+        factors = self.hw.context_factors
+        return context_factor(factors, context_key(op)) if factors else 1.0
 
     def _work(self, op: Op) -> np.ndarray:
         if isinstance(op, Compute):
@@ -154,7 +190,7 @@ class CostModel:
     def durations(self, program: Program) -> list[np.ndarray]:
         """:meth:`duration` of every op; an all-to-all whose matrix is another's transpose
         (combine vs dispatch: same buffer, transposed view) is costed once — its time is
-        symmetric under transposition (out and in swap)."""
+        symmetric under transposition (out and in swap) — before each op's context factor."""
         memo: dict[tuple, np.ndarray] = {}
         out = []
         for op in program.ops:
@@ -163,8 +199,9 @@ class CostModel:
                 out.append(self.duration(op))
                 continue
             if key not in memo:
-                memo[key] = self.duration(op)
-            out.append(memo[key])
+                memo[key] = self._base(op)
+            f = self._factor(op)
+            out.append(memo[key] * f if f != 1.0 else memo[key])
         return out
 
     # -- compute ----------------------------------------------------------------------------

@@ -195,6 +195,8 @@ class ModelSpec:
 
 COLLECTIVE_KINDS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter", "broadcast",
                     "reduce", "send_recv")
+#: Op classes of ``HardwareProfile.context_factors`` keys: compute, host work, each collective.
+CONTEXT_CLASSES = ("compute", "host_compute", "host_copy", *COLLECTIVE_KINDS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -291,6 +293,12 @@ class HardwareProfile:
     curve. ``op_overhead_s`` is host time a rank spends per op
     outside the op itself (the CPU executor's interpreter loop between ops, ~10 µs); it is
     added to every op's duration. 0 for GPUs, whose per-kernel cost is ``launch_s``.
+    ``context_factors`` (optional, ``{key: factor}``) multiplies the duration of ops by how
+    much longer (or shorter) they ran inside a training step than the microbenchmarks that
+    fitted the rest of the profile; ``key`` is ``class``, ``class.phase`` or
+    ``class.phase.direction`` with ``class`` one of :data:`CONTEXT_CLASSES` (the most specific
+    key present wins; see :func:`moesim.costmodel.context_factor`). ``moesim calibrate``
+    measures them in a short run of its own calibration workload; empty means 1.
     """
 
     name: str
@@ -306,11 +314,13 @@ class HardwareProfile:
     backward_gemm_eff_curve: tuple[tuple[float, float], ...] = ()
     dense_gemm_eff_curve: tuple[tuple[float, float], ...] = ()
     op_overhead_s: float = 0.0
+    context_factors: dict[str, float] = field(default_factory=dict, hash=False)
     description: str = ""
     source: str = ""
 
     def __post_init__(self) -> None:
         _text(self, "name", "description", "source")
+        object.__setattr__(self, "context_factors", _context_factors(self.context_factors))
         _positive(self, "peak_flops", "mem_bw_GBps", "host_optimizer_GBps", "elementwise_eff",
                   "cores_shared_by")
         _non_negative(self, "launch_s", "collective_latency_s", "op_overhead_s")
@@ -336,6 +346,32 @@ class HardwareProfile:
         read_s = n * k * bytes_per_element / (self.mem_bw_GBps * 1e9)
         flops_s = 2.0 * m * n * k / (self.peak_flops * self.gemm_efficiency(m))
         return np.maximum(read_s, flops_s) + self.launch_s
+
+
+def _context_factors(table: Any) -> dict[str, float]:
+    """Validate ``HardwareProfile.context_factors``: keys ``class[.phase[.direction]]``,
+    factors positive and finite."""
+    from moesim.ops import DIRECTIONS, PHASES
+
+    if not isinstance(table, dict):
+        raise MoesimError(f"HardwareProfile.context_factors must be a table of factors, got "
+                          f"{table!r}")
+    out = {}
+    for key, value in table.items():
+        parts = str(key).split(".")
+        if (len(parts) > 3 or parts[0] not in CONTEXT_CLASSES
+                or (len(parts) > 1 and parts[1] not in PHASES)
+                or (len(parts) > 2 and parts[2] not in DIRECTIONS)):
+            raise MoesimError(
+                f"HardwareProfile.context_factors: bad key {key!r}; use class[.phase"
+                f"[.direction]] with class in {', '.join(CONTEXT_CLASSES)}, phase in "
+                f"{', '.join(PHASES)} and direction in {', '.join(DIRECTIONS)}")
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not (math.isfinite(value) and value > 0)):
+            raise MoesimError(f"HardwareProfile.context_factors.{key} must be a positive "
+                              f"number, got {value!r}")
+        out[str(key)] = float(value)
+    return out
 
 
 def _eff_curve(points: Any) -> tuple[tuple[float, float], ...]:
@@ -530,13 +566,14 @@ def load_cluster(name_or_path: str | Path) -> Cluster:
 def spec_to_dict(spec: Any) -> dict[str, Any]:
     """A JSON-ready dict of any of the spec dataclasses (nested ones included); optional
     fields left at their empty default (a link level's ``per_kind``, the hardware's
-    ``backward_gemm_eff_curve``, ``dense_gemm_eff_curve`` and ``op_overhead_s``) are omitted,
+    ``backward_gemm_eff_curve``, ``dense_gemm_eff_curve``, ``op_overhead_s`` and
+    ``context_factors``) are omitted,
     so a spec without them reads as it did before they existed."""
     return _drop_empty(dataclasses.asdict(spec))
 
 
 _OPTIONAL_EMPTY = ("per_kind", "backward_gemm_eff_curve", "dense_gemm_eff_curve",
-                   "op_overhead_s")
+                   "op_overhead_s", "context_factors")
 
 
 def _drop_empty(obj: Any) -> Any:

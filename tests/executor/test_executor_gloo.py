@@ -164,18 +164,24 @@ def test_hung_ranks_are_killed_within_the_bound(tmp_path, monkeypatch):
 
 
 def test_calibrate_writes_a_loadable_profile(tmp_path, capsys):
-    """`moesim calibrate` on 2 gloo ranks (1 repeat per collective: a smoke test, not a
-    measurement) writes a Cluster + HardwareProfile that load_cluster reads."""
+    """`moesim calibrate` on 2 gloo ranks (1 repeat per collective and 2 iterations of the
+    context workload: a smoke test, not a measurement) writes a Cluster + HardwareProfile that
+    load_cluster reads, with a context factor for every op class the workload runs."""
     from moesim.cli import main
     from moesim.specs import load_cluster
 
     out = tmp_path / "cal.toml"
     assert main(["calibrate", "--world-size", "2", "--reps", "1", "--model", "tiny-cpu",
-                 "--out", str(out)]) == 0
+                 "--context-iterations", "2", "--out", str(out)]) == 0
     cluster = load_cluster(out)
     assert cluster.world_size == 2 and cluster.hardware.peak_flops > 0
     assert cluster.intra.bw_GBps > 0 and cluster.hardware.cores_shared_by >= 1
-    assert "collectives" in capsys.readouterr().out
+    factors = cluster.hardware.context_factors
+    for key in ("compute.expert.fwd", "compute.expert.bwd", "all_to_all.dispatch.fwd",
+                "all_reduce", "host_compute", "host_copy", "compute"):
+        assert key in factors, key
+    text = capsys.readouterr().out
+    assert "collectives" in text and "context factors" in text
 
 
 def test_one_rank_calibration_copies_the_named_links(tmp_path, capsys):
@@ -186,7 +192,8 @@ def test_one_rank_calibration_copies_the_named_links(tmp_path, capsys):
 
     out = tmp_path / "one.toml"
     assert main(["calibrate", "--world-size", "1", "--model", "tiny-cpu", "--backend", "gloo",
-                 "--links-from", "a100-4x8-ib800", "--out", str(out)]) == 0
+                 "--links-from", "a100-4x8-ib800", "--context-iterations", "0",
+                 "--out", str(out)]) == 0
     cluster, source = load_cluster(out), load_cluster("a100-4x8-ib800")
     assert cluster.world_size == 1 and cluster.hardware.peak_flops > 0
     assert cluster.intra == source.intra and cluster.inter == source.inter
