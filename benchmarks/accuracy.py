@@ -33,8 +33,16 @@ GEMM-bound; with ``--model tiny-cpu`` (~30 ms steps) about 60 % of a step is glo
 latency (~0.3 ms per collective on loopback TCP) and interpreter time, which vary ±25 % from run
 to run on 2 vCPUs.
 
-Measurement hygiene: the profile comes from microbenchmarks only (``moesim calibrate``; the
-validation runs are never fitted), one intra-op thread per rank, ``--warmup`` untimed runs of
+Profile: ``moesim calibrate``'s microbenchmarks, then its context stage
+(``--context-iterations``, default 6: calibrate's own workload — a synthetic trace with its own
+seed — run by the executor, giving each op class its in-step / microbenchmark factor; see
+:mod:`moesim.executor.calibrate_context`). With a profile per configuration the workload is run
+again right after the configuration's runs and the factors pool both samples
+(:func:`moesim.executor.calibrate.remeasure_context`; ``--no-bracket`` skips it): the machine's
+speed drifts over minutes, and a calibration on one side of the runs catches one moment of it.
+The validation runs are never fitted.
+
+Measurement hygiene: one intra-op thread per rank, ``--warmup`` untimed runs of
 the first iteration, each configuration is run ``--repeats`` times with the median taken per
 iteration, calibration and every executor run first wait (up to ``--quiet-wait-s``) for
 other processes to leave the CPUs idle, and all of it runs at a raised scheduling priority
@@ -57,7 +65,7 @@ POLICIES = ("static_ep", "static_ep:capacity_factor=1.0", "static_ep:capacity_fa
 
 
 def _calibrate(world: int, out: Path, model: str, name: str = "",
-               backend: str | None = None, context_iterations: int = 3) -> Path:
+               backend: str | None = None, context_iterations: int = 6) -> Path:
     from moesim.executor.calibrate import run_calibrate
 
     stem = name or f"{_profile_stem(backend)}-w{world}"
@@ -106,6 +114,7 @@ def _traces(quick: bool) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from moesim.analysis.validation import format_table
+    from moesim.executor.calibrate import remeasure_context
     from moesim.executor.validate import (
         load_named_trace,
         run_config,
@@ -137,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate-once", action="store_true", help="one profile per world size "
                    "(default: calibrate again right before each configuration, so that the "
                    "profile sees the machine the runs see)")
-    p.add_argument("--context-iterations", type=int, default=3, help="calibrate's context "
+    p.add_argument("--context-iterations", type=int, default=6, help="calibrate's context "
                    "stage: iterations of its own workload (0: microbenchmarks only)")
+    p.add_argument("--no-bracket", action="store_true", help="do not run calibrate's "
+                   "workload again after a configuration's runs (by default its context "
+                   "factors pool one sample before and one after them)")
     add_backend_argument(p)  # --backend nccl --world-sizes 1 validates one GPU
     p.add_argument("--quick", action="store_true", help="smoke test: synth trace, static_ep, "
                    "2 iterations, 1 repeat")
@@ -177,7 +189,12 @@ def main(argv: list[str] | None = None) -> int:
                     wait_for_quiet(args.quiet_wait_s)
                     ns.profile = str(_calibrate(world, out, args.model, f"{cfg}-profile",
                                                 args.backend, args.context_iterations))
-                res = run_config(Path(tpath), tname, spec, world, ns, out / cfg)
+                after = None
+                if each and args.context_iterations and not args.no_bracket:
+                    def after(cfg: str = cfg, profile: str = ns.profile) -> None:
+                        remeasure_context(out / f"{cfg}-profile-raw.json", Path(profile),
+                                          args.model, args.context_iterations, args.backend)
+                res = run_config(Path(tpath), tname, spec, world, ns, out / cfg, after)
                 print(format_table(res.comparison.rows(), title=f"== {cfg}"), flush=True)
                 results.append(res)
     write_csv(results, out / "accuracy.csv")

@@ -28,7 +28,7 @@ calibrate's own workload — never from validation runs:
 - the host link (``HostCopy``): latency and bandwidth of host copies;
 - ``op_overhead_s``: the interpreter's own time between two ops (median gap over a program of
   empty ops run by :meth:`RankExecutor.run`);
-- ``context_factors`` (``--context-iterations N``, default 3; 0 skips): how much longer each
+- ``context_factors`` (``--context-iterations N``, default 6; 0 skips): how much longer each
   kind of op takes inside a training step than in those microbenchmarks, from N iterations of
   the executor on calibrate's own workload (a synthetic trace with its own seed, never a
   validation trace), see :mod:`moesim.executor.calibrate_context`.
@@ -77,10 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --world-size 1 (nothing to measure collectives on): the cluster "
                    "preset or TOML whose link levels to copy (default: h100-4x8-ib400x8 "
                    "under NCCL, cpu-gloo-4 under gloo)")
-    p.add_argument("--context-iterations", type=int, default=3, metavar="N",
+    p.add_argument("--context-iterations", type=int, default=6, metavar="N",
                    help="then run the calibration workload (its own synthetic trace; static "
                    "EP and SwiftMoE) for N iterations and fit how much longer each kind of op "
-                   "takes inside a step than in the microbenchmarks (default 3; 0 skips)")
+                   "takes inside a step than in the microbenchmarks (default 6; 0 skips)")
     from moesim.executor.worker import add_backend_argument
 
     add_backend_argument(p)
@@ -117,7 +117,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
             raw = json.loads(out.read_text())
         fit = fit_profile(raw, load_model(args.model))
         if fit["collectives"] is None:
-            fit["links_from"] = links_from or (
+            fit["links_from"] = raw["links_from"] = links_from or raw.get("links_from") or (
                 "h100-4x8-ib400x8" if raw["meta"]["backend"] == "nccl" else "cpu-gloo-4")
         if iterations and not args.from_raw:
             base = write_profile(fit, raw["meta"], Path(tmp) / "base" / "profile.toml")
@@ -138,6 +138,36 @@ def run_calibrate(args: argparse.Namespace) -> int:
               f"calibration workload; x1 where not listed):")
         print("\n".join(context.summary_lines(raw["context"], fit["context_factors"])))
     return 0
+
+
+def remeasure_context(raw_path: Path, out: Path, model: str, iterations: int,
+                      backend: str | None = None, hang_timeout_s: float = 300.0) -> Path:
+    """Run the calibration workload once more and refit: the context sums of ``raw_path``
+    (a ``--raw`` file of a calibration with a context stage) gain this run's, and the profile
+    ``out`` is rewritten from the pooled sums; the microbenchmark fit is unchanged. A validation
+    that calls it after its runs gets factors measured before *and* after them, so a machine
+    whose speed drifts over minutes is sampled on both sides of the runs."""
+    from moesim.executor import calibrate_context as context
+    from moesim.results import atomic_write_bytes
+    from moesim.specs import load_model
+
+    raw = json.loads(Path(raw_path).read_text())
+    if "context" not in raw:
+        raise MoesimError(f"{raw_path} has no context measurements; calibrate with "
+                          "--context-iterations N > 0 first")
+    fit = fit_profile(raw, load_model(model))
+    if fit["collectives"] is None:
+        fit["links_from"] = raw["links_from"]
+    with tempfile.TemporaryDirectory(prefix="moesim-cal-") as tmp:
+        base = write_profile(fit, raw["meta"], Path(tmp) / "base" / "profile.toml")
+        more = context.measure(base, model, int(raw["meta"]["world_size"]), Path(tmp) / "ctx",
+                               iterations, backend, hang_timeout_s)
+    for key, (m, p, n) in more.items():
+        entry = raw["context"].setdefault(key, [0.0, 0.0, 0])
+        raw["context"][key] = [entry[0] + m, entry[1] + p, entry[2] + n]
+    fit["context_factors"] = context.fit_factors(raw["context"])
+    atomic_write_bytes(Path(raw_path), json.dumps(raw).encode())
+    return write_profile(fit, raw["meta"], Path(out))
 
 
 # -- fitting ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import io
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,8 +210,11 @@ def _policy(spec: str):
 
 
 def run_config(trace_path: Path, trace_name: str, spec: str, world: int, args,
-               out: Path) -> ConfigResult:
-    """Executor + simulator for one (trace, policy, world) and their comparison."""
+               out: Path, after_runs: Callable[[], None] | None = None) -> ConfigResult:
+    """Executor + simulator for one (trace, policy, world) and their comparison.
+    ``after_runs`` (optional) is called between the executor's runs and the simulator's,
+    which reads ``args.profile`` only then (``benchmarks/accuracy.py`` re-measures the
+    calibration workload there, so that the profile brackets the runs in time)."""
     from moesim.analysis.validation import compare_runs
     from moesim.executor.launch import launch
     from moesim.executor.plan import parse_iterations
@@ -221,7 +225,7 @@ def run_config(trace_path: Path, trace_name: str, spec: str, world: int, args,
     from moesim.traces.io import load_trace
 
     name, knobs, policy = _policy(spec)
-    cluster = resolve_cluster(args.profile, world, cuda=False)  # as the executor's ranks do
+    resolve_cluster(args.profile, world, cuda=False)  # a bad profile fails before the runs
     trace = load_trace(trace_path)
     start, stop = parse_iterations(args.iterations, trace.num_iterations)
     predicted = out / "predicted"
@@ -237,6 +241,9 @@ def run_config(trace_path: Path, trace_name: str, spec: str, world: int, args,
         wait_for_quiet(float(getattr(args, "quiet_wait_s", 0.0)))
         launch(argv, world, run_dir, hang_timeout_s=args.hang_timeout_s,
                backend=getattr(args, "backend", None))
+    if after_runs is not None:
+        after_runs()
+    cluster = resolve_cluster(args.profile, world, cuda=False)  # as the executor's ranks do
     simulate(trace_path, load_model(args.model), cluster, policy, iterations=(start, stop),
              out_dir=predicted, timeline_iterations=[start], progress=False)
     comp = compare_runs(load_run(predicted), [load_run(m) for m in measured])

@@ -136,3 +136,71 @@ def test_from_raw_refits_the_stored_context(tmp_path, capsys):
     fit = fit_profile(raw, model)  # without the context stage: no factors, as before
     assert not load_cluster(write_profile(fit, raw["meta"], tmp_path / "b.toml")
                             ).hardware.context_factors
+
+
+def test_remeasure_pools_a_second_sample(tmp_path, monkeypatch):
+    """`remeasure_context` (the accuracy benchmark's sample after a configuration's runs) adds
+    a second run's sums to the raw file's and rewrites the profile from the pooled sums."""
+    from moesim.executor.calibrate import remeasure_context
+    from tests.executor.test_calibrate_validate import _raw
+
+    model = load_model("tiny-cpu")
+    raw = _raw(model)
+    raw["context"] = {"all_to_all.dispatch.fwd": [0.03, 0.02, 12]}
+    path = tmp_path / "raw.json"
+    path.write_text(json.dumps(raw))
+    seen = []
+
+    def fake_measure(profile, model_name, world, workdir, iterations, backend, timeout):
+        seen.append((load_cluster(profile).hardware.context_factors, world, iterations))
+        return {"all_to_all.dispatch.fwd": [0.01, 0.02, 12]}
+
+    monkeypatch.setattr(ctx, "measure", fake_measure)
+    out = remeasure_context(path, tmp_path / "cal.toml", "tiny-cpu", 3)
+    assert seen == [({}, 2, 3)]  # measured against the microbenchmark fit, without factors
+    assert load_cluster(out).hardware.context_factors["all_to_all.dispatch.fwd"] == 1.0
+    assert json.loads(path.read_text())["context"]["all_to_all.dispatch.fwd"] == [0.04, 0.04,
+                                                                                  24]
+    del raw["context"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(MoesimError, match="no context measurements"):
+        remeasure_context(path, tmp_path / "cal.toml", "tiny-cpu", 3)
+
+
+def test_ablation_tool_re_predicts_a_grid(tmp_path, capsys):
+    """`benchmarks/context_ablation.py` on a grid whose "measurement" is the simulator with
+    the profile's factors: as written it matches exactly; without factors it does not."""
+    import importlib.util
+    from pathlib import Path
+
+    import tomli_w
+
+    from moesim.simulate import simulate
+    from moesim.traces.io import save_trace
+
+    spec = importlib.util.spec_from_file_location(
+        "context_ablation", Path(__file__).parents[2] / "benchmarks" / "context_ablation.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with pytest.raises(MoesimError, match="accuracy.csv is missing"):
+        tool.configurations(tmp_path)
+
+    model = load_model("tiny-cpu")
+    trace = tmp_path / "t.npz"
+    save_trace(ctx.workload_trace(model, 2, 2), trace)
+    base = load_cluster("cpu-gloo-4").with_shape(1, 2)
+    hw = dataclasses.replace(base.hardware, context_factors={"compute": 1.5,
+                                                             "all_to_all.dispatch": 2.0})
+    cluster = dataclasses.replace(base, hardware=hw)
+    (tmp_path / "c-w2-profile.toml").write_text(tomli_w.dumps(spec_to_dict(cluster)))
+    for run in ("predicted", "measured"):
+        simulate(trace, model, cluster, "static_ep", iterations=(0, 2),
+                 out_dir=tmp_path / "c-w2" / run, progress=False)
+    (tmp_path / "accuracy.csv").write_text(
+        "config,trace,policy,world_size,quantity,predicted_s,measured_s,mape_pct,max_pct\n"
+        "c-w2,t,static_ep,2,step,0,0,0,0\n")
+    assert tool.main([str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("c-w2"))
+    as_written, none = (float(x.rstrip("%")) for x in row.split()[1:3])
+    assert as_written == pytest.approx(0.0, abs=1e-9) and none > 5.0
