@@ -140,36 +140,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def remeasure_context(raw_path: Path, out: Path, model: str, iterations: int,
-                      backend: str | None = None, hang_timeout_s: float = 300.0) -> Path:
-    """Run the calibration workload once more and refit: the context sums of ``raw_path``
-    (a ``--raw`` file of a calibration with a context stage) gain this run's, and the profile
-    ``out`` is rewritten from the pooled sums; the microbenchmark fit is unchanged. A validation
-    that calls it after its runs gets factors measured before *and* after them, so a machine
-    whose speed drifts over minutes is sampled on both sides of the runs."""
-    from moesim.executor import calibrate_context as context
-    from moesim.results import atomic_write_bytes
-    from moesim.specs import load_model
-
-    raw = json.loads(Path(raw_path).read_text())
-    if "context" not in raw:
-        raise MoesimError(f"{raw_path} has no context measurements; calibrate with "
-                          "--context-iterations N > 0 first")
-    fit = fit_profile(raw, load_model(model))
-    if fit["collectives"] is None:
-        fit["links_from"] = raw["links_from"]
-    with tempfile.TemporaryDirectory(prefix="moesim-cal-") as tmp:
-        base = write_profile(fit, raw["meta"], Path(tmp) / "base" / "profile.toml")
-        more = context.measure(base, model, int(raw["meta"]["world_size"]), Path(tmp) / "ctx",
-                               iterations, backend, hang_timeout_s)
-    for key, (m, p, n) in more.items():
-        entry = raw["context"].setdefault(key, [0.0, 0.0, 0])
-        raw["context"][key] = [entry[0] + m, entry[1] + p, entry[2] + n]
-    fit["context_factors"] = context.fit_factors(raw["context"])
-    atomic_write_bytes(Path(raw_path), json.dumps(raw).encode())
-    return write_profile(fit, raw["meta"], Path(out))
-
-
 # -- fitting ---------------------------------------------------------------------------------
 
 

@@ -29,6 +29,10 @@ Collective durations run from the last member's arrival (:func:`moesim.executor.
 measured_schedule`), as the simulator counts them, so a factor measures the op, not a wait for
 a straggler.
 
+:func:`remeasure_context` runs the workload again later and pools the sums:
+``benchmarks/accuracy.py`` calls it after each configuration's runs, so the factors sample
+the machine on both sides of them.
+
 The validation runs (``moesim validate``, ``benchmarks/accuracy.py``) are still never fitted.
 Only this workload is.
 """
@@ -36,6 +40,7 @@ Only this workload is.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +108,36 @@ def measure(profile: Path, model_name: str, world: int, workdir: Path, iteration
         for it in range(iterations):
             accumulate(sums, _events(measured, it), _events(predicted, it))
     return sums
+
+
+def remeasure_context(raw_path: Path, out: Path, model: str, iterations: int,
+                      backend: str | None = None, hang_timeout_s: float = 300.0) -> Path:
+    """Run the calibration workload once more and refit: the context sums of ``raw_path``
+    (a ``--raw`` file of a calibration with a context stage) gain this run's, and the profile
+    ``out`` is rewritten from the pooled sums; the microbenchmark fit is unchanged. A validation
+    that calls it after its runs gets factors measured before *and* after them, so a machine
+    whose speed drifts over minutes is sampled on both sides of the runs."""
+    from moesim.executor.calibrate import fit_profile, write_profile
+    from moesim.results import atomic_write_bytes
+    from moesim.specs import load_model
+
+    raw = json.loads(Path(raw_path).read_text())
+    if "context" not in raw:
+        raise MoesimError(f"{raw_path} has no context measurements; calibrate with "
+                          "--context-iterations N > 0 first")
+    fit = fit_profile(raw, load_model(model))
+    if fit["collectives"] is None:
+        fit["links_from"] = raw["links_from"]
+    with tempfile.TemporaryDirectory(prefix="moesim-cal-") as tmp:
+        base = write_profile(fit, raw["meta"], Path(tmp) / "base" / "profile.toml")
+        more = measure(base, model, int(raw["meta"]["world_size"]), Path(tmp) / "ctx",
+                       iterations, backend, hang_timeout_s)
+    for key, (m, p, n) in more.items():
+        entry = raw["context"].setdefault(key, [0.0, 0.0, 0])
+        raw["context"][key] = [entry[0] + m, entry[1] + p, entry[2] + n]
+    fit["context_factors"] = fit_factors(raw["context"])
+    atomic_write_bytes(Path(raw_path), json.dumps(raw).encode())
+    return write_profile(fit, raw["meta"], Path(out))
 
 
 def _events(run_dir: Path, iteration: int) -> list[dict]:

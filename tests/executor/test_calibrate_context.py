@@ -141,7 +141,6 @@ def test_from_raw_refits_the_stored_context(tmp_path, capsys):
 def test_remeasure_pools_a_second_sample(tmp_path, monkeypatch):
     """`remeasure_context` (the accuracy benchmark's sample after a configuration's runs) adds
     a second run's sums to the raw file's and rewrites the profile from the pooled sums."""
-    from moesim.executor.calibrate import remeasure_context
     from tests.executor.test_calibrate_validate import _raw
 
     model = load_model("tiny-cpu")
@@ -156,7 +155,7 @@ def test_remeasure_pools_a_second_sample(tmp_path, monkeypatch):
         return {"all_to_all.dispatch.fwd": [0.01, 0.02, 12]}
 
     monkeypatch.setattr(ctx, "measure", fake_measure)
-    out = remeasure_context(path, tmp_path / "cal.toml", "tiny-cpu", 3)
+    out = ctx.remeasure_context(path, tmp_path / "cal.toml", "tiny-cpu", 3)
     assert seen == [({}, 2, 3)]  # measured against the microbenchmark fit, without factors
     assert load_cluster(out).hardware.context_factors["all_to_all.dispatch.fwd"] == 1.0
     assert json.loads(path.read_text())["context"]["all_to_all.dispatch.fwd"] == [0.04, 0.04,
@@ -164,7 +163,7 @@ def test_remeasure_pools_a_second_sample(tmp_path, monkeypatch):
     del raw["context"]
     path.write_text(json.dumps(raw))
     with pytest.raises(MoesimError, match="no context measurements"):
-        remeasure_context(path, tmp_path / "cal.toml", "tiny-cpu", 3)
+        ctx.remeasure_context(path, tmp_path / "cal.toml", "tiny-cpu", 3)
 
 
 def test_ablation_tool_re_predicts_a_grid(tmp_path, capsys):
