@@ -135,7 +135,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if raw.get("context"):
         print(f"  context factors (in-step / microbenchmark time, from "
               f"{'the raw file' if args.from_raw else f'{iterations} iterations'} of the "
-              f"calibration workload; x1 where not listed):")
+              f"calibration workload; other phases take their class's pooled factor, "
+              f"classes not listed x1):")
         print("\n".join(context.summary_lines(raw["context"], fit["context_factors"])))
     return 0
 

@@ -188,8 +188,10 @@ def fit_factors(sums: dict[str, list[float]]) -> dict[str, float]:
 
 
 def summary_lines(sums: dict[str, list[float]], factors: dict[str, float]) -> list[str]:
-    """One line per fitted key, biggest measured time first."""
-    lines = []
+    """The pooled per-class factors, then one line per fitted key, biggest measured time
+    first."""
+    pooled = [f"{k} x{v:.2f}" for k, v in sorted(factors.items()) if "." not in k]
+    lines = [f"    pooled: {', '.join(pooled)}"] if pooled else []
     for key, (m, p, n) in sorted(sums.items(), key=lambda kv: -kv[1][0]):
         if key in factors:
             lines.append(f"    {key:32s} x{factors[key]:5.2f}  ({m * 1e3:8.1f} ms measured / "

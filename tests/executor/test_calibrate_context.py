@@ -93,8 +93,9 @@ def test_fit_is_time_weighted_pooled_filtered_and_clipped():
     assert "all_reduce.route.fwd" not in f and "all_reduce" not in f
     assert f["compute.route.fwd"] == ctx.CLIP[1]
     lines = ctx.summary_lines(sums, f)
-    assert [line.split()[0] for line in lines] == ["compute.route.fwd",  # 8 ms measured
-                                                   "all_to_all.dispatch.fwd"]  # 6.8 ms
+    assert lines[0].split(": ")[1] == "all_to_all x1.42, compute x5.00"  # pooled
+    assert [line.split()[0] for line in lines[1:]] == ["compute.route.fwd",  # 8 ms measured
+                                                       "all_to_all.dispatch.fwd"]  # 6.8 ms
 
 
 def test_unpaired_timelines_are_an_error():
