@@ -116,6 +116,7 @@ def _traces(quick: bool) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from moesim.analysis.validation import format_table
     from moesim.executor.calibrate_context import remeasure_context
+    from moesim.executor.run_args import add_backend_argument
     from moesim.executor.validate import (
         load_named_trace,
         run_config,
@@ -124,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         write_csv,
         write_figure,
     )
-    from moesim.executor.worker import add_backend_argument
     from moesim.specs import load_model
     from moesim.traces.io import save_trace
 

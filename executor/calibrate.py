@@ -81,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="then run the calibration workload (its own synthetic trace; static "
                    "EP and SwiftMoE) for N iterations and fit how much longer each kind of op "
                    "takes inside a step than in the microbenchmarks (default 6; 0 skips)")
-    from moesim.executor.worker import add_backend_argument
+    from moesim.executor.run_args import add_backend_argument
 
     add_backend_argument(p)
     p.set_defaults(func=run_calibrate)

@@ -7,7 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the executor's subcommands to ``moesim``'s parser."""
-    from moesim.executor.worker import add_backend_argument, add_run_arguments
+    from moesim.executor.run_args import add_backend_argument, add_run_arguments
 
     run = sub.add_parser("run", help="run a policy on a trace with the torch.distributed "
                          "executor (N local ranks; gloo on CPU, NCCL on GPU)",

@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet-wait-s", type=float, default=0.0, help="before each executor run, "
                    "wait up to this long for other processes to leave the CPUs idle")
     p.add_argument("--hang-timeout-s", type=float, default=120.0)
-    from moesim.executor.worker import add_backend_argument
+    from moesim.executor.run_args import add_backend_argument
 
     add_backend_argument(p)
     p.set_defaults(func=run_validate)
