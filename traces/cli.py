@@ -28,6 +28,10 @@ IMPORT_HELP = {
               "--init-expert-location .json",
     "eplb": "DeepSeek EPLB weight[layers, experts] as .npy or headerless .csv",
     "csv": "long CSV with header pass,layer,rank,expert,count (moesim trace export writes it)",
+    "megatron": "Megatron-Core --moe-routing-trace-path folder of router_trace_rank{r}.jsonl",
+    "trtllm": "TensorRT-LLM ExpertStatistic folder (meta_info.json, rank{r}.safetensors)",
+    "vllm": "vLLM EPLB state: torch.save file with expert_load_window and "
+            "physical_to_logical_map, or JSON load_history",
 }
 # (flag, SynthConfig field, type, help)
 SYNTH_KNOBS = (
@@ -80,13 +84,26 @@ def _add_import(sub) -> None:
                    help="where to write the trace (*.npz, or a directory path)")
     p.add_argument("--top-k", type=int, default=2,
                    help="experts each token picks; tokens per rank = row sum / top-k "
-                        "(default: 2)")
+                        "(default: 2; megatron and trtllm read it from the files)")
     p.add_argument("--allow-uneven", action="store_true",
                    help="smartmoe: accept rows with different sums as a variable-k trace")
     p.add_argument("--drop-zero-layers", action="store_true",
                    help="sglang: drop all-zero (dense) layers instead of keeping them")
     p.add_argument("--micro-batches", type=int, default=1,
-                   help="sglang/csv: passes per iteration (default: 1)")
+                   help="sglang/csv/vllm: passes per iteration (default: 1)")
+    p.add_argument("--include-mtp", action="store_true",
+                   help="megatron: add multi-token-prediction routers as extra layers after "
+                        "the decoder's (default: excluded)")
+    p.add_argument("--experts", type=int, default=None,
+                   help="megatron: number of experts (default: largest expert id + 1)")
+    p.add_argument("--keep-topk", action="store_true",
+                   help="megatron: store the per-token choices too")
+    p.add_argument("--stage", default=None,
+                   help="megatron: keep only records of this stage (when a folder mixes them)")
+    p.add_argument("--naive-dp-size", type=int, default=1,
+                   help="vllm: the dump comes from the naive all-to-all with this many "
+                        "data-parallel ranks, which counts every token that many times; "
+                        "divide the load back (default: 1)")
     p.set_defaults(func=_cmd_import)
 
 
@@ -169,11 +186,37 @@ def _cmd_import(args: argparse.Namespace) -> int:
                               micro_batches=args.micro_batches)
     elif args.kind == "eplb":
         trace = import_eplb(args.src, args.top_k)
+    elif args.kind in ENGINE_IMPORTERS:
+        trace = ENGINE_IMPORTERS[args.kind](args)
     else:
         trace = import_csv(args.src, args.top_k, micro_batches=args.micro_batches)
     save_trace(trace, args.output)
     print(f"wrote {args.output}: {_shape_line(trace)}")
     return 0
+
+
+def _import_megatron(args: argparse.Namespace) -> RoutingTrace:
+    from moesim.traces.import_megatron import import_megatron
+
+    return import_megatron(args.src, include_mtp=args.include_mtp, num_experts=args.experts,
+                           keep_topk=args.keep_topk, stage=args.stage)
+
+
+def _import_trtllm(args: argparse.Namespace) -> RoutingTrace:
+    from moesim.traces.import_trtllm import import_trtllm
+
+    return import_trtllm(args.src)
+
+
+def _import_vllm(args: argparse.Namespace) -> RoutingTrace:
+    from moesim.traces.import_vllm import import_vllm
+
+    return import_vllm(args.src, args.top_k, naive_dp_size=args.naive_dp_size,
+                       micro_batches=args.micro_batches)
+
+
+ENGINE_IMPORTERS = {"megatron": _import_megatron, "trtllm": _import_trtllm,
+                    "vllm": _import_vllm}
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
