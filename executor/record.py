@@ -19,7 +19,9 @@ numbers mean the same thing:
 - ``tokens_total`` / ``tokens_dropped``; ``peak_memory_bytes`` — the program's memory model
   (max over ranks; on CUDA the measured ``max_memory_allocated`` is added as
   ``measured_peak_memory_bytes``); ``peak_host_bytes``; ``relayout_bytes``; ``planner_time_s``
-  (the simulator's ``oom`` column has no executor counterpart: a run that does not fit fails).
+  (the simulator's ``oom`` column has no executor counterpart: a run that does not fit fails);
+- the load and traffic metrics of :mod:`moesim.metrics` from the forced routing and the
+  program, the simulator's own function (so both backends give identical values).
 """
 
 from __future__ import annotations
@@ -92,8 +94,11 @@ def summarize(busy_LFR: np.ndarray, sched: Schedule, program: Program, decision:
 
 def build_record(iteration: int, program: Program, decision: Decision | None,
                  counts_MLRE: np.ndarray, times: list[OpTimes], with_timeline: bool = False,
-                 measured_peak_bytes: float | None = None) -> IterationRecord:
-    """The :class:`IterationRecord` of one executed iteration."""
+                 measured_peak_bytes: float | None = None,
+                 gpus_per_node: int | None = None) -> IterationRecord:
+    """The :class:`IterationRecord` of one executed iteration (``gpus_per_node``: the node
+    size for the node-imbalance and link metrics; default all ranks on one node)."""
+    from moesim import metrics
     from moesim.simulate import phase_times
     from moesim.timeline import chrome_events
 
@@ -108,12 +113,17 @@ def build_record(iteration: int, program: Program, decision: Decision | None,
     dropped_LR = np.stack([sum(np.asarray(routes[(mb, l)].dropped_R) for mb in range(M))
                            for l in range(L)])
     summary = summarize(busy, sched, program, decision, counts_MLRE, dropped_LR)
+    load_LE = np.asarray(counts_MLRE).sum(axis=(0, 2))
+    extra, traffic = metrics.iteration_metrics(kept_MLRP.sum(axis=2).reshape(M, L, R, S)
+                                               .sum(axis=3), load_LE, program.ops, R,
+                                               gpus_per_node or R)
+    summary.update(extra)
     if measured_peak_bytes is not None:
         summary["measured_peak_memory_bytes"] = float(measured_peak_bytes)
     memory = {k: np.asarray(v, dtype=float) for k, v in program.memory_bytes.items()}
     return IterationRecord(
         iteration=iteration, summary=summary, busy_s_LFR=busy, start_s_LFR=start,
-        end_s_LFR=end, expert_load_LE=np.asarray(counts_MLRE).sum(axis=(0, 2)),
+        end_s_LFR=end, expert_load_LE=load_LE, traffic_FRR=traffic,
         rank_tokens_LR=kept_MLRP.sum(axis=(0, 2)).reshape(L, R, S).sum(axis=2),
         dropped_LR=dropped_LR, memory_CR=memory,
         timeline=chrome_events(program.ops, sched, iteration=iteration)

@@ -188,7 +188,7 @@ def run_rank(args: argparse.Namespace, rank: int, world: int, hb: Heartbeat) -> 
     from moesim.results import RunWriter
 
     device = _device()
-    model = items = writer = None
+    model = items = writer = config = None
     failures: list[int] = []
     timeline: set[int] | str = "none"
     if rank == 0:
@@ -205,7 +205,8 @@ def run_rank(args: argparse.Namespace, rank: int, world: int, hb: Heartbeat) -> 
                 continue
             want_tl = timeline == "all" or (timeline != "none" and item.iteration in timeline)
             rec = build_record(item.iteration, item.program, item.decision, item.counts_MLRE,
-                               gathered, want_tl, peak)
+                               gathered, want_tl, peak,
+                               gpus_per_node=config["cluster"]["gpus_per_node"])
             if report is not None:
                 rec.summary.update({f"check_{k}": float(v) for k, v in report.items()
                                     if k != "iteration"})

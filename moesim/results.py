@@ -19,6 +19,9 @@ A run directory holds::
                       rank_tokens[I, L, R]   tokens each rank's slots computed (after drops)
                       dropped[I, L, R]       tokens each source rank dropped
     memory.npz        memory_bytes[I, C, R], components[C] (GPU peak breakdown)
+    traffic.npz       traffic_bytes[I, F, R, R]  bytes GPU i sent GPU j in each phase
+                                             (moesim.metrics.traffic_FRR; absent in runs
+                                             written before it existed)
     timeline_iter{N}.json   Chrome-trace / Perfetto JSON of chosen iterations
 
 Writes are atomic and resumable: each finished chunk of iterations lands in ``parts/`` via a
@@ -52,6 +55,7 @@ ARRAY_FILES = {
     "times.npz": ("busy_s", "start_s", "end_s"),
     "load.npz": ("expert_load", "rank_tokens", "dropped"),
     "memory.npz": ("memory_bytes",),
+    "traffic.npz": ("traffic_bytes",),
 }
 
 
@@ -106,10 +110,13 @@ class IterationRecord:
     dropped_LR: np.ndarray
     memory_CR: dict[str, np.ndarray]
     timeline: list[dict] | None = None
+    traffic_FRR: np.ndarray | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         comps = sorted(self.memory_CR)
-        return {
+        extra = {} if self.traffic_FRR is None else {
+            "traffic_bytes": np.asarray(self.traffic_FRR, dtype=np.float32)}
+        return extra | {
             "busy_s": self.busy_s_LFR.astype(np.float32),
             "start_s": self.start_s_LFR.astype(np.float32),
             "end_s": self.end_s_LFR.astype(np.float32),
@@ -216,6 +223,8 @@ class RunWriter:
         if parts:
             loaded = [dict(np.load(p, allow_pickle=False)) for p in parts]
             for fname, keys in ARRAY_FILES.items():
+                if not all(k in z for z in loaded for k in keys):
+                    continue  # e.g. traffic from a producer that does not record it
                 arrays = {k: np.concatenate([z[k] for z in loaded]) for k in keys}
                 arrays["iterations"] = np.concatenate([z["iterations"] for z in loaded])
                 if fname == "times.npz":

@@ -30,6 +30,8 @@ Summary columns (one row per iteration):
   likewise for host memory; ``oom`` 1 when the plan does not fit (only with ``allow_oom``).
 - ``relayout_bytes`` — bytes moved by ``relayout`` ops; ``planner_time_s`` — the policy's own
   planner time (``Decision.planner_time_s``).
+- load and traffic metrics (overload factor, imbalance, hottest link, expert-load percentiles):
+  :mod:`moesim.metrics` (``COLUMNS``), with the per-GPU-pair traffic ``traffic_FRR``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from moesim import memory as memory_model
+from moesim import metrics
 from moesim.costmodel import CostModel
 from moesim.engine import Schedule, schedule
 from moesim.errors import MoesimError, OutOfMemoryError
@@ -215,6 +218,10 @@ def build_record(ctx: LoweringContext, sched: Schedule, it: int, oom: bool,
     gpu = {k: np.asarray(v, dtype=np.float64) for k, v in ctx.program.memory_bytes.items()}
     load_LE = expert_load(ctx)
     summary = summarize(ctx, sched, busy, gpu, oom, load_LE)
+    tokens_MLR = ctx.rows_MLP.reshape(*ctx.rows_MLP.shape[:2], ctx.world, -1).sum(axis=3)
+    extra, traffic = metrics.iteration_metrics(tokens_MLR, load_LE, ctx.program.ops, ctx.world,
+                                               ctx.cluster.gpus_per_node)
+    summary.update(extra)
     timeline = None
     if with_timeline:
         from moesim.timeline import chrome_events
@@ -225,7 +232,7 @@ def build_record(ctx: LoweringContext, sched: Schedule, it: int, oom: bool,
         expert_load_LE=load_LE,
         rank_tokens_LR=ctx.rows_MLP.sum(axis=0).reshape(ctx.model.num_layers, ctx.world, -1)
         .sum(axis=2), dropped_LR=ctx.dropped_MLR.sum(axis=0), memory_CR=gpu,
-        timeline=timeline)
+        timeline=timeline, traffic_FRR=traffic)
 
 
 def phase_times(ops: list[Op], sched: Schedule, num_layers: int

@@ -150,7 +150,8 @@ def _print_row(row: dict) -> None:
 
 
 def summary_line(summary, policy: str, cluster: str) -> str:
-    """One line: iterations, mean step time, MoE share, all-to-all, stragglers, drops, memory."""
+    """One line: iterations, mean step time, MoE share, all-to-all, stragglers, drops, memory,
+    overload factor and imbalance."""
     n = len(summary.rows)
     if n == 0:
         return f"{policy} on {cluster}: nothing left to simulate -> {summary.out_dir}"
@@ -160,5 +161,17 @@ def summary_line(summary, policy: str, cluster: str) -> str:
             f"MoE {100 * summary.mean('moe_time_s') / step:.1f}%, "
             f"a2a {summary.mean('a2a_time_s') * 1e3:.2f} ms, "
             f"straggler {summary.mean('straggler_ratio'):.2f}, dropped {100 * dropped:.2f}%, "
-            f"peak {summary.column('peak_memory_bytes').max() / 2**30:.2f} GiB "
-            f"-> {summary.out_dir}")
+            f"peak {summary.column('peak_memory_bytes').max() / 2**30:.2f} GiB, "
+            f"{overload_text(summary)} -> {summary.out_dir}")
+
+
+def overload_text(summary) -> str:
+    """``overload 1.25 (max 1.42, cum 1.05), imbalance 0.25``: means over iterations of the
+    overload factor and imbalance, and the run's largest per-entry and cumulative maxima
+    (:mod:`moesim.metrics`)."""
+    if "overload_mean" not in summary.rows[0]:
+        return "overload -"
+    return (f"overload {summary.mean('overload_mean'):.2f} "
+            f"(max {summary.column('overload_max').max():.2f}, "
+            f"cum {summary.column('overload_cum_max').max():.2f}), "
+            f"imbalance {summary.mean('imbalance'):.2f}")

@@ -133,6 +133,12 @@ def test_validate_runs_both_backends_and_compares(tmp_path, capsys):
     assert measured["busy_s"].shape == predicted["busy_s"].shape == (2, 3, 9, 2)
     assert np.isfinite(measured.summary["step_time_s"]).all()
     assert pair_runs([predicted, measured]) == [(predicted, measured)]
+    # the load and traffic metrics come from the same routing and program: identical
+    from moesim.metrics import COLUMNS
+
+    for col in COLUMNS:
+        np.testing.assert_allclose(measured.summary[col], predicted.summary[col], err_msg=col)
+    np.testing.assert_array_equal(measured["traffic_bytes"], predicted["traffic_bytes"])
     assert (out / "synth-static_ep-w2" / "measured" / "timeline_iter0.json").is_file()
     assert (out / "validation.csv").is_file() and (out / "predicted_vs_measured.png").is_file()
     assert "step MAPE" in capsys.readouterr().out
