@@ -19,7 +19,10 @@ materialisation branch. EPLB re-plans every iteration.
 two in the same process so both see the same machine load.
 
 LAER-MoE (arXiv 2602.11686) reports its C++ planner at 0.5 ms for 64 GPUs and 0.1–0.28 s for
-1024 GPUs, with E = 32.
+1024 GPUs, with E = 32. Its artifact's planner (``greedy_balancer.cpp``) takes 0.76 / 7.8 / 115 ms
+at 64 / 256 / 1024 GPUs (C = 2, E = 32; the figures of issue 16); the closing table sets
+``laer_fsep``'s CPU time beside them (target: at least 2× faster at every size). ``kernel``
+says whether the C kernel (``moesim.policies._greedy_c``) or the Python fallback ran.
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ from unittest import mock
 import numpy as np
 
 from moesim.errors import MoesimError
-from moesim.policies import History, available_policies, laer_fsep, make_policy
+from moesim.policies import History, available_policies, greedy, laer_fsep, make_policy
 from moesim.specs import Cluster, HardwareProfile, LinkLevel, ModelSpec
 
 GPUS_PER_NODE = 8
 PUBLISHED_MS = {("laer_fsep", 32, 64): "0.5", ("laer_fsep", 32, 1024): "100–280"}
+ARTIFACT_CPP_MS = {64: 0.76, 256: 7.8, 1024: 115.0}      # greedy_balancer.cpp, C = 2, E = 32
 
 
 def _model(num_experts: int) -> ModelSpec:
@@ -136,12 +140,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--experts", type=int, nargs="+", default=[32, 256])
     ap.add_argument("--compare", action="store_true",
                     help="time LAER-MoE against the planner it replaced, side by side")
+    ap.add_argument("--no-c-kernel", action="store_true",
+                    help="time the Python fallback instead of the C kernel (_greedy_c)")
     args = ap.parse_args(argv)
+    if args.no_c_kernel:
+        greedy._greedy_c = None
     if args.compare:
         compare_laer(args.experts, args.gpus, args.repeats)
         return
     names = [n for n in ("laer_fsep", "hecate", "swiftmoe", "eplb")
              if n in available_policies()]
+    laer_cpu_ms: dict[int, float] = {}
     head = f"{'policy':<10} {'E':>4} " + " ".join(f"{f'G={g}':>15}" for g in args.gpus)
     print(head + "   LAER paper (C++, ms wall)")
     print("-" * (len(head) + 24))
@@ -151,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
             for G in args.gpus:
                 try:
                     wall, cpu = time_policy(name, E, G, args.repeats)
+                    if name == "laer_fsep" and E == 32:
+                        laer_cpu_ms[G] = cpu * 1e3
                     cells.append(f"{f'{wall * 1e3:.2f}/{cpu * 1e3:.2f}':>15}")
                 except MoesimError as exc:
                     cells.append(f"{'n/a':>15}")
@@ -161,6 +172,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nms wall/cpu (Decision.planner_time_s / this process's CPU time): one MoE layer "
           f"per decision, median of {args.repeats} runs, {GPUS_PER_NODE} GPUs per node, slots "
           "per GPU max(2, 2E/G); wall > cpu means other processes shared the cores")
+    print_cpp_comparison(laer_cpu_ms)
+
+
+def print_cpp_comparison(laer_cpu_ms: dict[int, float]) -> None:
+    """``laer_fsep`` (E = 32) beside the LAER artifact's C++ planner: ms and speed-up."""
+    sizes = [G for G in laer_cpu_ms if G in ARTIFACT_CPP_MS]
+    if not sizes:
+        return
+    kernel = "C kernel" if greedy._greedy_c is not None else "Python fallback (no C kernel)"
+    print(f"\nlaer_fsep (E=32, {kernel}) vs LAER's greedy_balancer.cpp (C=2, E=32)")
+    print(f"{'G':>6} {'moesim cpu ms':>14} {'C++ ms':>8} {'C++ / moesim':>13} {'>= 2x':>6}")
+    for G in sizes:
+        ratio = ARTIFACT_CPP_MS[G] / laer_cpu_ms[G]
+        print(f"{G:>6} {laer_cpu_ms[G]:>14.3f} {ARTIFACT_CPP_MS[G]:>8.2f} {ratio:>12.1f}x "
+              f"{'yes' if ratio >= 2.0 else 'NO':>6}")
 
 
 if __name__ == "__main__":

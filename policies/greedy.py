@@ -5,7 +5,11 @@ Liu et al., "LAER-MoE" (arXiv 2602.11686), §4 (planner): the *precise* split gr
 with the highest per-replica load one step at a time; the *greedy* places replicas in decreasing
 per-replica load on the node holding the fewest copies of that expert, least-loaded GPU first.
 ``tests/policies/test_laer_reference.py`` holds every function here to the straightforward
-version it replaced (``tests/policies/laer_reference.py``) on thousands of random cases.
+version it replaced (``tests/policies/laer_reference.py``) on thousands of random cases. Where
+``pip install`` had a C compiler, the precise split, the greedy and the slot rows run in
+``_greedy_c.c`` (the same algorithm: one heap, the same rounds, the same tie-breaks; each node's
+best free GPU cached until the node changes); the Python here is the fallback and the kernel's
+reading.
 
 Shape legend: ``E`` experts, ``G`` GPUs, ``N`` nodes, ``K`` candidate vectors, ``J`` placed
 copies, ``S`` slots per GPU, ``M`` growth steps one expert may take, ``W`` the window of steps
@@ -20,6 +24,11 @@ from functools import lru_cache
 import numpy as np
 
 from moesim.errors import MoesimError
+
+try:                                        # built by setup.py where a C compiler is present
+    from moesim.policies import _greedy_c
+except ImportError:                         # pragma: no cover - the Python greedy then
+    _greedy_c = None
 
 # Relative margin under which a quotient is surely above the split's threshold (float error on
 # the quotients is ~1e-16; any margin far above that and far below 1/picks is safe).
@@ -45,6 +54,10 @@ def precise_replicas(load_E: np.ndarray, num_slots: int, num_nodes: int,
     """
     load = np.asarray(load_E, dtype=np.float64)
     E = load.shape[0]
+    if _greedy_c is not None:                              # the heap itself, in C
+        out = np.empty(E, dtype=np.int64)
+        _greedy_c.precise(np.ascontiguousarray(load), num_slots, num_nodes, max_per_expert, out)
+        return out
     step = num_nodes if num_nodes * E <= num_slots else 1
     picks, M = (num_slots - step * E) // step, max_per_expert // step - 1
     if picks <= 0 or M <= 0:
@@ -105,6 +118,9 @@ def greedy_place_J(replicas_KE: np.ndarray, load_E: np.ndarray, gpus_per_node: i
                    skip_unplaceable: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The new copies :func:`greedy_place` makes for ``K`` candidate vectors ``[K, E]``, one
     entry per copy, in placement order: ``(candidate_J, gpu_J, expert_J)``, int64."""
+    if _greedy_c is not None:
+        return _greedy_in_c(replicas_KE, load_E, int(gpus_per_node), free_G, copies_GE,
+                            gpu_load_G, allow_duplicates, skip_unplaceable)
     reps_KE = np.asarray(replicas_KE, dtype=np.int64)
     K, E = reps_KE.shape
     init = None if copies_GE is None else np.asarray(copies_GE, dtype=np.int64)
@@ -122,6 +138,31 @@ def greedy_place_J(replicas_KE: np.ndarray, load_E: np.ndarray, gpus_per_node: i
         per_candidate.append(len(placed))
     return (np.arange(K, dtype=np.int64).repeat(per_candidate),
             np.array(gpus, dtype=np.int64), order_KE.ravel().repeat(sizes))
+
+
+def _greedy_in_c(replicas_KE: np.ndarray, load_E: np.ndarray, gpus_per_node: int,
+                 free_G: np.ndarray | list[int], copies_GE: np.ndarray | None,
+                 gpu_load_G: np.ndarray | None, allow_duplicates: bool,
+                 skip_unplaceable: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`greedy_place_J` by the C kernel (``_greedy_c.c``: the same rounds, the same
+    order of experts)."""
+    reps_KE = np.ascontiguousarray(replicas_KE, dtype=np.int64)
+    K, E = reps_KE.shape
+    free = np.ascontiguousarray(free_G, dtype=np.int64)
+    load = (np.zeros(free.shape[0]) if gpu_load_G is None
+            else np.ascontiguousarray(gpu_load_G, dtype=np.float64))
+    room = max(int(reps_KE.sum()), 0)
+    gpu_J, expert_J = np.empty(room, dtype=np.int64), np.empty(room, dtype=np.int64)
+    sizes_K = np.empty(K, dtype=np.int64)
+    n = _greedy_c.place(K, E, reps_KE, np.ascontiguousarray(load_E, dtype=np.float64), free,
+                        load, None if copies_GE is None
+                        else np.ascontiguousarray(copies_GE, dtype=np.int64),
+                        gpus_per_node, allow_duplicates, skip_unplaceable, gpu_J, expert_J,
+                        sizes_K)
+    if n < 0:
+        raise MoesimError(f"no free slot left for a replica of expert {-n - 1}; raise the "
+                          "slots per rank")
+    return np.arange(K, dtype=np.int64).repeat(sizes_K), gpu_J[:n], expert_J[:n]
 
 
 def _greedy_start(free_G: np.ndarray | list[int], gpu_load_G: np.ndarray | None, gpus_per_node: int,
@@ -268,6 +309,12 @@ def copies_to_phy2log(copies_GE: np.ndarray, slots_per_rank: int) -> np.ndarray:
 def copies_J_to_phy2log(gpu_J: np.ndarray, expert_J: np.ndarray, num_experts: int,
                         num_ranks: int, slots_per_rank: int) -> np.ndarray:
     """:func:`copies_to_phy2log` from a list of copies (GPU and expert per copy, any order)."""
+    if _greedy_c is not None:
+        out = np.empty(num_ranks * slots_per_rank, dtype=np.int64)
+        _greedy_c.slot_row(np.ascontiguousarray(gpu_J, np.int64),
+                           np.ascontiguousarray(expert_J, np.int64), num_experts, num_ranks,
+                           slots_per_rank, out)
+        return out
     key = np.sort(gpu_J * num_experts + expert_J)           # rank-major, experts ascending
     rank = key // num_experts
     pos = np.arange(key.shape[0]) - rank.searchsorted(rank)

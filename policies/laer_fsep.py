@@ -42,11 +42,13 @@ Planner (per layer), as in the paper:
 
    Like the paper, communication is *summed* over GPUs while compute takes the straggler.
 
-Departures: the paper's planner is C++ and runs off the critical path; ours is Python, built for
-speed without changing the result (``tests/policies/test_laer_reference.py`` holds it to the
-straightforward version it replaced): the precise split selects the heap's pops in one numpy
-partition; the greedy (:func:`moesim.policies.greedy.greedy_place`) places every candidate
-from one start with per-node heaps and a sorted list of the nodes' best GPUs, a round of nodes
+Departures: the paper's planner is C++ and runs off the critical path; ours is built for speed
+without changing the result (``tests/policies/test_laer_reference.py`` holds it to the
+straightforward version it replaced). Where ``pip install`` had a C compiler, the precise split,
+the greedy, the token sums and the slot row run in a small C kernel (``policies/_greedy_c.c``,
+the same rounds and tie-breaks); otherwise in Python: the precise split selects the heap's pops
+in one numpy partition; the greedy (:func:`moesim.policies.greedy.greedy_place`) places every
+candidate from one start with per-node heaps and a sorted list of the nodes' best GPUs, a round of nodes
 per expert at a time; the cost of all candidates is one numpy pass over the placed copies, with
 the sums over GPUs taken in closed form (equal up to float rounding, ~1e-16 relative). Counts
 are averaged per pass rather than summed (the cost is linear in the counts and the precise split
@@ -80,6 +82,7 @@ import numpy as np
 from moesim.errors import MoesimError
 from moesim.ops import AllToAll
 from moesim.placement import Decision, Placement
+from moesim.policies import greedy
 from moesim.policies.base import (
     History,
     Policy,
@@ -148,6 +151,12 @@ def node_first_tokens(copies_J: tuple[np.ndarray, np.ndarray, np.ndarray], num_c
     K, (G, E) = num_candidates, counts_RE.shape
     N = G // gpus_per_node
     n_GE = np.asarray(counts_RE, dtype=np.float64)
+    if greedy._greedy_c is not None:                        # the same sums in C
+        intra_K, inter_K, compute_KG = np.empty(K), np.empty(K), np.empty((K, G))
+        greedy._greedy_c.node_first(K, gpus_per_node, *(np.ascontiguousarray(x, np.int64)
+                                                        for x in copies_J),
+                                    np.ascontiguousarray(n_GE), intra_K, inter_K, compute_KG)
+        return intra_K, inter_K, compute_KG
     node_n_NE = n_GE.reshape(N, gpus_per_node, E).sum(1)
     at_KNE = (k * N + g // gpus_per_node) * E + e
     node_c_KNE = np.bincount(at_KNE, minlength=K * N * E).reshape(K, N, E)

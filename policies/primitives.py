@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from functools import lru_cache
 
 import numpy as np
 
@@ -351,10 +352,19 @@ def relabel_gpus_for_layer(phy2log_P: np.ndarray, layer: int, slots_per_rank: in
     every role once).
     """
     G = phy2log_P.shape[0] // slots_per_rank
+    return phy2log_P.reshape(G, slots_per_rank)[_relabel_source(G, gpus_per_node, layer)
+                                                 ].reshape(phy2log_P.shape)
+
+
+@lru_cache(maxsize=1024)
+def _relabel_source(G: int, gpus_per_node: int, layer: int) -> np.ndarray:
+    """``source[t]``: the GPU whose slots :func:`relabel_gpus_for_layer` moves to GPU ``t``
+    (read-only; cached, the planners ask for the same few every iteration)."""
     g = min(gpus_per_node, G)
     N = G // g
     rank = np.arange(G)
     target = ((rank // g + layer) % N) * g + (rank % g + layer // N) % g
-    out = np.empty_like(phy2log_P)
-    out.reshape(G, slots_per_rank)[target] = phy2log_P.reshape(G, slots_per_rank)
-    return out
+    source = np.empty(G, dtype=np.int64)
+    source[target] = rank
+    source.setflags(write=False)
+    return source

@@ -1,7 +1,8 @@
 """The optimised LAER-MoE planner against a frozen copy of the planner it replaced
 (``laer_reference.py``): same replica vectors, same placements, same choice, same costs to
 rounding, on many random loads and cluster shapes; the moved primitives (precise split, greedy,
-slot rows) alike, including Hecate's and the oracle's use of the greedy.
+slot rows) alike, including Hecate's and the oracle's use of the greedy. Each test runs with the
+C kernel and with the Python versions.
 
 Shape legend: ``G`` GPUs, ``N`` nodes, ``E`` experts, ``K`` candidates.
 """
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from moesim.errors import MoesimError
-from moesim.policies import laer_fsep, make_policy
+from moesim.policies import greedy, laer_fsep, make_policy
 from moesim.policies.greedy import (
     copies_J_to_phy2log,
     copies_to_phy2log,
@@ -21,6 +22,18 @@ from moesim.policies.greedy import (
 )
 from moesim.specs import Cluster, HardwareProfile, LinkLevel, ModelSpec
 from tests.policies import laer_reference as ref
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def kernel(request, monkeypatch) -> str:
+    """Every test twice: with the C kernel (``_greedy_c``, where it was built) and with the
+    Python it stands in for."""
+    if request.param == "c" and greedy._greedy_c is None:
+        pytest.skip("the C kernel moesim.policies._greedy_c is not built (no C compiler at "
+                    "install); the Python run covers the planner")
+    if request.param == "python":
+        monkeypatch.setattr(greedy, "_greedy_c", None)
+    return request.param
 
 
 def _setup(nodes: int, gpn: int, E: int, C: int, **knobs) -> tuple[ModelSpec, Cluster, object]:
