@@ -48,9 +48,9 @@ straightforward version it replaced). Where ``pip install`` had a C compiler, th
 the greedy, the token sums and the slot row run in a small C kernel (``policies/_greedy_c.c``,
 the same rounds and tie-breaks); otherwise in Python: the precise split selects the heap's pops
 in one numpy partition; the greedy (:func:`moesim.policies.greedy.greedy_place`) places every
-candidate from one start with per-node heaps and a sorted list of the nodes' best GPUs, a round of nodes
-per expert at a time; the cost of all candidates is one numpy pass over the placed copies, with
-the sums over GPUs taken in closed form (equal up to float rounding, ~1e-16 relative). Counts
+candidate from one start with per-node heaps and a sorted list of the nodes' best GPUs, a round
+of nodes per expert at a time; the cost of all candidates is one numpy pass over the placed
+copies, with the sums over GPUs taken in closed form (equal up to float rounding, ~1e-16 relative). Counts
 are averaged per pass rather than summed (the cost is linear in the counts and the precise split
 scale-free, so the choice is the same; the costs read as seconds per pass). Random perturbations
 are "optional" in the paper; we keep ``num_random_candidates`` (default 2). Ties and the paper's
