@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,8 +15,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from moesim.errors import MoesimError  # noqa: E402
 from moesim.results import RunResult  # noqa: E402
+from moesim.safeio import atomic_file, writing  # noqa: E402
 
-from .fileio import publish  # noqa: E402
 from .runs import incomplete_note  # noqa: E402
 
 FORMATS = (".png", ".pdf")
@@ -60,14 +59,11 @@ def check_output(out: str | os.PathLike) -> Path:
 def save_figure(fig: Figure, out: str | os.PathLike) -> Path:
     """Write ``fig`` to ``out`` atomically (temp file in the same directory, then replace)."""
     path = check_output(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format=path.suffix.lower()[1:], dpi=DPI, bbox_inches="tight")
-        os.replace(publish(Path(tmp)), path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path, suffix=path.suffix) as fh:
+                fig.savefig(fh, format=path.suffix.lower()[1:], dpi=DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -28,7 +28,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from pathlib import Path
 
+from moesim.dirlock import DirLock
 from moesim.errors import MoesimError, OutOfMemoryError
+from moesim.supervise import die_with_parent
 
 from . import ranking
 from .progress import Progress
@@ -125,11 +127,19 @@ def run_search(spec: str | Path | None, out_dir: str | Path, *, workers: int | N
     configs = load_spec(spec)
     evaluate = evaluate or simulate_config
     out = Path(out_dir)
+    with DirLock(out, "search directory"):
+        return _search_locked(configs, out, evaluate, workers=workers, resume=resume,
+                              limit=limit, save_runs=save_runs, progress=progress,
+                              max_memory_GiB=max_memory_GiB, max_drop_frac=max_drop_frac)
+
+
+def _search_locked(configs: list[dict], out: Path, evaluate: Evaluator, *, workers, resume,
+                   limit, save_runs, progress, **constraints) -> SearchOutcome:
+    """The body of :func:`run_search`, run while this process owns ``out``."""
     results = out / RESULTS
     if results.is_file() and results.stat().st_size and not resume:
         raise MoesimError(f"{out} already holds search results; pass --resume to continue "
                           "that search, or choose a new -o")
-    out.mkdir(parents=True, exist_ok=True)
     _repair_tail(results)
     done = read_results(results)
     todo = [c for c in configs if config_key(c) not in done]
@@ -144,8 +154,7 @@ def run_search(spec: str | Path | None, out_dir: str | Path, *, workers: int | N
     bar.close()
     keys = {config_key(c) for c in configs}
     records = [r for k, r in done.items() if k in keys]
-    return finish_search(records, out, max_memory_GiB=max_memory_GiB,
-                         max_drop_frac=max_drop_frac)
+    return finish_search(records, out, **constraints)
 
 
 def _execute(todo: Sequence[dict], runs_dir: Path | None, workers: int | None,
@@ -160,7 +169,8 @@ def _execute(todo: Sequence[dict], runs_dir: Path | None, workers: int | None,
         for cfg in todo:
             yield run_one(evaluate, cfg, where(cfg))
         return
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)))
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)),
+                               initializer=die_with_parent, initargs=(os.getpid(),))
     try:
         pending: set[Future] = {pool.submit(run_one, evaluate, cfg, where(cfg)) for cfg in todo}
         while pending:

@@ -17,6 +17,7 @@ Rank 0's stdout is passed through; every rank's stderr (and other ranks' stdout)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,9 +26,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+from moesim import dirlock, supervise
 from moesim.errors import MoesimError
 
 POLL_S = 0.2
@@ -107,10 +110,24 @@ def launch(worker_args: list[str], world_size: int, out_dir: str | Path, *,
     ``backend`` (``auto`` / ``nccl`` / ``gloo``) is passed to the ranks as ``MOESIM_BACKEND``
     (:func:`moesim.executor.worker.choose_backend`); None leaves the environment's."""
     out_dir = Path(out_dir)
+    dirlock.acquire(out_dir, "run directory")
+    try:
+        with _terminate_as_interrupt():
+            _launch_owned(worker_args, world_size, out_dir, hang_timeout_s, module, backend)
+    finally:
+        dirlock.release(out_dir)
+
+
+def _launch_owned(worker_args: list[str], world_size: int, out_dir: Path,
+                  hang_timeout_s: float, module: str, backend: str | None) -> None:
+    """:func:`launch` while this process owns ``out_dir``: ranks are started in process
+    groups of their own, die with this process (:mod:`moesim.supervise`), and write into
+    ``out_dir`` under this process's lock."""
     logs = Path(tempfile.mkdtemp(prefix="moesim-run-"))
     port = free_port()
     procs: list[subprocess.Popen] = []
     files = []
+    env_extra = {**dirlock.child_env(out_dir), **supervise.child_env()}
     try:
         for r in range(world_size):
             err = open(logs / f"rank{r}.err", "wb")  # noqa: SIM115 - closed in finally
@@ -118,12 +135,14 @@ def launch(worker_args: list[str], world_size: int, out_dir: str | Path, *,
             files += [f for f in (err, out) if f is not None]
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", module, *worker_args, "--heartbeat-dir", str(logs)],
-                env=_rank_env(r, world_size, port, backend), stdout=out, stderr=err,
-                start_new_session=True))
+                env={**_rank_env(r, world_size, port, backend), **env_extra}, stdout=out,
+                stderr=err, start_new_session=True,
+                preexec_fn=supervise.preexec_die_with_parent()))
         failure = _watch(procs, logs, hang_timeout_s, time.time())
     except BaseException:
         _kill_all(procs)
         finish_incomplete(out_dir, "interrupted")
+        shutil.rmtree(logs, ignore_errors=True)
         raise
     finally:
         for f in files:
@@ -137,6 +156,24 @@ def launch(worker_args: list[str], world_size: int, out_dir: str | Path, *,
         raise MoesimError(f"{failure} (logs: {_keep_logs(logs, out_dir)})")
     shutil.rmtree(logs, ignore_errors=True)  # a user error: its one line says it all
     raise MoesimError(failure)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While launching, SIGTERM (and SIGHUP) end the launcher like Ctrl-C does: its ranks are
+    killed and the run is marked incomplete (the default action would skip both)."""
+    def interrupt(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _keep_logs(logs: Path, out_dir: Path) -> Path:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moesim import supervise
 from moesim.errors import MoesimError
 from moesim.executor.run_args import (  # noqa: F401  (re-exported)
     BACKENDS,
@@ -225,6 +226,9 @@ def run_rank(args: argparse.Namespace, rank: int, world: int, hb: Heartbeat) -> 
             writer.finish("incomplete", error=f"reference check failed at iterations {failures}")
             raise MoesimError(f"executor results differ from the reference layer at iterations "
                               f"{failures}; see {args.out}/iterations.csv (check_* columns)")
+        if supervise.parent_gone():  # the launcher died: its run must not read complete
+            writer.finish("incomplete", error="the launcher died before the run finished")
+            raise MoesimError("the launcher of this run died; the run is incomplete")
         writer.finish("complete")
     return 0
 
@@ -289,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         print("moesim.executor.worker: error: no RANK in the environment; start it with "
               "torchrun or `moesim run`", file=sys.stderr)
         return 2
+    supervise.from_environment()  # under `moesim run`: die with the launcher
     hb = Heartbeat(args.heartbeat_dir, int(os.environ["RANK"]))
     code = 0
     try:

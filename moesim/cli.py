@@ -12,6 +12,7 @@ import sys
 
 from moesim import __version__
 from moesim.errors import MoesimError
+from moesim.safeio import guard_arguments, os_error_line
 
 # Modules that add subcommands, in the order ``moesim --help`` lists them.
 COMMAND_MODULES = (
@@ -50,12 +51,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        guard_arguments(args)
         return int(args.func(args) or 0)
     except MoesimError as exc:
         print(f"moesim: error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
-        print(f"moesim: error: {exc.strerror or exc}: {exc.filename}; check the path",
+    except OSError as exc:  # any OS error left: one line naming the file, never a traceback
+        print(f"moesim: error: {os_error_line(exc, exc.filename or '?', 'use')}",
+              file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("moesim: error: an input is nested too deeply to read; check the files given",
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:

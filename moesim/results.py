@@ -35,14 +35,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from moesim import dirlock, rundir, safeio
 from moesim.errors import MoesimError
 from moesim.ops import PHASES
 
@@ -60,20 +59,9 @@ ARRAY_FILES = {
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half
+    (with the user's umask; see :mod:`moesim.safeio`)."""
+    safeio.atomic_write_bytes(path, data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -139,23 +127,16 @@ class RunWriter:
         self.chunk = max(1, chunk)
         self._pending: list[IterationRecord] = []
         self._summaries: list[dict] = []
-        manifest = self.out / "manifest.json"
-        if self.out.exists() and any(self.out.iterdir()):
-            if not resume:
-                raise MoesimError(f"output directory {self.out} is not empty; pass --resume to "
-                                  "continue that run, or choose a new --out")
-            if not manifest.is_file():
-                raise MoesimError(f"{self.out} is not a moesim run directory (no manifest.json);"
-                                  " choose a new --out")
-            old = json.loads((self.out / "config.json").read_text())
-            if _comparable(old) != _comparable(config):
-                raise MoesimError(f"cannot resume {self.out}: its config differs from this "
-                                  "run's; use the same options or a new --out")
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "parts").mkdir(exist_ok=True)
-        atomic_write_json(self.out / "config.json", config)
-        self.done = self._load_done()
-        self._write_manifest("running")
+        dirlock.acquire(self.out, "run directory")
+        try:
+            rundir.prepare(self.out, config, resume)
+            (self.out / "parts").mkdir(exist_ok=True)
+            atomic_write_json(self.out / "config.json", config)
+            self.done = self._load_done()
+            self._write_manifest("running")
+        except BaseException:
+            dirlock.release(self.out)
+            raise
 
     # -- resume support ---------------------------------------------------------------------
     def _part_files(self) -> list[Path]:
@@ -164,10 +145,15 @@ class RunWriter:
     def _load_done(self) -> list[int]:
         done: list[int] = []
         for part in self._part_files():
-            with np.load(part, allow_pickle=False) as z:
-                done.extend(int(i) for i in z["iterations"])
-                self._summaries.extend(json.loads(bytes(z["summary_json"]).decode()))
+            iterations, summaries = rundir.read_part(part)
+            done.extend(iterations)
+            self._summaries.extend(summaries)
         return done
+
+    @property
+    def summaries(self) -> list[dict]:
+        """The summary rows of every iteration written so far (earlier invocations too)."""
+        return sorted(self._summaries, key=lambda r: r["iteration"])
 
     def resume_after(self) -> int | None:
         """The last iteration already written, or None."""
@@ -178,8 +164,7 @@ class RunWriter:
         parts = self._part_files()
         if not parts:
             return None
-        with np.load(parts[-1], allow_pickle=False) as z:
-            return json.loads(bytes(z["state_json"]).decode())
+        return rundir.read_part_state(parts[-1])
 
     # -- writing ----------------------------------------------------------------------------
     def add(self, record: IterationRecord, state: dict | None = None) -> None:
@@ -221,7 +206,7 @@ class RunWriter:
         self.flush()
         parts = self._part_files()
         if parts:
-            loaded = [dict(np.load(p, allow_pickle=False)) for p in parts]
+            loaded = [rundir.load_part_arrays(p) for p in parts]
             for fname, keys in ARRAY_FILES.items():
                 if not all(k in z for z in loaded for k in keys):
                     continue  # e.g. traffic from a producer that does not record it
@@ -234,6 +219,7 @@ class RunWriter:
                 atomic_write_bytes(self.out / fname, _npz_bytes(arrays))
         atomic_write_bytes(self.out / "iterations.csv", _summary_csv(self._summaries))
         self._write_manifest(status, error)
+        dirlock.release(self.out)
         return self.out
 
     def _write_manifest(self, status: str, error: str = "") -> None:
@@ -243,8 +229,7 @@ class RunWriter:
         })
 
 
-def _comparable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in ("started_at", "argv", "iterations")}
+_comparable = rundir.comparable
 
 
 def _summary_csv(rows: list[dict]) -> bytes:
@@ -288,25 +273,21 @@ def load_run(path: str | Path) -> RunResult:
     if not manifest_path.is_file():
         raise MoesimError(f"{path} is not a moesim run directory (no manifest.json); point at a "
                           "directory written by `moesim simulate` or `moesim run`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise MoesimError(f"{path}: unreadable run metadata ({exc}); re-run to regenerate it")\
-            from None
+    manifest, config = rundir.read_manifest(path), rundir.read_config(path)
     summary: dict[str, np.ndarray] = {}
     csv_path = path / "iterations.csv"
     if csv_path.is_file():
-        rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+        rows = rundir.read_summary_csv(csv_path)
         for col in (rows[0].keys() if rows else SUMMARY_COLUMNS):
-            summary[col] = np.array([_num(r[col]) for r in rows])
+            summary[col] = np.array([_num(r.get(col)) for r in rows])
     arrays: dict[str, np.ndarray] = {}
     for fname in ARRAY_FILES:
         fpath = path / fname
         if fpath.is_file():
-            with np.load(fpath, allow_pickle=False) as z:
-                arrays.update({k: z[k] for k in z.files if k != "iterations"})
-                arrays["iterations"] = z["iterations"]
+            loaded = rundir.load_arrays(fpath)
+            arrays.update({k: v for k, v in loaded.items() if k != "iterations"})
+            if "iterations" in loaded:
+                arrays["iterations"] = loaded["iterations"]
     return RunResult(path=path, manifest=manifest, config=config, summary=summary,
                      arrays=arrays)
 

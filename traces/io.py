@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from moesim.errors import TraceError
+from moesim.safeio import atomic_file, dir_mode, file_mode, writing
 from moesim.traces.format import RoutingTrace
 from moesim.traces.validate import meta_from_dict, validate
 
@@ -48,10 +49,12 @@ def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> Path:
     """
     validate(trace)
     path = Path(path)
-    if path.suffix == ".npz":
-        _save_npz(trace, path)
-    else:
-        _save_dir(trace, path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".npz":
+            _save_npz(trace, path)
+        else:
+            _save_dir(trace, path)
     return path
 
 
@@ -91,7 +94,7 @@ def _save_npz(trace: RoutingTrace, path: Path) -> None:
             np.savez_compressed(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a trace is meant to be shared
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; a trace is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -111,7 +114,9 @@ def _save_dir(trace: RoutingTrace, path: Path) -> None:
         if trace.topk_TLRNK is not None:
             np.save(tmp / TOPK_FILE, np.asarray(trace.topk_TLRNK, dtype=np.int32))
         (tmp / META_FILE).write_bytes(_meta_bytes(trace))
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+        for member in tmp.iterdir():
+            os.chmod(member, file_mode())
+        os.chmod(tmp, dir_mode())  # mkdtemp makes 0700
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -204,17 +209,8 @@ def _short(exc: BaseException) -> str:
 
 def atomic_write_text_lines(path: Path, header: str, table_NC: np.ndarray) -> Path:
     """Write ``header`` and integer rows ``table_NC`` as CSV via a temp file + ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            np.savetxt(f, table_NC, fmt="%d", delimiter=",", header=header, comments="")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as fh:
+            np.savetxt(fh, table_NC, fmt="%d", delimiter=",", header=header, comments="")
     return path
