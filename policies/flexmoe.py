@@ -1,7 +1,8 @@
 """FlexMoE: threshold-triggered replica migration from cold experts to hot ones.
 
 Nie et al., "FlexMoE: Scaling Large-scale Sparse Pre-trained Model Training via Dynamic Device
-Placement" (SIGMOD'23, arXiv 2304.03946). Every ``check_interval`` iterations the scheduler
+Placement" (SIGMOD'23, arXiv 2304.03946). Every ``check_interval`` iterations (the first check
+as soon as there is history, at iteration 1; the interval counts from there) the scheduler
 measures device-load imbalance ``max/min`` (expected tokens per GPU when an expert's load splits
 evenly over its replicas); above ``threshold`` it repeatedly moves one replica from the coldest
 expert (lowest load per replica) to the hottest (highest load per replica), accepting each move
@@ -49,6 +50,7 @@ from moesim.policies.base import (
     check_slots_cover,
     register_policy,
 )
+from moesim.policies.migration import check_migration_knobs, model_for, replan_due
 from moesim.policies.primitives import (
     dense_params_R,
     emit_gpu_optimizer,
@@ -104,12 +106,16 @@ def _next_move(row: np.ndarray, load_E: np.ndarray, S: int, gpus_per_node: int,
 
 
 def migrate_layer(phy2log_P: np.ndarray, load_E: np.ndarray, S: int, gpus_per_node: int,
-                  per_node: bool, max_moves: int, patience: int = 0) -> np.ndarray:
+                  per_node: bool, max_moves: int, patience: int = 0,
+                  path: list[np.ndarray] | None = None) -> np.ndarray:
     """FlexMoE's greedy: move one replica cold → hot while the cost improves; with
     ``patience`` > 0 up to that many non-improving moves in a row are tried before stopping,
-    and the best prefix of moves is kept. Returns a copy of the row."""
+    and the best prefix of moves is kept. Returns a copy of the row; ``path`` (if given)
+    receives every placement visited, the start included."""
     row = phy2log_P.copy()
     best_row, best = row, _cost(row, load_E, S)
+    if path is not None:
+        path.append(row)
     misses = 0
     for _ in range(max_moves):
         move = _next_move(row, load_E, S, gpus_per_node, per_node)
@@ -117,6 +123,8 @@ def migrate_layer(phy2log_P: np.ndarray, load_E: np.ndarray, S: int, gpus_per_no
             break
         row = row.copy()
         row[move[0]] = move[1]
+        if path is not None:
+            path.append(row)
         cost = _cost(row, load_E, S)
         if cost < best:
             best_row, best, misses = row, cost, 0
@@ -139,7 +147,11 @@ class FlexMoE(Policy):
         rule. ``max_moves``: cap on moves per trigger (``None``: slots per layer). ``patience``:
         non-improving moves in a row tried before stopping (0 = the paper's literal rule).
         ``routing``: ``even`` over all replicas (default), or ``node_first`` (replicas on the
-        source's node first, as a multi-node re-implementation would route)."""
+        source's node first, as a multi-node re-implementation would route).
+        ``migration_weight`` / ``min_gain``: see :mod:`moesim.policies.migration` (with a
+        weight, the greedy's visited placements compete on layer time + weight × migration
+        time / ``check_interval``); 0 / None: the paper's rule. Checks start at the first
+        iteration with history and repeat every ``check_interval`` iterations from there."""
 
         slots_per_rank: int = 4
         threshold: float = 1.5
@@ -150,8 +162,11 @@ class FlexMoE(Policy):
         patience: int = 2
         capacity_factor: float | None = None
         routing: str = "even"
+        migration_weight: float = 0.0
+        min_gain: float | None = None
 
         def __post_init__(self) -> None:
+            check_migration_knobs("flexmoe", self.migration_weight, self.min_gain)
             check_choice("flexmoe", "routing", self.routing,
                          ("even", "node_first", "local_first"))
             check_ints("flexmoe", self, {"slots_per_rank": 1, "check_interval": 1, "window": 1,
@@ -174,23 +189,30 @@ class FlexMoE(Policy):
         current_LP = (prev.placement.phy2log_LP if usable
                       else np.tile(striped_slots(E, G * S), (L, 1)))
         last_trigger = int(prev.info.get("last_trigger", -1)) if usable else -1
+        last_check = prev.info.get("last_check") if usable else None
         triggered = [False] * L
         phy2log_LP = current_LP.copy()
-        if history.iteration > 0 and history.iteration % self.config.check_interval == 0:
+        if replan_due(history, {"last_replan": last_check}, self.config.check_interval):
+            last_check = history.iteration
             load_LE = window_load_LE(history, self.config.window, L, E)
+            mm = self._pricing(history, model, cluster) if usable else None
             max_moves = self.config.max_moves if self.config.max_moves is not None else G * S
             for l in range(L):
                 if imbalance(gpu_load(current_LP[l], load_LE[l], S)) > self.config.threshold:
                     triggered[l] = True
-                    phy2log_LP[l] = migrate_layer(current_LP[l], load_LE[l], S,
-                                                  cluster.gpus_per_node,
-                                                  self.config.keep_one_per_node, max_moves,
-                                                  self.config.patience)
+                    path: list[np.ndarray] = []
+                    best = migrate_layer(current_LP[l], load_LE[l], S, cluster.gpus_per_node,
+                                         self.config.keep_one_per_node, max_moves,
+                                         self.config.patience, path)
+                    if mm is not None and mm.weight > 0:
+                        best = path[mm.best(path, current_LP[l], load_LE[l])]
+                    if mm is None or mm.pays_off(best, current_LP[l], load_LE[l]):
+                        phy2log_LP[l] = best
             if any(triggered):
                 last_trigger = history.iteration
         moved_L = moved_count_L(phy2log_LP, current_LP if usable else None)
         per_slot_bytes = model.params_per_expert * (model.bytes_weight + model.bytes_optim)
-        info = {"triggered_L": triggered, "last_trigger": last_trigger,
+        info = {"triggered_L": triggered, "last_trigger": last_trigger, "last_check": last_check,
                 "moved_slots_L": moved_L.tolist(),
                 "moved_bytes_L": (moved_L * per_slot_bytes).tolist()}
         cap = slot_capacity(self.config.capacity_factor, model.tokens_per_rank, model.top_k,
@@ -198,6 +220,18 @@ class FlexMoE(Policy):
         return Decision(Placement(phy2log_LP, G, S, E), routing=self.config.routing,
                         slot_capacity=cap,
                         planner_time_s=time.perf_counter() - start, info=info)
+
+    def _pricing(self, history: History, model: ModelSpec, cluster: Cluster):
+        """The migration model of this config's knobs (None when both are off)."""
+        cfg = self.config
+        if cfg.migration_weight == 0 and cfg.min_gain is None:
+            return None
+        seen = history.past_TLRE.shape[0] // history.passes_per_iteration
+        return model_for(model, cluster, slots_per_rank=cfg.slots_per_rank,
+                         interval=cfg.check_interval, load_iterations=min(cfg.window, seen),
+                         slot_bytes=model.params_per_expert
+                         * (model.bytes_weight + model.bytes_optim),
+                         weight=cfg.migration_weight, min_gain=cfg.min_gain)
 
     # -- lowering hooks ---------------------------------------------------------------------
     def lower_relayout(self, ctx) -> list[int]:

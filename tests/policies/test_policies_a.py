@@ -215,9 +215,11 @@ def test_smartmoe_adopts_only_if_max_load_falls() -> None:
                          np.random.default_rng(0))
     assert kept.info["adopted_L"] == [False] and kept.info["last_adopt_L"] == [0]
     assert np.array_equal(kept.placement.phy2log_LP, good.placement.phy2log_LP)
-    off = policy.decide(history_from_load(load, 2, 7, bad), model, cluster,
-                        np.random.default_rng(0))                   # not a multiple of freq
+    recent = decision_of([[0, 1, 2, 3]], 2, 2, 4, {"last_replan": 5})
+    off = policy.decide(history_from_load(load, 2, 7, recent), model, cluster,
+                        np.random.default_rng(0))           # 2 < freq iterations since then
     assert np.array_equal(off.placement.phy2log_LP, bad.placement.phy2log_LP)
+    assert off.info["last_replan"] == 5
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,9 +251,10 @@ def test_flexmoe_triggers_only_above_threshold() -> None:
     moved = hot.info["moved_slots_L"][0]
     assert hot.info["moved_bytes_L"][0] == moved * model.params_per_expert * (
         model.bytes_weight + model.bytes_optim)
-    off = policy.decide(history_from_load(skew, 2, 6, start), model, cluster,
+    checked = decision_of([[0, 1, 0, 1, 2, 3, 2, 3]], 2, 4, 4, {"last_check": 5})
+    off = policy.decide(history_from_load(skew, 2, 6, checked), model, cluster,
                         np.random.default_rng(0))                 # not a check iteration
-    assert off.info["triggered_L"] == [False]
+    assert off.info["triggered_L"] == [False] and off.info["last_check"] == 5
 
 
 def test_flexmoe_keep_one_per_node() -> None:
