@@ -103,10 +103,14 @@ def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluste
              rng_seed: int = 0, out_dir: str | Path | None = None,
              timeline_iterations: Iterable[int] = (), resume: bool = False,
              progress: bool = True, allow_oom: bool = False,
-             on_iteration: Callable[[dict], None] | None = None) -> SimSummary:
+             on_iteration: Callable[[dict], None] | None = None,
+             regroup: bool = False) -> SimSummary:
     """Simulate ``policy`` (a Policy or a registered name) on ``trace`` → :class:`SimSummary`.
 
     ``iterations``: trace iteration indices (``(start, stop)`` or any iterable; default all).
+    ``regroup``: a per-rank trace whose rank count differs from the cluster's GPUs is regrouped
+    to them (:func:`moesim.traces.regroup.regroup_ranks`, seeded by ``rng_seed``; recorded in
+    the config's trace metadata and ``options.regroup``); without it such a trace is refused.
     ``out_dir``: write a RunResult there (``resume=True`` continues an interrupted run after its
     last written iteration, restoring the previous decision from the stored state).
     ``on_iteration`` gets each summary row as it is produced. Raises
@@ -115,9 +119,15 @@ def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluste
     trace_path = None if isinstance(trace, RoutingTrace) else str(trace)
     trace = _load(trace)
     policy = _policy(policy)
+    if regroup and trace.meta.rank_resolved and trace.meta.num_ranks != cluster.world_size:
+        from moesim.traces.regroup import regroup_ranks
+
+        trace = regroup_ranks(trace, cluster.world_size, rng_seed)
     trace, model = fit_inputs(trace, model, cluster, rng_seed)
     its = _iterations(iterations, trace.num_iterations)
     config = run_config(trace, trace_path, model, cluster, policy, its, rng_seed, allow_oom)
+    if regroup:
+        config["options"]["regroup"] = True
     run = _Run(trace, model, cluster, policy, rng_seed, allow_oom, CostModel(cluster),
                timeline_iterations=frozenset(int(i) for i in timeline_iterations))
     writer = RunWriter(out_dir, config, "simulator", resume=resume) if out_dir else None
@@ -364,6 +374,8 @@ def fit_trace(trace: RoutingTrace, cluster: Cluster, seed: int = 0) -> RoutingTr
         nodes = meta.num_ranks / cluster.gpus_per_node
         fix = (f"pass --nodes {int(nodes)}" if nodes == int(nodes) else
                "use a cluster whose GPU count equals the trace's ranks")
+        fix += (f", or regroup the trace to {world} ranks (moesim simulate --regroup, or "
+                f"moesim trace regroup --ranks {world})")
         raise MoesimError(f"the trace has {meta.num_ranks} ranks but cluster {cluster.name} has "
                           f"{world} GPUs ({cluster.num_nodes} nodes x {cluster.gpus_per_node}); "
                           f"{fix}")

@@ -1,9 +1,11 @@
 """``moesim simulate``: replay a routing trace through a placement policy on a modelled cluster.
 
-With no arguments it runs the bundled SmartMoE trace (16 ranks) with model ``smartmoe-gpt`` on
-``a100-4x8-ib800`` reduced to 2 nodes (16 GPUs) under ``static_ep``. It prints one row per
-iteration (stdout), a progress bar (stderr, long runs), a final summary line, and writes a
-RunResult directory (``--out``, default ``moesim-runs/<policy>-<cluster>-<time>``).
+With no arguments it runs the bundled synthetic trace (shaped like SmartMoE's GPT-MoE run, 16
+ranks; no recorded data) with model ``smartmoe-gpt`` on ``a100-4x8-ib800`` reduced to 2 nodes
+(16 GPUs) under ``static_ep``. It prints one row per iteration (stdout), a progress bar (stderr,
+long runs), a final summary line, and writes a RunResult directory (``--out``, default
+``moesim-runs/<policy>-<cluster>-<time>``). ``--world-size`` / ``--gpus-per-node`` / ``--nodes``
+resize the cluster; ``--regroup`` regroups a trace recorded on another number of ranks.
 """
 
 from __future__ import annotations
@@ -27,12 +29,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "simulate", help="simulate a placement policy on a routing trace",
         description="Replay a routing trace through a placement policy and predict step time, "
         "MoE/all-to-all time, stragglers, dropped tokens and memory per iteration. With no "
-        "arguments: the bundled SmartMoE trace, model smartmoe-gpt, cluster a100-4x8-ib800 "
-        "with --nodes 2, policy static_ep.")
-    p.add_argument("--trace", help="trace file (.npz) or directory; default: the bundled trace")
+        "arguments: the bundled synthetic trace (shaped like SmartMoE's GPT-MoE run; no "
+        "recorded data), model smartmoe-gpt, cluster a100-4x8-ib800 with --nodes 2, policy "
+        "static_ep.")
+    p.add_argument("--trace", help="trace file (.npz) or directory; default: the bundled "
+                   "synthetic trace")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model preset name or .toml path")
     p.add_argument("--cluster", default=DEFAULT_CLUSTER, help="cluster preset or .toml path")
     p.add_argument("--nodes", type=int, help="resize the cluster to N nodes (GPUs per node kept)")
+    p.add_argument("--gpus-per-node", type=int,
+                   help="GPUs per node of the cluster (default: the preset's)")
+    p.add_argument("--world-size", type=int,
+                   help="simulate on N GPUs: N / gpus-per-node nodes, or one node of N GPUs "
+                        "when N is smaller than a node")
+    p.add_argument("--regroup", action="store_true",
+                   help="when the trace's rank count differs from the GPU count, regroup its "
+                        "ranks to the GPU count (as 'moesim trace regroup'; written into the "
+                        "run's config); without it such a trace is refused")
     p.add_argument("--policy", default="static_ep", help="registered policy name")
     p.add_argument("--knob", action="append", default=[], metavar="K=V",
                    help="policy knob, repeatable (e.g. --knob capacity_factor=1.0)")
@@ -46,6 +59,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="record plans that do not fit in GPU memory instead of failing")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
     p.set_defaults(func=run)
+
+
+def shape_cluster(cluster, nodes: int | None, gpus_per_node: int | None,
+                  world_size: int | None, bundled_default: bool):
+    """The cluster resized by ``--nodes`` / ``--gpus-per-node`` / ``--world-size``.
+
+    With none given, the bundled trace on the default cluster runs on
+    :data:`DEFAULT_NODES_BUNDLED` nodes. ``--world-size N`` alone keeps the preset's GPUs per
+    node (one node of ``N`` when ``N`` is smaller) and must be a multiple of them.
+    """
+    for flag, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node),
+                        ("--world-size", world_size)):
+        if value is not None and value < 1:
+            raise MoesimError(f"{flag} {value} must be >= 1")
+    if nodes is None and gpus_per_node is None and world_size is None:
+        return cluster.with_shape(DEFAULT_NODES_BUNDLED) if bundled_default else cluster
+    gpn = gpus_per_node or cluster.gpus_per_node
+    if world_size is not None:
+        if gpus_per_node is None and nodes is None and world_size < gpn:
+            gpn = world_size
+        if world_size % gpn:
+            raise MoesimError(f"--world-size {world_size} is not a multiple of {gpn} GPUs per "
+                              "node; change it or pass --gpus-per-node")
+        if nodes is not None and nodes * gpn != world_size:
+            raise MoesimError(f"--nodes {nodes} x {gpn} GPUs per node is not --world-size "
+                              f"{world_size}; give two of the three")
+        nodes = world_size // gpn
+    return cluster.with_shape(nodes if nodes is not None else cluster.num_nodes, gpn)
 
 
 def parse_iterations(text: str | None) -> tuple[int, int] | None:
@@ -107,13 +148,10 @@ def run(args: argparse.Namespace) -> int:
     from moesim.specs import load_cluster, load_model
 
     trace, bundled = _trace_path(args)
-    model, cluster = load_model(args.model), load_cluster(args.cluster)
-    nodes = args.nodes if args.nodes is not None else (
-        DEFAULT_NODES_BUNDLED if bundled and args.cluster == DEFAULT_CLUSTER else None)
-    if nodes is not None:
-        if nodes <= 0:
-            raise MoesimError(f"--nodes {nodes} must be >= 1")
-        cluster = cluster.with_shape(nodes)
+    model = load_model(args.model)
+    cluster = shape_cluster(load_cluster(args.cluster), args.nodes, args.gpus_per_node,
+                            args.world_size,
+                            bundled and args.cluster == DEFAULT_CLUSTER)
     policy = make_policy(args.policy, parse_knobs(args.knob))
     out = args.out or f"moesim-runs/{args.policy}-{cluster.name.replace('@', '-')}-" \
         f"{time.strftime('%Y%m%d-%H%M%S')}"
@@ -122,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
                        out_dir=out, timeline_iterations=parse_timeline(args.timeline),
                        resume=args.resume, allow_oom=args.allow_oom,
                        progress=sys.stderr.isatty(),
-                       on_iteration=None if args.quiet else _RowPrinter())
+                       on_iteration=None if args.quiet else _RowPrinter(),
+                       regroup=args.regroup)
     print(summary_line(summary, args.policy, cluster.name))
     return 0
 

@@ -70,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_export(sub)
     _add_validate(sub)
     _add_spread(sub)
+    _add_regroup(sub)
     _add_record(sub)
 
 
@@ -165,6 +166,21 @@ def _add_spread(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("-o", "--output", type=Path, required=True, help="trace to write")
     p.set_defaults(func=_cmd_spread)
+
+
+def _add_regroup(sub) -> None:
+    p = sub.add_parser("regroup", help="split or merge a trace's source ranks to N ranks",
+                       description="Replay a trace recorded on R ranks on N: merge groups of "
+                       "ranks (N divides R), share each rank's tokens out over N/R ranks (R "
+                       "divides N), or both via lcm(R, N). Every expert's total per pass and "
+                       "layer stays exact; the regrouping is written into the metadata "
+                       "(extra.regroup).")
+    p.add_argument("trace", type=Path, help="trace file or directory")
+    p.add_argument("--ranks", type=int, required=True, help="number of ranks to regroup to")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for dealing counts-only ranks' tokens on a split (default: 0)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="trace to write")
+    p.set_defaults(func=_cmd_regroup)
 
 
 def _add_record(sub) -> None:
@@ -268,6 +284,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_spread(args: argparse.Namespace) -> int:
     trace = spread_over_ranks(load_trace(args.trace), args.ranks, args.seed)
+    save_trace(trace, args.output)
+    print(f"wrote {args.output}: {_shape_line(trace)}")
+    return 0
+
+
+def _cmd_regroup(args: argparse.Namespace) -> int:
+    from moesim.traces.regroup import regroup_ranks
+
+    trace = regroup_ranks(load_trace(args.trace), args.ranks, args.seed)
     save_trace(trace, args.output)
     print(f"wrote {args.output}: {_shape_line(trace)}")
     return 0
