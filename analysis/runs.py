@@ -125,11 +125,20 @@ def _name(value) -> str:
     return Path(str(value)).name if value else ""
 
 
+def _trace_name(value) -> str:
+    """A trace's file name, marked ``(synthetic)`` when ``moesim trace synth`` drew it."""
+    name = _name(value)
+    meta = value.get("meta") if isinstance(value, dict) else None
+    extra = meta.get("extra") if isinstance(meta, dict) else None
+    return f"{name} (synthetic)" if name and isinstance(extra, dict) \
+        and "synth_config" in extra else name
+
+
 def setting(runs: Sequence[RunResult]) -> str:
     """``model X · cluster Y · trace Z`` for what all runs share (blank parts left out)."""
     parts = []
     for key in ("model", "cluster", "trace"):
-        names = {_name(r.config.get(key)) for r in runs}
+        names = {(_trace_name if key == "trace" else _name)(r.config.get(key)) for r in runs}
         if len(names) == 1 and (name := names.pop()):
             parts.append(f"{key} {name}")
     return " · ".join(parts)

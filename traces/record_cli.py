@@ -7,7 +7,7 @@
     moesim trace record --train --corpus stdlib --steps 300 -o tinylm.npz
 
 ``--hf-model`` takes a built-in tiny model name (``tiny-mixtral``, ``tiny-olmoe``,
-``tiny-qwen2-moe``, ``tiny-qwen3-moe``, ``tiny-deepseek-v3``; random weights), a
+``tiny-qwen2-moe``, ``tiny-qwen3-moe``, ``tiny-jetmoe``, ``tiny-deepseek-v3``; random weights), a
 ``config.json`` (random weights), a local checkpoint directory, or a name already in the local
 Hugging Face cache — nothing is downloaded. Without ``--text`` it feeds seeded random tokens
 (fine for testing plumbing, not representative routing).
@@ -25,6 +25,13 @@ import numpy as np
 
 from moesim.errors import MoesimError
 
+# Built-in tiny models (moesim.traces.record_hf.tiny_configs; a test keeps the two in step).
+TINY_MODELS = ("tiny-mixtral", "tiny-olmoe", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-jetmoe",
+               "tiny-deepseek-v3")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
+                   "vocab.txt", "spiece.model")
+DEFAULT_SEQ_LEN = 128
+
 
 def add_record_parser(trace_subparsers) -> argparse.ArgumentParser:
     """Add ``record`` to the ``moesim trace`` sub-commands; returns its parser."""
@@ -34,13 +41,17 @@ def add_record_parser(trace_subparsers) -> argparse.ArgumentParser:
                     "per pass and per simulated data-parallel rank.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf-model", metavar="NAME_OR_CONFIG_OR_PATH",
-                     help="tiny-* name, config.json, local checkpoint dir or cached name")
+                     help=f"a built-in tiny model ({', '.join(TINY_MODELS)}; random weights), "
+                          "a config.json, a local checkpoint dir or a name in the local HF "
+                          "cache (nothing is downloaded)")
     src.add_argument("--train", action="store_true", help="train the tiny MoE LM and record")
     p.add_argument("-o", "--output", required=True, help="output trace (.npz or directory)")
     p.add_argument("--ranks", type=int, default=4, help="simulated data-parallel ranks")
     p.add_argument("--tokens", type=int, default=None,
                    help="tokens per rank per pass (default 256 hf, 512 train)")
-    p.add_argument("--seq-len", type=int, default=128, help="sequence length")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"sequence length (default: {DEFAULT_SEQ_LEN}; with --hf-model, --tokens "
+                        "when that is fewer)")
     p.add_argument("--seed", type=int, default=0)
     hf = p.add_argument_group("--hf-model options")
     hf.add_argument("--text", nargs="+", metavar="FILE", help="text files to feed the model")
@@ -65,6 +76,9 @@ def run_record(args: argparse.Namespace) -> int:
     """Handler of ``moesim trace record``."""
     from moesim.traces.io import save_trace
 
+    if args.seq_len is None:       # --hf-model: fewer tokens than a sequence make one sequence
+        args.seq_len = min(DEFAULT_SEQ_LEN, args.tokens or 256) if args.hf_model \
+            else DEFAULT_SEQ_LEN
     trace = _record_hf(args) if args.hf_model else _record_train(args, train_command(args))
     path = save_trace(trace, args.output)
     c = trace.counts_TLRE.sum(2)
@@ -92,36 +106,44 @@ def train_command(args: argparse.Namespace) -> str:
 
 
 def _record_hf(args: argparse.Namespace):
-    from moesim.traces.record_hf import load_hf_model, record_hf, text_tokens
+    from moesim.traces import record_hf as hf
 
     tokens = args.tokens or 256
-    model, how = load_hf_model(args.hf_model, args.seed)
+    hf.check_sizes(args.ranks, tokens, args.seq_len)        # before the (slow) model load
+    if args.passes is not None and args.passes < 1:
+        raise MoesimError(f"--passes {args.passes} must be >= 1")
+    model, how = hf.load_hf_model(args.hf_model, args.seed)
     vocab = int(model.config.vocab_size)
     if args.text:
-        ids = text_tokens(args.text, vocab, _local_tokenizer(args.hf_model))
+        ids, tokenizer = hf.text_tokens(args.text, vocab, *_local_tokenizer(args.hf_model))
         feed = f"text {', '.join(args.text)}"
     else:
         passes = args.passes or 1
         ids = np.random.default_rng(args.seed).integers(0, vocab, passes * args.ranks * tokens)
-        feed = f"random tokens (seed {args.seed})"
-    return record_hf(model, ids, ranks=args.ranks, tokens_per_rank=tokens,
-                     seq_len=args.seq_len, passes=args.passes,
-                     source=f"moesim trace record --hf-model {args.hf_model}",
-                     extra={"model_from": how, "input": feed})
+        feed, tokenizer = f"random tokens (seed {args.seed})", "none (random ids)"
+    return hf.record_hf(model, ids, ranks=args.ranks, tokens_per_rank=tokens,
+                        seq_len=args.seq_len, passes=args.passes,
+                        source=f"moesim trace record --hf-model {args.hf_model}",
+                        extra={"model_from": how, "input": feed, "tokenizer": tokenizer,
+                               "seq_len": args.seq_len})
 
 
-def _local_tokenizer(spec: str):
-    """The checkpoint's own tokenizer when it has one locally, else None (bytes mod vocab)."""
+def _local_tokenizer(spec: str) -> tuple[object | None, str]:
+    """The checkpoint's own tokenizer when its folder has tokenizer files, and why not when
+    not (the text is then read as bytes modulo the vocabulary)."""
     from pathlib import Path
 
-    if not Path(spec).is_dir():
-        return None
+    path = Path(spec)
+    if not path.is_dir():
+        return None, f"{spec} is not a checkpoint folder"
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None, f"no tokenizer files in {path}"
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
-    except (OSError, ValueError):
-        return None
+        return AutoTokenizer.from_pretrained(spec, local_files_only=True), ""
+    except (OSError, ValueError) as exc:
+        return None, f"its tokenizer did not load: {str(exc).splitlines()[0][:80]}"
 
 
 def _record_train(args: argparse.Namespace, command: str):

@@ -42,6 +42,7 @@ from moesim.errors import MoesimError
 from moesim.traces.format import RoutingTrace, TraceMeta
 
 _ROUTER_NAME = re.compile(r"Router|Gate(?!d)|TopK|Topk")
+_ATTENTION_PART = re.compile(r"(^|\.)(self_attention|self_attn|attention|attn)\.")
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _TOPK_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts")
 
@@ -79,6 +80,10 @@ def tiny_configs() -> dict[str, tuple[str, dict]]:
                                                   shared_expert_intermediate_size=32)),
         "tiny-qwen3-moe": ("Qwen3MoeConfig", dict(common, num_experts=8, num_experts_per_tok=2,
                                                   moe_intermediate_size=32, head_dim=8)),
+        "tiny-jetmoe": ("JetMoeConfig", dict(
+            vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_key_value_heads=2, kv_channels=8, max_position_embeddings=256,
+            num_local_experts=8, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)),
         "tiny-deepseek-v3": ("DeepseekV3Config", dict(
             common, num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8,
             num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
@@ -155,18 +160,33 @@ def _config_int(config, keys: Sequence[str]) -> int | None:
 
 
 def find_routers(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], str]:
-    """Router modules in model order, and how they were found."""
+    """The FFN routers in model order, and how they were found (see :func:`router_groups`)."""
+    found, _, how = router_groups(model)
+    return found, how
+
+
+def router_groups(model: nn.Module
+                  ) -> tuple[list[tuple[str, nn.Module]], list[str], str]:
+    """``(FFN routers, names of attention-expert routers left out, how they were found)``.
+
+    Routers inside an attention block (JetMoE's mixture of attention heads routes its
+    ``self_attention.experts``) choose attention experts, not the FFN experts a trace layer
+    stands for, so they are left out and named in ``meta.extra["routers_excluded"]``.
+    """
     spec = getattr(model, "_can_record_outputs", None) or {}
     rec = spec.get("router_logits") if isinstance(spec, dict) else None
+    found, how = [], "class-name match"
     if rec is not None:
         found = [(n, m) for n, m in model.named_modules() if _matches_recorder(n, m, rec)]
-        if found:
-            return found, "_can_record_outputs"
-    E = _config_int(model.config, _EXPERT_KEYS)
-    found = [(n, m) for n, m in model.named_modules() if _looks_like_router(n, m, model, E)]
+        how = "_can_record_outputs"
     if not found:
+        E = _config_int(model.config, _EXPERT_KEYS)
+        found = [(n, m) for n, m in model.named_modules() if _looks_like_router(n, m, model, E)]
+        how = "class-name match"
+    ffn = [(n, m) for n, m in found if not _ATTENTION_PART.search(n)]
+    if not ffn:
         raise MoesimError(f"no MoE router found in {type(model).__name__}; is it an MoE model?")
-    return found, "class-name match"
+    return ffn, [n for n, _ in found if _ATTENTION_PART.search(n)], how
 
 
 def _matches_recorder(name: str, module: nn.Module, rec) -> bool:
@@ -212,6 +232,8 @@ class _Capture:
     def __call__(self, module: nn.Module, inputs, output) -> None:
         ids = _chosen_ids(output)
         if ids is None:
+            ids = _sorted_dispatch_ids(output, self.top_k)
+        if ids is None:
             logits = _logits(output)
             if logits is None:
                 raise MoesimError(f"router {type(module).__name__} returned neither expert ids "
@@ -233,9 +255,30 @@ def _chosen_ids(output) -> torch.Tensor | None:
     return None
 
 
+def _sorted_dispatch_ids(output, top_k: int) -> torch.Tensor | None:
+    """Per-token ids ``[N, K]`` from a gate that returns its choices sorted by expert.
+
+    JetMoE's ``JetMoeTopKGating`` returns ``(index_sorted_experts [N·K], batch_index [N·K],
+    batch_gates [N·K], expert_size (list of E ints), logits [N, E])``: position ``i`` of the
+    expert-sorted order is flat choice ``index_sorted_experts[i]`` (token ``i // K``'s), and the
+    sorted order holds ``expert_size[e]`` choices of expert ``e`` in turn.
+    """
+    items = output if isinstance(output, (tuple, list)) else [output]
+    order = next((t for t in items if isinstance(t, torch.Tensor) and t.ndim == 1
+                  and not t.is_floating_point() and t.dtype != torch.bool), None)
+    sizes = next((x for x in items if isinstance(x, list) and x
+                  and all(isinstance(v, int) for v in x)), None)
+    if order is None or sizes is None or sum(sizes) != order.numel() or order.numel() % top_k:
+        return None
+    experts = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    flat = torch.empty_like(experts)
+    flat[order.cpu()] = experts
+    return flat.view(-1, top_k)
+
+
 def _logits(output) -> torch.Tensor | None:
     for t in _tensors(output):
-        if t.is_floating_point():
+        if t.is_floating_point() and t.ndim >= 2:
             return t
     return None
 
@@ -248,12 +291,21 @@ def recompute_topk(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- recording
 
-def text_tokens(files: Sequence[str | Path], vocab_size: int, tokenizer=None) -> np.ndarray:
-    """Token ids of the files' text: the tokenizer's, or bytes modulo the vocabulary."""
+def text_tokens(files: Sequence[str | Path], vocab_size: int, tokenizer=None,
+                why_none: str = "no tokenizer") -> tuple[np.ndarray, str]:
+    """Token ids of the files' text and how they were made: the tokenizer's, or — without one,
+    or when it gives no ids or ids outside the vocabulary — bytes modulo the vocabulary."""
     text = b"".join(Path(f).read_bytes() for f in files)
+    why = why_none
     if tokenizer is not None:
-        return np.asarray(tokenizer(text.decode("utf-8", "replace"))["input_ids"], np.int64)
-    return np.frombuffer(text, dtype=np.uint8).astype(np.int64) % vocab_size
+        ids = np.asarray(tokenizer(text.decode("utf-8", "replace"))["input_ids"],
+                         np.int64).reshape(-1)
+        if ids.size and ids.min() >= 0 and ids.max() < vocab_size:
+            return ids, f"tokenizer {type(tokenizer).__name__}"
+        why = (f"the tokenizer gave {'no ids' if not ids.size else 'ids outside the vocabulary'}"
+               f" for {len(text)} bytes")
+    ids = np.frombuffer(text, dtype=np.uint8).astype(np.int64) % vocab_size
+    return ids, f"bytes modulo the vocabulary {vocab_size} ({why})"
 
 
 def record_hf(model: nn.Module, token_ids: np.ndarray, *, ranks: int, tokens_per_rank: int,
@@ -264,7 +316,7 @@ def record_hf(model: nn.Module, token_ids: np.ndarray, *, ranks: int, tokens_per
     One pass = ``ranks · tokens_per_rank`` tokens as sequences of ``seq_len``; ``passes``
     defaults to as many as the tokens fill (at least one is required).
     """
-    _check_sizes(ranks, tokens_per_rank, seq_len)
+    check_sizes(ranks, tokens_per_rank, seq_len)
     per_pass = ranks * tokens_per_rank
     avail = len(token_ids) // per_pass
     passes = avail if passes is None else passes
@@ -272,7 +324,7 @@ def record_hf(model: nn.Module, token_ids: np.ndarray, *, ranks: int, tokens_per
         raise MoesimError(f"{len(token_ids)} tokens fill {avail} pass(es) of {ranks}×"
                           f"{tokens_per_rank} tokens; need {max(passes, 1)}: give more text, "
                           "fewer --ranks or fewer --tokens")
-    routers, how = find_routers(model)
+    routers, excluded, how = router_groups(model)
     k = _config_int(model.config, _TOPK_KEYS) or 1
     captures = [_Capture(k, []) for _ in routers]
     handles = [m.register_forward_hook(c) for (_, m), c in zip(routers, captures, strict=True)]
@@ -286,13 +338,17 @@ def record_hf(model: nn.Module, token_ids: np.ndarray, *, ranks: int, tokens_per
     topk = np.stack(topk_T)
     E = _num_experts(model, routers)
     return _hf_trace(model, topk, E, routers, how, any(c.recomputed for c in captures),
-                     source, extra or {})
+                     source, dict(extra or {}, routers_excluded=excluded))
 
 
-def _check_sizes(ranks: int, tokens_per_rank: int, seq_len: int) -> None:
-    if min(ranks, tokens_per_rank, seq_len) < 1 or tokens_per_rank % seq_len:
+def check_sizes(ranks: int, tokens_per_rank: int, seq_len: int) -> None:
+    """MoesimError unless ranks ≥ 1 and tokens per rank a positive multiple of the sequence
+    length (the CLI calls it before loading a model)."""
+    if ranks < 1:
+        raise MoesimError(f"--ranks {ranks} must be >= 1")
+    if min(tokens_per_rank, seq_len) < 1 or tokens_per_rank % seq_len:
         raise MoesimError(f"--tokens {tokens_per_rank} must be a positive multiple of "
-                          f"--seq-len {seq_len}, and --ranks {ranks} positive")
+                          f"--seq-len {seq_len}; change one of them")
 
 
 def _one_pass(model: nn.Module, ids: np.ndarray, seq_len: int, captures: list[_Capture],

@@ -194,7 +194,9 @@ def format_table(trace: RoutingTrace, stats: TraceStats) -> str:
             f"{m.iteration_stride}), {m.num_layers} layers, {m.num_ranks} ranks"
             f"{'' if m.rank_resolved else ' (rank-aggregated)'}, {m.num_experts} experts, "
             f"top-{m.top_k}{' (variable)' if m.variable_k else ''}, {m.tokens_per_rank} "
-            f"tokens/rank/pass\nsource: {m.source or '-'}   license: {m.license or '-'}   "
+            f"tokens/rank/pass\nsource: {m.source or '-'}"
+            f"{' (synthetic: no recorded data)' if 'synth_config' in m.extra else ''}   "
+            f"license: {m.license or '-'}   "
             f"EP size for gpu_imb: {stats.ep_size}")
     cols = ("max/mean", "gini", "gpu_imb", "tv", "corr", "rank_corr")
     line = "-" * (8 + 11 * len(cols))

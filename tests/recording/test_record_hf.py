@@ -74,7 +74,9 @@ def available(name: str) -> bool:
     return hasattr(transformers, tiny_configs()[name][0])
 
 
-@pytest.mark.parametrize("name", [n for n in tiny_configs() if n != "tiny-deepseek-v3"])
+# DeepSeek-V3 below; JetMoE's gate (a `.layer` Linear, sorted dispatch) in test_record_hf_inputs
+@pytest.mark.parametrize("name", [n for n in tiny_configs()
+                                  if n not in ("tiny-deepseek-v3", "tiny-jetmoe")])
 def test_softmax_routers_match_recomputation(name):
     if not available(name):
         pytest.skip(f"transformers {transformers.__version__} lacks {tiny_configs()[name][0]}")
