@@ -26,6 +26,30 @@ def _constraints(p: argparse.ArgumentParser) -> None:
                    help="rank only configs that drop at most this fraction of tokens (0..1)")
 
 
+def _rank_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sort-by", default="mean_step_s", metavar="COLUMN",
+                   help="rank by this column, ascending (default mean_step_s; also e.g. "
+                   "overload_mean, overload_cum_max, imbalance, intra_node_imbalance, "
+                   "hottest_link_bytes, expert_balance_p95)")
+    p.add_argument("--max-metric", action="append", default=[], metavar="COLUMN=MAX",
+                   help="rank only configs whose COLUMN is at most MAX (repeatable), e.g. "
+                   "--max-metric overload_max=2")
+
+
+def _limits(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise MoesimError(f"--max-metric {item!r} is not COLUMN=MAX; e.g. "
+                              "--max-metric overload_max=2")
+    return out
+
+
 def _register_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "search", help="offline search over policies × knobs × clusters × traces × models",
@@ -46,6 +70,7 @@ def _register_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=20, help="rows to print per table (default 20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _constraints(p)
+    _rank_options(p)
     p.set_defaults(func=_run_search)
 
 
@@ -57,7 +82,8 @@ def _run_search(args: argparse.Namespace) -> int:
     outcome = run_search(args.spec, args.out, workers=args.workers, resume=args.resume,
                          max_memory_GiB=args.max_memory_GiB, max_drop_frac=args.max_drop_frac,
                          limit=args.limit, save_runs=args.save_runs,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, sort_by=args.sort_by,
+                         limits=_limits(args.max_metric))
     print_outcome(outcome, limit=args.top)
     return 0
 

@@ -22,6 +22,8 @@ KINDS: dict[str, tuple[str, bool, str]] = {
     "timeline": ("timeline:plot_timeline", True, "one-iteration Gantt per rank and stream"),
     "memory": ("plots:plot_memory", False, "peak memory breakdown per policy"),
     "drops": ("plots:plot_drops", False, "dropped-token fraction over iterations"),
+    "traffic_heatmap": ("traffic:plot_traffic_heatmap", True,
+                        "bytes each GPU sent each GPU, per phase"),
     "pred_vs_meas": ("compare:plot_predicted_vs_measured", False,
                      "predicted vs measured (simulator + executor runs)"),
 }

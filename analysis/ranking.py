@@ -2,7 +2,9 @@
 
 A *row* is one finished configuration flattened for tables: its key, policy + knobs, the axes
 (trace, model, cluster), status, and the summary numbers. Objectives are minimised:
-mean step time, peak memory, dropped fraction.
+mean step time, peak memory, dropped fraction. The ranking sorts by mean step time unless
+told another column (``sort_by``: any of :data:`SORTABLE`, e.g. ``overload_mean``), and
+``limits`` (``{column: max}``) make the load and traffic metrics constraints too.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .fileio import atomic_write
-from .runs import GiB
+from .runs import METRIC_SUMMARY, GiB
 from .search_spec import describe
 
 OBJECTIVES = ("mean_step_s", "peak_memory_GiB", "dropped_frac")
 COLUMNS = ("rank", "key", "config", "trace", "model", "cluster", "status", "mean_step_s",
-           "p50_step_s", "p95_step_s", "peak_memory_GiB", "dropped_frac", "a2a_s", "oom",
-           "feasible", "violates", "error")
+           "p50_step_s", "p95_step_s", "peak_memory_GiB", "dropped_frac", "a2a_s",
+           *METRIC_SUMMARY, "oom", "feasible", "violates", "error")
+SORTABLE = ("mean_step_s", "p50_step_s", "p95_step_s", "peak_memory_GiB", "dropped_frac",
+            "a2a_s", *METRIC_SUMMARY)
 
 
 def to_row(record: dict) -> dict:
@@ -36,6 +40,7 @@ def to_row(record: dict) -> dict:
         "peak_memory_GiB": _f(peak) / GiB, "dropped_frac": _f(summ.get("dropped_frac")),
         "a2a_s": _f(summ.get("a2a_s")), "oom": bool(record.get("oom", False)),
         "error": record.get("error", "") or "",
+        **{k: _f(summ.get(k)) for k in METRIC_SUMMARY},
     }
 
 
@@ -46,7 +51,8 @@ def _f(value) -> float:
         return math.nan
 
 
-def _violations(row: dict, max_memory_GiB: float | None, max_drop_frac: float | None) -> str:
+def _violations(row: dict, max_memory_GiB: float | None, max_drop_frac: float | None,
+                limits: dict[str, float] | None = None) -> str:
     why = []
     if row["status"] != "ok":
         why.append("oom" if row["oom"] else "error")
@@ -56,6 +62,9 @@ def _violations(row: dict, max_memory_GiB: float | None, max_drop_frac: float | 
         why.append(f"memory > {max_memory_GiB:g} GiB")
     if max_drop_frac is not None and not _drop(row) <= max_drop_frac:
         why.append(f"drops > {max_drop_frac:g}")
+    for name, most in (limits or {}).items():
+        if not row[name] <= most:
+            why.append(f"{name} > {most:g}")
     return "; ".join(why)
 
 
@@ -64,15 +73,30 @@ def _drop(row: dict) -> float:
     return 0.0 if math.isnan(row["dropped_frac"]) else row["dropped_frac"]
 
 
+def check_metric(name: str, flag: str) -> str:
+    """``name`` if it is a sortable / limitable column, else a one-line MoesimError."""
+    if name not in SORTABLE:
+        from moesim.errors import MoesimError
+
+        raise MoesimError(f"{flag} {name!r} is not a ranking column; choose one of "
+                          f"{', '.join(SORTABLE)}")
+    return name
+
+
 def rank(records: Iterable[dict], *, max_memory_GiB: float | None = None,
-         max_drop_frac: float | None = None) -> list[dict]:
-    """All rows: feasible ones first by mean step time (``rank`` 1..n), then the rest."""
+         max_drop_frac: float | None = None, sort_by: str = "mean_step_s",
+         limits: dict[str, float] | None = None) -> list[dict]:
+    """All rows: feasible ones first by ``sort_by`` (ascending, ties by mean step time;
+    ``rank`` 1..n), then the rest. ``limits``: ``{column: max}`` constraints."""
+    check_metric(sort_by, "sort_by")
+    for name in limits or {}:
+        check_metric(name, "limit")
     rows = [to_row(r) for r in records]
     for row in rows:
-        row["violates"] = _violations(row, max_memory_GiB, max_drop_frac)
+        row["violates"] = _violations(row, max_memory_GiB, max_drop_frac, limits)
         row["feasible"] = not row["violates"]
-    feasible = sorted((r for r in rows if r["feasible"]), key=lambda r: (r["mean_step_s"],
-                                                                           r["key"]))
+    feasible = sorted((r for r in rows if r["feasible"]),
+                      key=lambda r: (_nan_last(r[sort_by]), r["mean_step_s"], r["key"]))
     for i, row in enumerate(feasible, 1):
         row["rank"] = i
     rest = sorted((r for r in rows if not r["feasible"]),
@@ -121,7 +145,9 @@ def write_csv(path: Path, rows: Sequence[dict]) -> Path:
 
 TABLE = (("rank", "#", "{}"), ("config", "config", "{}"), ("mean_step_s", "mean ms", "ms"),
          ("p95_step_s", "p95 ms", "ms"), ("peak_memory_GiB", "peak GiB", "{:.2f}"),
-         ("dropped_frac", "drop %", "pct"), ("a2a_s", "a2a ms", "ms"), ("violates", "note", "{}"))
+         ("dropped_frac", "drop %", "pct"), ("a2a_s", "a2a ms", "ms"),
+         ("overload_mean", "overload", "{:.2f}"), ("overload_cum_max", "cum ovl", "{:.2f}"),
+         ("imbalance", "imbal", "{:.2f}"), ("violates", "note", "{}"))
 
 
 def fmt(value, how: str) -> str:

@@ -25,6 +25,7 @@ from .fileio import atomic_write
 from .runs import GiB, as_run, pair_runs, policy_name, summarize
 from .search import RESULTS, load_search
 from .search_plots import plot_pareto
+from .traffic import metrics_section
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}
@@ -121,7 +122,7 @@ def runs_section(runs: list[RunResult], tmp: Path) -> str:
                       s["iterations"], _ms(s["mean_step_s"]), _ms(s["p95_step_s"]),
                       _num(s["peak_memory_bytes"] / GiB), _num(100 * s["dropped_frac"]),
                       _ms(s["a2a_s"])])
-    parts = ["<h2>Runs</h2>", html_table(head, cells)]
+    parts = ["<h2>Runs</h2>", html_table(head, cells), metrics_section(runs, html_table)]
     bad = [r for r in runs if not r.complete]
     if bad:
         parts.append('<p class="warn">Incomplete runs (plotted, marked on each figure): '

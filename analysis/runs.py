@@ -208,9 +208,24 @@ def summarize(run: RunResult) -> dict:
     return out
 
 
+# run-level load and traffic metrics (moesim.metrics columns): name -> (column, reduction)
+METRIC_SUMMARY = {
+    "overload_mean": ("overload_mean", np.mean), "overload_max": ("overload_max", np.max),
+    "overload_cum_max": ("overload_cum_max", np.max), "imbalance": ("imbalance", np.mean),
+    "node_imbalance": ("node_imbalance", np.mean),
+    "intra_node_imbalance": ("intra_node_imbalance", np.mean),
+    "hottest_link_bytes": ("hottest_link_bytes", np.max),
+    "inter_node_bytes": ("inter_node_bytes", np.mean),
+    "expert_balance_p50": ("expert_balance_p50", np.mean),
+    "expert_balance_p95": ("expert_balance_p95", np.mean),
+}
+
+
 def summarize_columns(columns: dict[str, np.ndarray]) -> dict:
     """Mean / p50 / p95 step time, peak memory, dropped fraction, a2a time and OOM flag from
-    per-iteration summary columns (``iterations.csv`` or simulate's rows)."""
+    per-iteration summary columns (``iterations.csv`` or simulate's rows), and the run-level
+    load and traffic metrics of :data:`METRIC_SUMMARY` (means over iterations, or the max
+    for maxima; NaN for runs without them)."""
 
     def col(name: str) -> np.ndarray:
         arr = np.asarray(columns.get(name, np.zeros(0)), dtype=float)
@@ -229,6 +244,7 @@ def summarize_columns(columns: dict[str, np.ndarray]) -> dict:
         "a2a_s": stat(np.mean, col("a2a_time_s")),
         "oom": bool(stat(np.max, col("oom")) > 0),
         "error": "",
+        **{name: stat(fn, col(column)) for name, (column, fn) in METRIC_SUMMARY.items()},
     }
 
 

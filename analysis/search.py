@@ -14,7 +14,10 @@ A record in ``results.jsonl``::
     {"key": "swiftmoe-0123456789ab", "config": {...}, "status": "ok" | "oom" | "error",
      "oom": false, "error": "", "elapsed_s": 1.2,
      "summary": {"mean_step_s", "p50_step_s", "p95_step_s", "peak_memory_bytes",
-                 "dropped_frac", "a2a_s", "iterations", "status"}}
+                 "dropped_frac", "a2a_s", "iterations", "status",
+                 "overload_mean", "overload_max", "overload_cum_max", "imbalance", ...}}
+
+(the load and traffic metrics: ``moesim.analysis.runs.METRIC_SUMMARY``).
 """
 
 from __future__ import annotations
@@ -113,24 +116,31 @@ class SearchOutcome:
     rows: list[dict]
     front: list[dict]
     files: dict[str, Path]
+    sort_by: str = "mean_step_s"
 
 
 def run_search(spec: str | Path | None, out_dir: str | Path, *, workers: int | None = None,
                resume: bool = False, max_memory_GiB: float | None = None,
                max_drop_frac: float | None = None, limit: int | None = None,
                save_runs: bool = False, evaluate: Evaluator | None = None,
-               progress: bool = True) -> SearchOutcome:
+               progress: bool = True, sort_by: str = "mean_step_s",
+               limits: dict[str, float] | None = None) -> SearchOutcome:
     """Run (or resume) a search; ``limit`` caps how many new configs this call runs.
 
-    ``evaluate(config, run_dir) -> summary`` defaults to :func:`simulate_config`.
+    ``evaluate(config, run_dir) -> summary`` defaults to :func:`simulate_config`;
+    ``sort_by`` / ``limits``: see :func:`moesim.analysis.ranking.rank`.
     """
+    ranking.check_metric(sort_by, "--sort-by")
+    for name in limits or {}:
+        ranking.check_metric(name, "--max-metric")
     configs = load_spec(spec)
     evaluate = evaluate or simulate_config
     out = Path(out_dir)
     with DirLock(out, "search directory"):
         return _search_locked(configs, out, evaluate, workers=workers, resume=resume,
                               limit=limit, save_runs=save_runs, progress=progress,
-                              max_memory_GiB=max_memory_GiB, max_drop_frac=max_drop_frac)
+                              max_memory_GiB=max_memory_GiB, max_drop_frac=max_drop_frac,
+                              sort_by=sort_by, limits=limits)
 
 
 def _search_locked(configs: list[dict], out: Path, evaluate: Evaluator, *, workers, resume,
@@ -190,33 +200,39 @@ def _result(fut: Future) -> dict:
 
 
 def finish_search(records: list[dict], out: Path, *, max_memory_GiB: float | None = None,
-                  max_drop_frac: float | None = None) -> SearchOutcome:
+                  max_drop_frac: float | None = None, sort_by: str = "mean_step_s",
+                  limits: dict[str, float] | None = None) -> SearchOutcome:
     """Rank, compute the Pareto front, and write ``ranking.csv`` / ``pareto.csv``."""
-    rows = ranking.rank(records, max_memory_GiB=max_memory_GiB, max_drop_frac=max_drop_frac)
+    rows = ranking.rank(records, max_memory_GiB=max_memory_GiB, max_drop_frac=max_drop_frac,
+                        sort_by=sort_by, limits=limits)
     front = ranking.pareto_front(rows)
     files = {"results": out / RESULTS,
              "ranking": ranking.write_csv(out / "ranking.csv", rows),
              "pareto": ranking.write_csv(out / "pareto.csv", front)}
-    return SearchOutcome(records, rows, front, files)
+    return SearchOutcome(records, rows, front, files, sort_by)
 
 
 def load_search(out_dir: str | Path, *, max_memory_GiB: float | None = None,
-                max_drop_frac: float | None = None) -> SearchOutcome:
+                max_drop_frac: float | None = None, sort_by: str = "mean_step_s",
+                limits: dict[str, float] | None = None) -> SearchOutcome:
     """Re-rank an existing search directory without running anything (nothing is written)."""
     out = Path(out_dir)
     if not (out / RESULTS).is_file():
         raise MoesimError(f"{out} is not a search directory (no {RESULTS}); run "
                           "`moesim search SPEC -o DIR` first")
     records = list(read_results(out / RESULTS).values())
-    rows = ranking.rank(records, max_memory_GiB=max_memory_GiB, max_drop_frac=max_drop_frac)
-    return SearchOutcome(records, rows, ranking.pareto_front(rows), {})
+    rows = ranking.rank(records, max_memory_GiB=max_memory_GiB, max_drop_frac=max_drop_frac,
+                        sort_by=sort_by, limits=limits)
+    return SearchOutcome(records, rows, ranking.pareto_front(rows), {}, sort_by)
 
 
 def print_outcome(outcome: SearchOutcome, stream=None, limit: int = 20) -> None:
     """Print the ranking and the Pareto front as tables, and the failed configs."""
     stream = stream or sys.stdout
     feasible = [r for r in outcome.rows if r["feasible"]]
-    print(ranking.text_table(feasible, f"Ranking by mean step time ({len(feasible)} of "
+    by = outcome.sort_by.replace("_", " ") if outcome.sort_by != "mean_step_s" \
+        else "mean step time"
+    print(ranking.text_table(feasible, f"Ranking by {by} ({len(feasible)} of "
                              f"{len(outcome.rows)} configs meet the constraints)", limit,
                              outcome.rows), file=stream)
     print(file=stream)

@@ -18,6 +18,7 @@ from moesim.traces.importers import (
     import_smartmoe,
 )
 from moesim.traces.io import load_trace, save_trace
+from moesim.traces.load_stats import expert_load_summary, format_expert_load
 from moesim.traces.stats import format_table, trace_stats
 from moesim.traces.synth import POPULARITY_KINDS, SynthConfig, synthesize
 from moesim.traces.transform import spread_over_ranks
@@ -246,12 +247,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
             raise MoesimError(f"--iterations {args.iterations} selects nothing; the trace has "
                               f"{whole} iterations (positions 0..{whole - 1})")
     stats = trace_stats(trace, args.ep_size)
+    load = expert_load_summary(trace)
     if args.json:
         out = {"path": str(path), "meta": trace.meta.to_dict(), "num_passes": trace.num_passes,
-               "num_iterations": trace.num_iterations, **stats.to_dict()}
+               "num_iterations": trace.num_iterations, **stats.to_dict(), "expert_load": load}
         print(json.dumps(out, indent=1))
     else:
-        print(format_table(trace, stats))
+        print(format_table(trace, stats) + format_expert_load(load))
     return 0
 
 

@@ -38,8 +38,12 @@ def _record(it: int, rng: np.random.Generator, L: int, E: int, R: int, speed: fl
                "tokens_total": float(load_LE.sum()), "tokens_dropped": float(dropped_LR.sum()),
                "peak_memory_bytes": float(sum(mem.values()).max()), "relayout_bytes": 0.0,
                "planner_time_s": 0.0}
+    # GPU-pair bytes in dispatch and combine (own generator: the other draws stay as they were)
+    traffic_FRR = np.random.default_rng(1000 + it).random((F, R, R)) * 1e6
+    traffic_FRR *= np.isin(np.array(PHASES), ("dispatch", "combine"))[:, None, None]
+    traffic_FRR *= 1 - np.eye(R)
     return IterationRecord(it, summary, busy_LFR, start_LFR, end_LFR, load_LE, rank_LR,
-                           dropped_LR, mem)
+                           dropped_LR, mem, traffic_FRR=traffic_FRR)
 
 
 def write_run(out: Path, policy: str = "static_ep", *, backend: str = "simulator",
