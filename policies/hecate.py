@@ -17,10 +17,12 @@ Decision for iteration ``i``, per layer:
    Ranks are then relabelled per layer (``relabel_gpus_for_layer``, node to node) so that the
    greedy's lowest-index ties do not give rank 0 the heaviest owned expert of every layer.
    The paper initialises with an even (homogeneous) sharding and re-shards every ~100
-   iterations (§5.1). Here the even sharding made before any load is seen (iteration 0) is
-   **provisional** (``info["owners_provisional"]``): the first iteration with history
-   re-shards, and the ``reshard_interval`` clock starts there — otherwise a short simulation
-   would run ~100 iterations on a load-blind owner map the paper only keeps for warm-up.
+   iterations (§5.1); ``migration_weight`` / ``min_gain`` make a re-shard weigh the owner
+   moves it causes (:meth:`Hecate._price_reshard`). Here the even sharding made before any
+   load is seen (iteration 0) is **provisional** (``info["owners_provisional"]``): the first
+   iteration with history re-shards, and the ``reshard_interval`` clock starts there —
+   otherwise a short simulation would run ~100 iterations on a load-blind owner map the paper
+   only keeps for warm-up.
 2. **Sparse materialisation** (paper §4.2, Algorithm 1) from ``load_e`` = mean load of the last
    ``load_window`` (5) iterations. Overlap degree ``t = floor(T_nonMoE · bw / expert_bytes)``
    (paper Eq. 1 / §4.2): how many experts the SparseAllGather can bring while the non-MoE
@@ -81,14 +83,12 @@ device, ``S`` slots per device.
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.errors import MoesimError
 from moesim.ops import Broadcast, Reduce, SendRecv
 from moesim.placement import Decision, Placement
 from moesim.policies.base import (
@@ -99,11 +99,17 @@ from moesim.policies.base import (
     check_ints,
     register_policy,
 )
-from moesim.policies.greedy import precise_replicas
+from moesim.policies.hecate_plan import (  # noqa: F401  (re-exported)
+    materialise,
+    owned_copies,
+    shard_owners,
+    slot_row,
+    spread_copies,
+)
+from moesim.policies.migration import check_migration_knobs, model_for, rank_permutation
 from moesim.policies.primitives import (
     dense_params_R,
     emit_gpu_optimizer,
-    greedy_pack_fixed,
     per_iteration_load_TLE,
     relabel_gpus_for_layer,
     slot_capacity,
@@ -134,150 +140,6 @@ def overlap_degree(model: ModelSpec, cluster: Cluster) -> int:
     return int(math.floor(t_s * bw * 1e9 / model.expert_weight_bytes))
 
 
-def shard_owners(load_E: np.ndarray, num_nodes: int, gpus_per_node: int,
-                 owned_per_rank: int, overlappable: int = 0) -> np.ndarray:
-    """Heterogeneous sharding (paper Algorithm 2, one layer): owner rank of each expert, ``[E]``.
-
-    The ``overlappable`` hottest experts are set aside; the others, heaviest first, go into the
-    lightest node with room (``gpus_per_node · O`` experts), then, within each node, into the
-    lightest device with room (``O`` experts); the set-aside experts fill the slots left
-    (lightest first: they count as load 0, being materialised where their tokens are).
-
-    The device step walks all experts once in the global heaviest-first order (restricted to a
-    node it is that node's own order), with one heap of ``(load, device)`` per node.
-    """
-    load = np.asarray(load_E, dtype=np.float64).copy()
-    load[np.argsort(-load, kind="stable")[:max(overlappable, 0)]] = 0.0
-    node_E = greedy_pack_fixed(load, num_nodes, np.full(num_nodes, gpus_per_node * owned_per_rank))
-    heaps = [[(0.0, k) for k in range(gpus_per_node)] if owned_per_rank > 0 else []
-             for _ in range(num_nodes)]
-    room = [[owned_per_rank] * gpus_per_node for _ in range(num_nodes)]
-    owners = np.empty(load.shape[0], dtype=np.int64)
-    load_l, node_l = load.tolist(), node_E.tolist()
-    for e in np.argsort(-load, kind="stable").tolist():
-        n = node_l[e]
-        heap, cap = heaps[n], room[n]
-        if not heap:
-            raise MoesimError("not enough free slots for the items to place")
-        w, k = heapq.heappop(heap)
-        owners[e] = n * gpus_per_node + k
-        cap[k] -= 1
-        if cap[k] > 0:
-            heapq.heappush(heap, (w + load_l[e], k))
-    return owners
-
-
-def owned_copies(owners_E: np.ndarray, num_ranks: int) -> np.ndarray:
-    """One copy of each expert on its owner: ``[G, E]``."""
-    out = np.zeros((num_ranks, owners_E.shape[0]), dtype=np.int64)
-    out[owners_E, np.arange(owners_E.shape[0])] = 1
-    return out
-
-
-def materialise(load_E: np.ndarray, owners_E: np.ndarray, t: int, extra_slots: int,
-                gpus_per_node: int, num_ranks: int) -> tuple[np.ndarray, str]:
-    """Paper Algorithm 1: extra copies ``[G, E]`` (owners excluded) and the branch that made
-    them (``none``, ``top_t`` or ``proportional``).
-
-    ``t ← min(t, E)``, ``m ← min(m, t)``; ``t ≤ m``: the ``t`` hottest experts on every device
-    (so ``t = 0`` materialises nothing); else the ``G·m`` extra slots to the ``t`` hottest
-    experts in proportion to load, ≤ 1 copy per device, spread over nodes.
-    """
-    G, E = num_ranks, load_E.shape[0]
-    t = min(max(t, 0), E)
-    m = min(extra_slots, t)
-    extra = np.zeros((G, E), dtype=np.int64)
-    if G == 1 or m == 0:
-        return extra, "none"
-    hot = np.argsort(-load_E, kind="stable")[:t]
-    if t <= m:
-        extra[:, hot] = 1
-        extra[owners_E[hot], hot] = 0
-        return extra, "top_t"
-    r_E = np.ones(E, dtype=np.int64)
-    r_E[hot] = precise_replicas(load_E[hot], t + G * m, 1, G)
-    gpu_load = np.bincount(owners_E, weights=load_E / r_E, minlength=G)
-    gpu_J, expert_J = spread_copies(r_E - 1, load_E / r_E, owners_E, gpu_load, np.full(G, m),
-                                    gpus_per_node)
-    extra[gpu_J, expert_J] = 1
-    return extra, "proportional"
-
-
-def spread_copies(copies_E: np.ndarray, per_copy_E: np.ndarray, owners_E: np.ndarray,
-                  gpu_load_G: np.ndarray, free_G: np.ndarray, gpus_per_node: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """LAER-MoE's node-spreading greedy (:func:`moesim.policies.greedy.greedy_place`, with
-    ``allow_duplicates=False, skip_unplaceable=True``) for Hecate's case, where every expert
-    starts with one copy, on its owner: the new copies ``(gpu_J, expert_J)``.
-
-    Experts go in decreasing per-copy load (lowest id on ties), each in rounds: every node at
-    the lowest copy level offers its least-loaded GPU (lowest id on ties) with a free slot and
-    no copy of the expert; the offers are taken in ``(load, gpu)`` order until the expert has
-    its copies; a copy adds its per-copy load to the GPU. The same decisions as the heap
-    greedy (tested), one round per numpy pass over the ``[N, g]`` GPU grid instead of a
-    Python walk over the node heaps."""
-    G, g = len(gpu_load_G), gpus_per_node
-    N = G // g
-    load = np.asarray(gpu_load_G, dtype=np.float64).copy()
-    free = np.asarray(free_G, dtype=np.int64).copy()
-    rows = np.arange(N)
-    gpus, experts = [], []
-    for e in np.argsort(-per_copy_E, kind="stable").tolist():
-        left = int(copies_E[e])
-        if left <= 0:
-            continue
-        held = np.zeros(G, dtype=bool)
-        held[owners_E[e]] = True
-        level = np.zeros(N, dtype=np.int64)
-        level[owners_E[e] // g] = 1
-        while left > 0:
-            key = np.where((free > 0) & ~held, load, np.inf).reshape(N, g)
-            local = key.argmin(axis=1)
-            best = key[rows, local]
-            nodes = np.flatnonzero(best < np.inf)
-            if not len(nodes):
-                break
-            nodes = nodes[level[nodes] == level[nodes].min()]
-            gs = nodes * g + local[nodes]
-            gs = gs[np.lexsort((gs, load[gs]))][:left]
-            load[gs] += per_copy_E[e]
-            free[gs] -= 1
-            held[gs] = True
-            level[gs // g] += 1
-            left -= len(gs)
-            gpus.append(gs)
-            experts.append(np.full(len(gs), e, dtype=np.int64))
-    if not gpus:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    return np.concatenate(gpus), np.concatenate(experts)
-
-
-def slot_row(owners_E: np.ndarray, extra_GE: np.ndarray, owned_per_rank: int,
-             extra_slots: int) -> np.ndarray:
-    """Slot row ``[G·(O + m)]``: owned experts then materialised ones per device (each part
-    in expert order), ``-1`` pad."""
-    G, E = extra_GE.shape
-    S = owned_per_rank + extra_slots
-    out = np.full((G, S), -1, dtype=np.int64)
-    owners = np.asarray(owners_E, dtype=np.int64)
-    expert = np.argsort(owners, kind="stable")            # rank-major, experts ascending
-    rank = owners[expert]
-    _fill(out, rank, expert, 0, owned_per_rank)
-    cols = np.flatnonzero(extra_GE.any(axis=0))         # the few materialised experts
-    rank, j = np.nonzero(extra_GE[:, cols])
-    _fill(out, rank, cols[j], owned_per_rank, extra_slots)
-    return out.ravel()
-
-
-def _fill(out_GS: np.ndarray, rank: np.ndarray, expert: np.ndarray, offset: int,
-          width: int) -> None:
-    """Write ``expert`` (grouped by ascending ``rank``) into consecutive slots from
-    ``offset`` of each rank's row."""
-    pos = np.arange(len(rank)) - np.searchsorted(rank, rank)
-    assert (pos < width).all(), "more experts than slots on a device"
-    out_GS[rank, offset + pos] = expert
-
-
 @register_policy("hecate")
 class Hecate(Policy):
     """FSSDP: one owner per expert (re-sharded periodically) + per-iteration materialisation."""
@@ -289,7 +151,9 @@ class Hecate(Policy):
         ``load_window``: iterations in the sliding-mean load (paper: 5). ``overlap_degree``:
         force ``t`` (``None``: computed from the model and cluster). ``rematerialize``: free
         materialised experts after the forward, gather again in the backward.
-        ``capacity_factor``: per-(source, slot) capacity factor, ``None`` = dropless (paper)."""
+        ``capacity_factor``: per-(source, slot) capacity factor, ``None`` = dropless (paper).
+        ``migration_weight`` / ``min_gain``: migration-aware re-sharding
+        (:mod:`moesim.policies.migration`; 0 / None: the paper's re-shard)."""
 
         extra_slots_per_rank: int = 2
         reshard_interval: int = 100
@@ -297,8 +161,11 @@ class Hecate(Policy):
         overlap_degree: int | None = None
         rematerialize: bool = False
         capacity_factor: float | None = None
+        migration_weight: float = 0.0
+        min_gain: float | None = None
 
         def __post_init__(self) -> None:
+            check_migration_knobs("hecate", self.migration_weight, self.min_gain)
             check_ints("hecate", self, {"extra_slots_per_rank": 0, "reshard_interval": 1,
                                         "load_window": 1, "overlap_degree": 0},
                        optional=("overlap_degree",))  # None: computed from the cluster
@@ -316,6 +183,11 @@ class Hecate(Policy):
         t = overlap_degree(model, cluster) if cfg.overlap_degree is None else cfg.overlap_degree
         t = min(t, E) if seen else 0            # no loads yet: owners only (an even split)
         owners_LE, reshard_it, provisional = self._owners(history, load_LE, seen, t, cluster, O)
+        priced = {}
+        if reshard_it == history.iteration and (cfg.migration_weight > 0
+                                                or cfg.min_gain is not None):
+            owners_LE, priced = self._price_reshard(history, owners_LE, load_LE, t, model,
+                                                    cluster, O)
         rows, branches, lam = [], [], []
         for l in range(L):
             extra, branch = materialise(load_LE[l], owners_LE[l], t, m, cluster.gpus_per_node, G)
@@ -326,7 +198,7 @@ class Hecate(Policy):
                 "resharded": reshard_it == history.iteration,
                 "owners_provisional": provisional, "owned_slots": O,
                 "extra_slots": m, "overlap_degree": t, "branch_L": branches,
-                "materialized_fraction_L": lam, "rematerialize": cfg.rematerialize}
+                "materialized_fraction_L": lam, "rematerialize": cfg.rematerialize, **priced}
         cap = slot_capacity(cfg.capacity_factor, model.tokens_per_rank, model.top_k,
                             G * (O + m))
         return Decision(Placement(np.stack(rows), G, O + m, E), routing="local_first",
@@ -351,6 +223,49 @@ class Hecate(Policy):
             load, cluster.num_nodes, cluster.gpus_per_node, owned_per_rank, t)]
             for l, load in enumerate(load_LE)])
         return fresh, history.iteration, not seen
+
+    def _price_reshard(self, history: History, fresh_LE: np.ndarray, load_LE: np.ndarray,
+                       t: int, model: ModelSpec, cluster: Cluster, O: int
+                       ) -> tuple[np.ndarray, dict]:
+        """Migration-aware re-shard (:mod:`moesim.policies.migration`): per layer, keep the
+        owner map in force, the fresh one, or the fresh one with its ranks relabelled (node to
+        node) to leave most experts with their owner — whichever has the lowest layer time +
+        ``migration_weight`` × migration time / ``reshard_interval``; then ``min_gain``. The
+        layer time prices the whole slot row (owners plus this iteration's materialised
+        copies, even split); the migration moves ``P·(b_w + b_o)`` per changed owner."""
+        prev = history.previous.info if history.previous is not None else {}
+        old = prev.get("owners_LE")
+        if old is None or np.shape(old) != fresh_LE.shape:
+            return fresh_LE, {}
+        cfg, G = self.config, cluster.world_size
+        old = np.asarray(old, dtype=np.int64)
+        m = cfg.extra_slots_per_rank
+        knobs = dict(interval=cfg.reshard_interval, load_iterations=1.0,
+                     slot_bytes=model.params_per_expert * (model.bytes_weight
+                                                           + model.bytes_optim),
+                     weight=cfg.migration_weight, min_gain=cfg.min_gain)
+        rows = model_for(model, cluster, slots_per_rank=O + m, **knobs)
+        moves = model_for(model, cluster, slots_per_rank=O, **knobs)
+        no_extra = np.zeros((G, fresh_LE.shape[1]), dtype=np.int64)
+        out, skipped = [], []
+        for l in range(fresh_LE.shape[0]):
+            perm = rank_permutation(owned_copies(fresh_LE[l], G), owned_copies(old[l], G),
+                                    cluster.gpus_per_node, keep_nodes=True)
+            cands = [old[l], fresh_LE[l], perm[fresh_LE[l]]]
+            own = [slot_row(c, no_extra, O, 0) for c in cands]
+            full = [slot_row(c, materialise(load_LE[l], c, t, m, cluster.gpus_per_node, G)[0],
+                             O, m) for c in cands]
+            cost = [rows.layer_time_s(f, load_LE[l])
+                    + cfg.migration_weight * moves.migration_time_s(o, own[0])
+                    / cfg.reshard_interval for f, o in zip(full, own, strict=True)]
+            pick = 1 if cfg.migration_weight == 0 else int(np.argmin(cost))
+            saved = rows.layer_time_s(full[0], load_LE[l]) - rows.layer_time_s(full[pick],
+                                                                               load_LE[l])
+            ok = cfg.min_gain is None or saved * cfg.reshard_interval >= cfg.min_gain \
+                * moves.migration_time_s(own[pick], own[0])
+            out.append(cands[pick] if ok else old[l])
+            skipped.append(not ok)
+        return np.stack(out), {"reshard_skipped_L": skipped}
 
     # -- lowering hooks ---------------------------------------------------------------------
     def lower_relayout(self, ctx) -> list[int]:

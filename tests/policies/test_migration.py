@@ -216,3 +216,20 @@ def test_decision_info_survives_json() -> None:
     json.dumps(d.info)
     assert isinstance(Decision(Placement(d.placement.phy2log_LP, 4, d.placement.slots_per_rank,
                                          8), info=d.info), Decision)
+
+
+def test_hecate_reshard_weighs_owner_moves() -> None:
+    """Re-shards every 3 iterations: weight 0 re-shards from scratch (owners move); a huge
+    weight keeps the owners once they are set; min_gain can refuse the re-shard."""
+    def owner_changes(ds):
+        return sum(int((np.asarray(a.info["owners_LE"]) != np.asarray(b.info["owners_LE"]))
+                       .sum()) for a, b in zip(ds[1:], ds[2:]))
+    base = {"reshard_interval": 3, "overlap_degree": 1}
+    free = _loop("hecate", base)[3]
+    heavy = _loop("hecate", dict(base, migration_weight=1e6))[3]
+    picky = _loop("hecate", dict(base, min_gain=1e9))[3]
+    assert owner_changes(free) > 0
+    assert owner_changes(heavy) == 0 and owner_changes(picky) == 0
+    assert any(any(d.info.get("reshard_skipped_L", [])) for d in picky)
+    light = _loop("hecate", dict(base, migration_weight=1e-9))[3]
+    assert owner_changes(light) <= owner_changes(free)
