@@ -124,28 +124,26 @@ def _attention(cfg: dict, H: int, seq: int) -> tuple[int, int, int, str]:
 def hf_fields(cfg: dict, *, seq_len: int | None = None,
               tokens_per_rank: int | None = None) -> list[Field]:
     """The ModelSpec fields a config gives, each with its source."""
+    seq = seq_len or DEFAULT_SEQ_LEN
+    seq_src = (f"--seq-len {seq_len}" if seq_len else
+               f"not in config.json (max_position_embeddings = "
+               f"{cfg.get('max_position_embeddings')} is the context limit); moesim's "
+               f"default {DEFAULT_SEQ_LEN}, set --seq-len to the training length")
+    return [*_expert_fields(cfg),
+            Field("seq_len", seq, seq_src),
+            Field("tokens_per_rank", tokens_per_rank or seq,
+                  "--tokens-per-rank" if tokens_per_rank else "one sequence per rank per "
+                  "micro-batch (assumed); set --tokens-per-rank"),
+            *_count_fields(cfg, seq), *_shape_fields(cfg)]
+
+
+def _expert_fields(cfg: dict) -> list[Field]:
     E, e_key = _int(cfg, *EXPERT_KEYS)
     k, k_key = _int(cfg, *TOPK_KEYS)
     H, _ = _int(cfg, "hidden_size")
     F, f_key = _int(cfg, "moe_intermediate_size", "intermediate_size")
     ids, rule = moe_layer_ids(cfg)
-    n_layers, _ = _int(cfg, "num_hidden_layers")
-    seq = seq_len or DEFAULT_SEQ_LEN
-    attn_w, attn_extra, scores, attn_text = _attention(cfg, H, seq)
-    shared_n, shared_w, shared_text = _shared(cfg, H, F)
-    router_w, router_b = E * H, (E if cfg.get("model_type") == "deepseek_v3" else 0)
-    dense_w = attn_w + router_w + shared_w
-    dense_params = dense_w + attn_extra + router_b + 2 * H
-    vocab, _ = _int(cfg, "vocab_size")
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    dense_layers = n_layers - len(ids)
-    dense_ffn, dense_ffn_key = _int(cfg, "intermediate_size", default=0)
-    other = vocab * H * (1 if tied else 2) + H \
-        + dense_layers * (attn_w + attn_extra + 2 * H + 3 * H * dense_ffn)
-    seq_src = (f"--seq-len {seq_len}" if seq_len else
-               f"not in config.json (max_position_embeddings = "
-               f"{cfg.get('max_position_embeddings')} is the context limit); moesim's "
-               f"default {DEFAULT_SEQ_LEN}, set --seq-len to the training length")
+    shared_n, _, shared_text = _shared(cfg, H, F)
     return [
         Field("num_layers", len(ids), f"MoE layers: {rule}"),
         Field("hidden_size", H, "hidden_size"),
@@ -155,14 +153,26 @@ def hf_fields(cfg: dict, *, seq_len: int | None = None,
         Field("gated", True, f"SwiGLU experts (gate, up, down); hidden_act = "
               f"{cfg.get('hidden_act', 'silu')}"),
         Field("num_shared_experts", shared_n, shared_text),
-        Field("seq_len", seq, seq_src),
-        Field("tokens_per_rank", tokens_per_rank or seq,
-              "--tokens-per-rank" if tokens_per_rank else "one sequence per rank per "
-              "micro-batch (assumed); set --tokens-per-rank"),
+    ]
+
+
+def _count_fields(cfg: dict, seq: int) -> list[Field]:
+    """``dense_flops_per_token``, ``dense_params_per_layer`` and ``other_params``."""
+    E, _ = _int(cfg, *EXPERT_KEYS)
+    H, _ = _int(cfg, "hidden_size")
+    F, _ = _int(cfg, "moe_intermediate_size", "intermediate_size")
+    attn_w, attn_extra, scores, attn_text = _attention(cfg, H, seq)
+    _, shared_w, _ = _shared(cfg, H, F)
+    router_w, router_b = E * H, (E if cfg.get("model_type") == "deepseek_v3" else 0)
+    dense_w = attn_w + router_w + shared_w
+    vocab, tied, dense_layers, dense_ffn, dense_ffn_key = _outside_moe(cfg)
+    other = vocab * H * (1 if tied else 2) + H \
+        + dense_layers * (attn_w + attn_extra + 2 * H + 3 * H * dense_ffn)
+    return [
         Field("dense_flops_per_token", float(2 * dense_w + scores),
               f"2 x (attention {attn_w:,} [{attn_text}] + router {router_w:,} + shared "
               f"{shared_w:,}) + scores/values {scores:,} at seq {seq}"),
-        Field("dense_params_per_layer", float(dense_params),
+        Field("dense_params_per_layer", float(dense_w + attn_extra + router_b + 2 * H),
               f"attention {attn_w:,} + biases/q-k norms {attn_extra:,} + router {router_w:,}"
               f" (+ bias {router_b}) + shared {shared_w:,} + 2 RMSNorms {2 * H:,}"),
         Field("other_params", float(other),
@@ -170,6 +180,40 @@ def hf_fields(cfg: dict, *, seq_len: int | None = None,
               + f" + final norm + {dense_layers} dense layer(s) x (attention + "
               f"3 x {H} x {dense_ffn} FFN [{dense_ffn_key}] + norms)"),
     ]
+
+
+def _outside_moe(cfg: dict) -> tuple[int, bool, int, int, str]:
+    """``(vocab, tied embeddings, dense-only layers, their FFN width, its field)``."""
+    vocab, _ = _int(cfg, "vocab_size")
+    n_layers, _ = _int(cfg, "num_hidden_layers")
+    dense_ffn, dense_ffn_key = _int(cfg, "intermediate_size", default=0)
+    dense_layers = n_layers - len(moe_layer_ids(cfg)[0])
+    return vocab, bool(cfg.get("tie_word_embeddings", False)), dense_layers, dense_ffn, \
+        dense_ffn_key
+
+
+def _shape_fields(cfg: dict) -> list[Field]:
+    """The attention / vocabulary / dense-layer shape facts (ModelSpec's optional fields)."""
+    vocab, tied, dense_layers, dense_ffn, dense_ffn_key = _outside_moe(cfg)
+    heads, _ = _int(cfg, "num_attention_heads")
+    out = [Field("num_attention_heads", heads, "num_attention_heads")]
+    if cfg.get("kv_lora_rank"):
+        out += [Field(name, int(cfg.get(name) or 0), name + " (MLA)")
+                for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                             "qk_rope_head_dim", "v_head_dim")]
+    else:
+        kv, kv_key = _int(cfg, "num_key_value_heads", default=heads)
+        out.append(Field("num_kv_heads", kv, kv_key))
+        if cfg.get("head_dim"):
+            out.append(Field("head_dim", int(cfg["head_dim"]), "head_dim"))
+    out += [Field("vocab_size", vocab, "vocab_size"),
+            Field("tied_embeddings", tied, "tie_word_embeddings"
+                  + ("" if "tie_word_embeddings" in cfg else " (absent: false)"))]
+    if dense_layers:
+        out += [Field("num_dense_layers", dense_layers, "layers without routed experts "
+                      "(num_layers' rule above)"),
+                Field("dense_ffn_hidden_size", dense_ffn, dense_ffn_key + " (their FFN)")]
+    return out
 
 
 def _shared(cfg: dict, H: int, F: int) -> tuple[int, int, str]:

@@ -60,7 +60,10 @@ def test_from_hf_reproduces_the_hand_written_presets(tmp_path, cfg, preset, seq)
     got, want = load_model(out), load_model(preset)
     for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_experts", "top_k",
                   "gated", "seq_len", "num_shared_experts", "dense_flops_per_token",
-                  "dense_params_per_layer", "other_params"):
+                  "dense_params_per_layer", "other_params", "num_attention_heads",
+                  "num_kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                  "qk_rope_head_dim", "v_head_dim", "vocab_size", "tied_embeddings",
+                  "num_dense_layers", "dense_ffn_hidden_size"):
         assert getattr(got, field) == getattr(want, field), field
     assert got.total_params == want.total_params
 
@@ -73,6 +76,9 @@ def test_from_hf_other_families(tmp_path, cfg, layers, experts, k, F, shared):
     assert (spec.num_layers, spec.num_experts, spec.top_k, spec.ffn_hidden_size,
             spec.num_shared_experts) == (layers, experts, k, F, shared)
     assert spec.seq_len == 4096 and spec.name == "q"
+    assert spec.num_attention_heads == cfg["num_attention_heads"]
+    assert spec.num_kv_heads == cfg["num_key_value_heads"]
+    assert spec.vocab_size == cfg["vocab_size"] and spec.head_dim == cfg.get("head_dim", 0)
 
 
 def test_every_value_names_its_source(tmp_path):
