@@ -79,13 +79,37 @@ def _run_search(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise MoesimError("--workers must be at least 1")
+    _check_search_flags(args)
     outcome = run_search(args.spec, args.out, workers=args.workers, resume=args.resume,
                          max_memory_GiB=args.max_memory_GiB, max_drop_frac=args.max_drop_frac,
                          limit=args.limit, save_runs=args.save_runs,
                          progress=not args.no_progress, sort_by=args.sort_by,
                          limits=_limits(args.max_metric))
     print_outcome(outcome, limit=args.top)
+    failed = [r for r in outcome.records if r["status"] == "error"]
+    if failed:
+        print(f"moesim: error: {len(failed)} of {len(outcome.records)} configuration(s) "
+              f"failed (listed above, and in {outcome.files.get('results', args.out)})",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _check_search_flags(args: argparse.Namespace) -> None:
+    """The search's own flags, by the shared rules of :mod:`moesim.validation`."""
+    from moesim import validation
+
+    validation.optional(validation.non_negative_int, args.limit, "--limit")
+    validation.positive_int(args.top, "--top")
+    _check_constraints(args)
+
+
+def _check_constraints(args: argparse.Namespace) -> None:
+    from moesim import validation
+
+    validation.optional(lambda v, f: validation.number(v, f, minimum=0.0, strict_minimum=True),
+                        args.max_memory_GiB, "--max-memory-GiB")
+    validation.optional(validation.fraction, args.max_drop_frac, "--max-drop-frac")
 
 
 def _register_plot(sub: argparse._SubParsersAction) -> None:
@@ -166,6 +190,7 @@ def _register_report(sub: argparse._SubParsersAction) -> None:
 def _run_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
+    _check_constraints(args)
     print(build_report(args.inputs, args.out, max_memory_GiB=args.max_memory_GiB,
                        max_drop_frac=args.max_drop_frac))
     return 0

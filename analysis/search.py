@@ -37,6 +37,7 @@ from moesim.supervise import die_with_parent
 
 from . import ranking
 from .progress import Progress
+from .search_check import check_configs
 from .search_spec import config_key, describe, load_spec
 
 RESULTS = "results.jsonl"
@@ -49,6 +50,9 @@ def simulate_config(config: dict, run_dir: Path | None) -> dict:
     from .simulate_adapter import simulate_summary
 
     return simulate_summary(config, run_dir)
+
+
+_SIMULATOR = simulate_config
 
 
 def run_one(evaluate: Evaluator, config: dict, run_dir: Path | None) -> dict:
@@ -135,6 +139,8 @@ def run_search(spec: str | Path | None, out_dir: str | Path, *, workers: int | N
         ranking.check_metric(name, "--max-metric")
     configs = load_spec(spec)
     evaluate = evaluate or simulate_config
+    if evaluate is _SIMULATOR:  # the simulator builds these names: check them all first
+        check_configs(configs, spec or "the example spec")
     out = Path(out_dir)
     with DirLock(out, "search directory"):
         return _search_locked(configs, out, evaluate, workers=workers, resume=resume,

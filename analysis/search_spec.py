@@ -38,6 +38,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from moesim import validation
 from moesim.errors import MoesimError
 from moesim.policies import available_policies
 
@@ -74,7 +75,7 @@ def load_spec(path: str | Path | None = None) -> list[dict]:
 def _toml_configs(path: Path) -> list[dict]:
     try:
         data = tomllib.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise MoesimError(f"cannot parse search spec {path}: {exc}; fix the TOML") from None
     unknown = sorted(set(data) - {"search", "policies"})
     if unknown:
@@ -148,7 +149,7 @@ def normalize(config: Any, where: str | Path = "spec") -> dict:
         raise MoesimError(f"{where}: knobs of {config['policy']} must be a table/dict")
     out = {k: config.get(k) for k in CONFIG_KEYS}
     out["knobs"] = {k: knobs[k] for k in sorted(knobs)}
-    out["seed"] = int(config.get("seed") or 0)
+    out["seed"] = validation.seed(config.get("seed") or 0, f"{where}: seed")
     return out
 
 

@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from moesim import validation
 from moesim.errors import MoesimError
 
 from .runs import as_run, summarize, summarize_columns
@@ -36,20 +37,11 @@ def load_trace_arg(name: str | None) -> Any:
 
 def iterations_arg(value: Any) -> Any:
     """Spec ``iterations``: N → the first N iterations; ``"a:b"`` or (a, b) → a..b-1;
-    None → all."""
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return (0, value)
-    if isinstance(value, str) and ":" in value:
-        start, _, stop = value.partition(":")
-        try:
-            return (int(start or 0), int(stop))
-        except ValueError:
-            pass
+    None → all. The same rule as ``moesim simulate --iterations``
+    (:func:`moesim.validation.iteration_range`)."""
     if isinstance(value, (list, tuple)) and len(value) == 2:
-        return (int(value[0]), int(value[1]))
-    raise MoesimError(f"iterations = {value!r}: give a count N or a range \"start:stop\"")
+        value = ":".join(str(validation.integer(v, "iterations =")) for v in value)
+    return validation.iteration_range(value, "iterations =")
 
 
 def load_cluster_arg(text: str) -> Any:
@@ -62,10 +54,14 @@ def load_cluster_arg(text: str) -> Any:
         return cluster
     nodes, _, gpus = shape.partition("x")
     try:
-        return cluster.with_shape(int(nodes), int(gpus) if gpus else None)
+        n, g = int(nodes), int(gpus) if gpus else None
     except ValueError:
         raise MoesimError(f"cluster {text!r}: write NAME@NODES or NAME@NODESxGPUS, e.g. "
                           "a100-4x8-ib800@2") from None
+    validation.positive_int(n, f"cluster {text!r}: NAME@NODES: nodes")
+    if g is not None:
+        validation.positive_int(g, f"cluster {text!r}: NAME@NODESxGPUS: GPUs per node")
+    return cluster.with_shape(n, g)
 
 
 def build_inputs(config: dict) -> dict[str, Any]:
@@ -100,8 +96,8 @@ def simulate_summary(config: dict, run_dir: Path | None = None) -> dict:
     resume = run_dir is not None and run_dir.is_dir() and any(run_dir.iterdir())
     result = simulate(inputs["trace"], inputs["model"], inputs["cluster"], inputs["policy"],
                       iterations=iterations_arg(config.get("iterations")),
-                      rng_seed=int(config.get("seed") or 0), out_dir=run_dir, resume=resume,
-                      progress=False)
+                      rng_seed=validation.seed(config.get("seed") or 0, "seed"),
+                      out_dir=run_dir, resume=resume, progress=False)
     if run_dir is not None:
         return summarize(as_run(run_dir))
     rows = result.rows

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from moesim import memory as memory_model
-from moesim import metrics
+from moesim import metrics, validation
 from moesim.costmodel import CostModel
 from moesim.engine import Schedule, schedule
 from moesim.errors import MoesimError, OutOfMemoryError
@@ -70,6 +70,13 @@ class SimSummary:
     rows: list[dict]
     config: dict
     out_dir: Path | None = None
+    run_rows: list[dict] | None = None  # every iteration of the run dir (after a resume too)
+
+    def whole_run(self) -> SimSummary:
+        """The summary of every iteration in the run directory, earlier invocations too."""
+        if self.run_rows is None:
+            return self
+        return dataclasses.replace(self, rows=self.run_rows)
 
     def column(self, name: str) -> np.ndarray:
         """One summary column over the simulated iterations."""
@@ -125,6 +132,8 @@ def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluste
         trace = regroup_ranks(trace, cluster.world_size, rng_seed)
     trace, model = fit_inputs(trace, model, cluster, rng_seed)
     its = _iterations(iterations, trace.num_iterations)
+    validation.timeline_within([int(i) for i in timeline_iterations], its)
+    validation.plan_size(policy, model.num_layers, cluster.world_size, model.num_experts)
     config = run_config(trace, trace_path, model, cluster, policy, its, rng_seed, allow_oom)
     if regroup:
         config["options"]["regroup"] = True
@@ -157,7 +166,8 @@ def _loop(run: _Run, its: list[int], writer: RunWriter | None, config: dict, pro
         raise
     bar.close()
     out = writer.finish() if writer is not None else None
-    return SimSummary(rows=rows, config=config, out_dir=out)
+    run_rows = writer.summaries if writer is not None else None
+    return SimSummary(rows=rows, config=config, out_dir=out, run_rows=run_rows)
 
 
 def simulate_iteration(run: _Run, it: int) -> tuple[IterationRecord, dict]:
@@ -401,7 +411,7 @@ def _iterations(iterations: Any, available: int) -> list[int]:
     if iterations is None:
         its = list(range(available))
     elif isinstance(iterations, tuple) and len(iterations) == 2:
-        its = list(range(iterations[0], min(iterations[1], available))) or [iterations[0]]
+        its = validation.iterations_within(iterations, available)
     else:
         its = [int(i) for i in iterations]
     bad = [i for i in its if not 0 <= i < available]

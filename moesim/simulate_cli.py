@@ -90,21 +90,11 @@ def shape_cluster(cluster, nodes: int | None, gpus_per_node: int | None,
 
 
 def parse_iterations(text: str | None) -> tuple[int, int] | None:
-    """``"A:B"`` → ``(A, B)``; ``"A:"``, ``":B"``, ``"A"`` likewise; None → all."""
-    if not text:
-        return None
-    try:
-        if ":" not in text:
-            a = int(text)
-            return a, a + 1
-        lo, hi = text.split(":", 1)
-        a = int(lo) if lo.strip() else 0
-        b = int(hi) if hi.strip() else 2**62
-    except ValueError:
-        raise MoesimError(f"--iterations {text!r} is not A:B with integers; e.g. 0:10") from None
-    if a < 0 or b <= a:
-        raise MoesimError(f"--iterations {text!r} selects nothing; use A:B with 0 <= A < B")
-    return a, b
+    """``"A:B"`` → ``(A, B)``; ``"A:"``, ``":B"``, ``"A"`` likewise; None → all (the rule
+    every command shares: :func:`moesim.validation.iteration_range`)."""
+    from moesim.validation import iteration_range
+
+    return iteration_range(text, "--iterations")
 
 
 def parse_knobs(items: list[str]) -> dict[str, str]:
@@ -143,6 +133,7 @@ def _trace_path(args: argparse.Namespace) -> tuple[Path, bool]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moesim import validation
     from moesim.policies.base import make_policy
     from moesim.simulate import simulate
     from moesim.specs import load_cluster, load_model
@@ -156,13 +147,14 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"moesim-runs/{args.policy}-{cluster.name.replace('@', '-')}-" \
         f"{time.strftime('%Y%m%d-%H%M%S')}"
     summary = simulate(trace, model, cluster, policy,
-                       iterations=parse_iterations(args.iterations), rng_seed=args.seed,
+                       iterations=parse_iterations(args.iterations),
+                       rng_seed=validation.seed(args.seed),
                        out_dir=out, timeline_iterations=parse_timeline(args.timeline),
                        resume=args.resume, allow_oom=args.allow_oom,
                        progress=sys.stderr.isatty(),
                        on_iteration=None if args.quiet else _RowPrinter(),
                        regroup=args.regroup)
-    print(summary_line(summary, args.policy, cluster.name))
+    print(summary_line(summary.whole_run(), args.policy, cluster.name))
     return 0
 
 

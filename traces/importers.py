@@ -32,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from moesim.errors import TraceError
+from moesim import bounds
+from moesim.errors import MoesimError, TraceError
 from moesim.traces.format import RoutingTrace, TraceMeta
 from moesim.traces.validate import validate
 
-SMARTMOE_NAME = re.compile(r"^table_iter(\d+)_rank(\d+)\.log$")
+SMARTMOE_NAME = re.compile(r"^table_iter(\d+)_rank(\d+)\.log$", re.ASCII)
 CSV_HEADER = ("pass", "layer", "rank", "expert", "count")
 
 
@@ -168,11 +169,15 @@ def _smartmoe_counts(files: dict[tuple[int, int], Path], iterations: list[int],
 
 
 def _smartmoe_files(directory: Path) -> dict[tuple[int, int], Path]:
-    files = {}
-    for path in directory.iterdir():
+    files: dict[tuple[int, int], Path] = {}
+    for path in sorted(directory.iterdir()):
         match = SMARTMOE_NAME.match(path.name)
         if match:
-            files[(int(match[1]), int(match[2]))] = path
+            key = (int(match[1]), int(match[2]))
+            if key in files:
+                raise TraceError(f"{files[key].name} and {path.name} name the same iteration "
+                                 f"{key[0]} and rank {key[1]}; remove one of them")
+            files[key] = path
     if not files:
         raise TraceError(f"{directory} holds no table_iter{{N}}_rank{{r}}.log files; "
                          "point at the SmartMoE/FastMoE trace folder")
@@ -185,8 +190,7 @@ def _smartmoe_stride(iterations: list[int]) -> int:
     gaps = np.diff(iterations)
     stride = int(np.gcd.reduce(gaps))
     if (gaps != stride).any():
-        present = set(iterations)
-        missing = [i for i in range(iterations[0], iterations[-1], stride) if i not in present]
+        missing = _missing(iterations, iterations[0], stride)
         raise TraceError(f"iterations are not evenly spaced (stride {stride}); missing "
                          f"table_iter{{N}} for N in {_few(missing)}; add them or remove the "
                          "files after the gap")
@@ -195,7 +199,7 @@ def _smartmoe_stride(iterations: list[int]) -> int:
 
 def _smartmoe_check_complete(files: dict, iterations: list[int], ranks: list[int]) -> None:
     if ranks != list(range(len(ranks))):
-        gaps = sorted(set(range(ranks[-1] + 1)) - set(ranks))
+        gaps = _missing(ranks, 0, 1)
         raise TraceError(f"ranks must be 0..R-1 but no file has rank {_few(gaps)}; "
                          "the trace folder is incomplete")
     missing = [f"table_iter{i}_rank{r}.log" for i in iterations for r in ranks
@@ -203,6 +207,22 @@ def _smartmoe_check_complete(files: dict, iterations: list[int], ranks: list[int
     if missing:
         raise TraceError(f"{len(missing)} file(s) missing, e.g. {_few(missing)}; every "
                          "(iteration, rank) pair needs a file")
+
+
+def _missing(present: list[int], start: int, step: int, limit: int = 5) -> list[int]:
+    """Up to ``limit`` values of ``start, start + step, ...`` below ``max(present)`` that are
+    not in ``present``, without building the range: file names can claim iteration 10**12
+    or rank 10**10."""
+    out: list[int] = []
+    expect = start
+    for value in sorted(set(present)):
+        while expect < value and len(out) < limit:
+            out.append(expect)
+            expect += step
+        if len(out) >= limit:
+            break
+        expect = value + step
+    return out
 
 
 def _parse_smartmoe_file(path: Path) -> np.ndarray:
@@ -229,7 +249,8 @@ def _parse_smartmoe_file(path: Path) -> np.ndarray:
 def _parse_smartmoe_line(line: str, name: str, lineno: int) -> tuple[int, np.ndarray]:
     head, sep, body = line.partition(":")
     body = body.strip()
-    if not sep or not head.strip().isdigit() or not (body.startswith("[[")
+    if not sep or not head.strip().isascii() or not head.strip().isdigit() \
+            or not (body.startswith("[[")
                                                      and body.endswith("]]")):
         raise TraceError(f"{name} line {lineno + 1} is not 'layer:[[...], ...]'; the file is "
                          "truncated or not a SmartMoE table log")
@@ -311,7 +332,7 @@ def _torch_load(path: Path):
 
 def _to_numpy(value, what: str) -> np.ndarray:
     if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
+        value = _dense_tensor(value.detach().cpu(), what).numpy()
     try:
         array = np.asarray(value)
     except (ValueError, TypeError):
@@ -321,11 +342,32 @@ def _to_numpy(value, what: str) -> np.ndarray:
     return array
 
 
+def _dense_tensor(tensor, what: str):
+    """A strided tensor numpy can take: sparse layouts densified (after a size check),
+    bfloat16/float16 widened to float64 (the stored values, exactly)."""
+    import torch
+
+    if tensor.layout != torch.strided:
+        try:
+            bounds.check_shape(tuple(tensor.shape), f"{what}: a sparse tensor of shape",
+                               "the dump is corrupt or not a count table",
+                               tensor.element_size())
+        except MoesimError as exc:
+            raise TraceError(str(exc)) from None
+        tensor = tensor.to_dense()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.to(torch.float64)
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TraceError(f"{what} has dtype {tensor.dtype}; expected counts")
+    return tensor
+
+
 def _sglang_json(path: Path) -> np.ndarray:
     try:
         data = json.loads(path.read_text())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise TraceError(f"{path} is not valid JSON ({exc}); re-export it") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise TraceError(f"{path} is not valid JSON ({str(exc)[:80] or type(exc).__name__}); "
+                         "re-export it") from None
     if not isinstance(data, dict) or "logical_count" not in data:
         raise TraceError(f"{path} has no \"logical_count\" key; expected SGLang's "
                          "--init-expert-location JSON")
@@ -465,6 +507,10 @@ def import_eplb(path: str | os.PathLike, top_k: int = 2) -> RoutingTrace:
     path = Path(path)
     if path.suffix == ".npy":
         try:
+            bounds.check_npy_file(path)
+        except MoesimError as exc:
+            raise TraceError(str(exc)) from None
+        try:
             weight = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise TraceError(f"{path} is not a readable .npy array ({type(exc).__name__}); "
@@ -509,8 +555,11 @@ def import_csv(path: str | os.PathLike, top_k: int = 2, *, micro_batches: int = 
     if index.size and index.min() < 0:
         raise TraceError(f"{path}: a pass/layer/rank/expert index is negative; indices start at 0")
     shape = tuple(int(n) for n in index.max(axis=0) + 1)
-    if math.prod(shape) > 2**31:
-        raise TraceError(f"{path}: indices imply a {shape} trace, too large for a CSV import")
+    try:
+        bounds.check_shape(shape, f"{path}: the largest pass/layer/rank/expert ids imply a "
+                           "trace of shape", "fix the ids in the CSV (they count from 0)")
+    except MoesimError as exc:
+        raise TraceError(str(exc)) from None
     counts = np.zeros(shape, dtype=np.int64)
     flat = np.ravel_multi_index(index.T, shape)
     if np.unique(flat).size != flat.size:

@@ -20,13 +20,15 @@ import json
 import os
 import shutil
 import tempfile
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from moesim.errors import TraceError
+from moesim import bounds
+from moesim.errors import MoesimError, TraceError
 from moesim.safeio import atomic_file, dir_mode, file_mode, writing
 from moesim.traces.format import RoutingTrace
 from moesim.traces.validate import meta_from_dict, validate
@@ -37,7 +39,20 @@ TOPK_FILE = "topk.npy"
 
 # What a corrupt or truncated file can raise inside numpy / zipfile / json.
 _READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
-                UnicodeDecodeError, OverflowError, MemoryError, TypeError, RuntimeError)
+                UnicodeDecodeError, OverflowError, MemoryError, TypeError, RuntimeError,
+                SyntaxError, tokenize.TokenError, RecursionError)
+
+
+def _check_headers(check, path: Path) -> None:
+    """Run a :mod:`moesim.bounds` header check; its refusal becomes a TraceError."""
+    try:
+        check(path)
+    except TraceError:
+        raise
+    except MoesimError as exc:
+        raise TraceError(str(exc)) from None
+    except OSError:
+        pass  # unreadable: the loader reports it
 
 
 def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> Path:
@@ -138,13 +153,14 @@ def _swap_in(new: Path, path: Path) -> None:
 def _parse_meta(raw: bytes, where: str):
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise TraceError(f"{where} is not valid JSON ({exc}); the file is corrupt, "
-                         "re-export the trace") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise TraceError(f"{where} is not valid JSON ({str(exc)[:80] or type(exc).__name__});"
+                         " the file is corrupt, re-export the trace") from None
     return meta_from_dict(data, where)
 
 
 def _load_npz(path: Path) -> RoutingTrace:
+    _check_headers(bounds.check_npz_members, path)
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -194,6 +210,7 @@ def _mmap(path: Path, required: bool) -> np.ndarray | None:
             raise TraceError(f"{path} is missing; the trace directory is incomplete, "
                              "re-export it")
         return None
+    _check_headers(bounds.check_npy_file, path)
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except _READ_ERRORS as exc:

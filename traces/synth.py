@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moesim import bounds
 from moesim.traces.format import RoutingTrace, TraceMeta
 from moesim.traces.validate import validate
 
@@ -149,6 +150,9 @@ def synthesize(config: SynthConfig | None = None, *, rng: np.random.Generator | 
     """
     c = config or SynthConfig()
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng or 0)
+    bounds.check_shape((c.num_passes, c.num_layers, c.num_ranks, c.num_experts),
+                       "trace synth: counts[passes, layers, ranks, experts]",
+                       "lower --layers, --ranks, --experts, --iterations or --micro-batches")
     counts = np.empty((c.num_passes, c.num_layers, c.num_ranks, c.num_experts), dtype=np.int64)
     topk = None
     if c.per_token:

@@ -175,10 +175,11 @@ def test_search_cli_prints_tables(spec, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(search, "simulate_config", fake_eval)
     out = tmp_path / "s"
     assert main(["search", str(spec), "-o", str(out), "--workers", "1",
-                 "--max-memory-GiB", "40"]) == 0
+                 "--max-memory-GiB", "40"]) == 1  # some configurations failed
     text = capsys.readouterr()
     assert "Ranking by mean step time" in text.out and "Pareto front" in text.out
     assert "config(s) failed" in text.out
     assert "configs" in text.err  # the progress bar
-    assert main(["search", str(spec), "-o", str(out), "--resume", "--no-progress"]) == 0
+    assert "moesim: error: 6 of 18 configuration(s) failed" in text.err
+    assert main(["search", str(spec), "-o", str(out), "--resume", "--no-progress"]) == 1
     assert len(_lines(out / "results.jsonl")) == 18

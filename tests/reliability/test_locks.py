@@ -22,6 +22,7 @@ SPEC = """
 [search]
 traces = ["bundled"]
 clusters = ["a100-4x8-ib800@2"]
+models = ["smartmoe-gpt"]
 iterations = 3
 [policies.static_ep]
 capacity_factor = [1.0, 1.25, 1.5, "none"]

@@ -19,6 +19,7 @@ SLOW_SPEC = """
 [search]
 traces = ["bundled"]
 clusters = ["a100-4x8-ib800@2"]
+models = ["smartmoe-gpt"]
 [policies.static_ep]
 capacity_factor = [1.0, 1.25, 1.5, 2.0, "none"]
 """
