@@ -50,12 +50,13 @@ the same rounds and tie-breaks); otherwise in Python: the precise split selects 
 in one numpy partition; the greedy (:func:`moesim.policies.greedy.greedy_place`) places every
 candidate from one start with per-node heaps and a sorted list of the nodes' best GPUs, a round
 of nodes per expert at a time; the cost of all candidates is one numpy pass over the placed
-copies, with the sums over GPUs taken in closed form (equal up to float rounding, ~1e-16 relative). Counts
-are averaged per pass rather than summed (the cost is linear in the counts and the precise split
-scale-free, so the choice is the same; the costs read as seconds per pass). Random perturbations
-are "optional" in the paper; we keep ``num_random_candidates`` (default 2). Ties and the paper's
-unstated details: GPUs already holding an expert are used last; an expert never gets more than
-``G`` replicas. Routing ``node_first``; dropless unless ``capacity_factor`` is set.
+copies, with the sums over GPUs taken in closed form (equal up to float rounding, ~1e-16
+relative). Counts are averaged per pass rather than summed (the cost is linear in the counts and
+the precise split scale-free, so the choice is the same; the costs read as seconds per pass).
+Random perturbations are "optional" in the paper; we keep ``num_random_candidates`` (default 2).
+Ties and the paper's unstated details: GPUs already holding an expert are used last; an expert
+never gets more than ``G`` replicas. Routing ``node_first``; dropless unless ``capacity_factor``
+is set.
 
 Lowering (FSEP): per layer and micro-batch, an all-to-all of ``1/G`` shards materialises each
 GPU's slotted experts on the prefetch stream, in the forward and again in the backward
