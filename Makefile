@@ -31,7 +31,14 @@ demo: $(STAMP)
 	$(PYTHON) -m moesim report $(DEMO_RUNS) -o runs/demo/report.html
 	@echo; echo "demo done: runs/demo/figures/*.png, runs/demo/report.html"
 
-test: $(STAMP)
+# The test suite also covers `moesim search --ray` against a local Ray head: the ray extra
+# (~80 MB wheel, ~20 s to install) goes in for `make test` only.
+RAY_STAMP := .venv-ray-stamp
+$(RAY_STAMP): $(STAMP)
+	$(PYTHON) -m pip install -q -e '.[dev,ray]'
+	@touch $(RAY_STAMP)
+
+test: $(STAMP) $(RAY_STAMP)
 	$(PYTHON) -m pytest -q
 
 bench: $(STAMP)
@@ -45,4 +52,4 @@ lint: $(STAMP)
 	$(PYTHON) -m ruff check .
 
 clean:
-	rm -rf runs build *.egg-info $(STAMP)
+	rm -rf runs build *.egg-info $(STAMP) $(RAY_STAMP)

@@ -69,6 +69,10 @@ def _register_search(sub: argparse._SubParsersAction) -> None:
                    help="also write each config's RunResult to DIR/runs/<key> (for plots)")
     p.add_argument("--top", type=int, default=20, help="rows to print per table (default 20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="run the configs as tasks on a Ray cluster: auto (default: the one "
+                   "`ray start` joined), HOST:6379, ray://HOST:10001, or local (a private "
+                   "one); needs pip install 'moesim[ray]'")
     _constraints(p)
     _rank_options(p)
     p.set_defaults(func=_run_search)
@@ -84,7 +88,7 @@ def _run_search(args: argparse.Namespace) -> int:
                          max_memory_GiB=args.max_memory_GiB, max_drop_frac=args.max_drop_frac,
                          limit=args.limit, save_runs=args.save_runs,
                          progress=not args.no_progress, sort_by=args.sort_by,
-                         limits=_limits(args.max_metric))
+                         limits=_limits(args.max_metric), ray=args.ray)
     print_outcome(outcome, limit=args.top)
     failed = [r for r in outcome.records if r["status"] == "error"]
     if failed:

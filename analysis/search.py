@@ -1,4 +1,5 @@
-"""Offline policy search: run every configuration of a spec on a local process pool.
+"""Offline policy search: run every configuration of a spec on a local process pool (or as
+tasks on a Ray cluster: :mod:`moesim.analysis.search_ray`).
 
 Each finished configuration appends one JSON line to ``DIR/results.jsonl`` (one ``write`` of a
 whole line, then flush + fsync), so a killed search loses at most the configurations that were
@@ -128,11 +129,13 @@ def run_search(spec: str | Path | None, out_dir: str | Path, *, workers: int | N
                max_drop_frac: float | None = None, limit: int | None = None,
                save_runs: bool = False, evaluate: Evaluator | None = None,
                progress: bool = True, sort_by: str = "mean_step_s",
-               limits: dict[str, float] | None = None) -> SearchOutcome:
+               limits: dict[str, float] | None = None, ray: str | None = None) -> SearchOutcome:
     """Run (or resume) a search; ``limit`` caps how many new configs this call runs.
 
     ``evaluate(config, run_dir) -> summary`` defaults to :func:`simulate_config`;
-    ``sort_by`` / ``limits``: see :func:`moesim.analysis.ranking.rank`.
+    ``sort_by`` / ``limits``: see :func:`moesim.analysis.ranking.rank`. ``ray``: run the
+    configs as tasks on the Ray cluster at that address instead of the local pool
+    (:mod:`moesim.analysis.search_ray`; ``workers`` is then ignored).
     """
     ranking.check_metric(sort_by, "--sort-by")
     for name in limits or {}:
@@ -144,13 +147,13 @@ def run_search(spec: str | Path | None, out_dir: str | Path, *, workers: int | N
     out = Path(out_dir)
     with DirLock(out, "search directory"):
         return _search_locked(configs, out, evaluate, workers=workers, resume=resume,
-                              limit=limit, save_runs=save_runs, progress=progress,
+                              limit=limit, save_runs=save_runs, progress=progress, ray=ray,
                               max_memory_GiB=max_memory_GiB, max_drop_frac=max_drop_frac,
                               sort_by=sort_by, limits=limits)
 
 
 def _search_locked(configs: list[dict], out: Path, evaluate: Evaluator, *, workers, resume,
-                   limit, save_runs, progress, **constraints) -> SearchOutcome:
+                   limit, save_runs, progress, ray=None, **constraints) -> SearchOutcome:
     """The body of :func:`run_search`, run while this process owns ``out``."""
     results = out / RESULTS
     if results.is_file() and results.stat().st_size and not resume:
@@ -163,7 +166,7 @@ def _search_locked(configs: list[dict], out: Path, evaluate: Evaluator, *, worke
     bar = Progress(len(todo), "configs", enabled=progress)
     with open(results, "ab") as fh:
         runs_dir = out / "runs" if save_runs else None
-        for rec in _execute(todo, runs_dir, workers, evaluate):
+        for rec in _execute(todo, runs_dir, workers, evaluate, ray):
             append_record(fh, rec)
             done[rec["key"]] = rec
             bar.update(failed=rec["status"] != "ok")
@@ -174,8 +177,14 @@ def _search_locked(configs: list[dict], out: Path, evaluate: Evaluator, *, worke
 
 
 def _execute(todo: Sequence[dict], runs_dir: Path | None, workers: int | None,
-             evaluate: Evaluator):
-    """Yield records as configs finish (in-process when ``workers == 1``)."""
+             evaluate: Evaluator, ray: str | None = None):
+    """Yield records as configs finish (in-process when ``workers == 1``; on Ray with
+    ``ray``)."""
+    if ray is not None:
+        from .search_ray import execute_ray
+
+        yield from execute_ray(todo, runs_dir, evaluate, ray)
+        return
     workers = max(1, workers or os.cpu_count() or 1)
 
     def where(cfg: dict) -> Path | None:
