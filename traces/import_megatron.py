@@ -178,10 +178,12 @@ def _indices(record: dict, where: str) -> np.ndarray:
         raise TraceError(f"{where}: top_indices is missing or not a list; expected "
                          "[[k expert ids] x num_tokens]")
     try:
-        ids = np.array(raw, dtype=np.int64) if raw else np.zeros((0, k), np.int64)
+        ids = np.array(raw) if raw else np.zeros((0, k), np.int64)
     except (ValueError, TypeError, OverflowError):
+        ids = None
+    if ids is None or ids.dtype.kind not in "iu":
         raise TraceError(f"{where}: top_indices is ragged or not whole numbers; expected "
-                         f"{n} rows of {k} expert ids") from None
+                         f"{n} rows of {k} expert ids")
     if ids.shape != (n, k):
         raise TraceError(f"{where}: top_indices has shape {list(ids.shape)} but num_tokens = {n}"
                          f" and topk = {k}; the record is damaged")

@@ -129,6 +129,12 @@ def test_megatron_variable_tokens_and_keep_topk(tmp_path):
     (lambda recs: [dict(recs[0], rank=5)] + recs[1:], "rank 5"),
     (lambda recs: [dict(recs[0], block="encoder")] + recs[1:], "neither"),
     (lambda recs: [dict(recs[0], step="x")] + recs[1:], "step"),
+    (lambda recs: [dict(recs[0], top_indices=[[0.5, 1]] * recs[0]["num_tokens"])] + recs[1:],
+     "not whole numbers"),
+    (lambda recs: [dict(recs[0], top_indices=[["1", "2"]] * recs[0]["num_tokens"])]
+     + recs[1:], "not whole numbers"),
+    (lambda recs: [dict(recs[0], top_indices=[[1, [2]]] * recs[0]["num_tokens"])] + recs[1:],
+     "ragged"),
 ])
 def test_megatron_damaged_records(tmp_path, edit, message):
     folder = write_megatron(tmp_path / "m", megatron_ids(S=2, M=1, L=1, R=2))
