@@ -22,6 +22,12 @@ from moesim.traces.load_stats import expert_load_summary, format_expert_load
 from moesim.traces.stats import format_table, trace_stats
 from moesim.traces.synth import POPULARITY_KINDS, SynthConfig, synthesize
 from moesim.traces.transform import spread_over_ranks
+from moesim.traces.workload_cli import (
+    add_limit_check,
+    add_workload_flags,
+    limit_check_line,
+    synth_workload,
+)
 
 IMPORT_HELP = {
     "smartmoe": "SmartMoE/FastMoE folder of table_iter{N}_rank{r}.log files",
@@ -123,6 +129,7 @@ def _add_info(sub) -> None:
                    help="only iterations A..B-1, 0-based positions in the trace (Python "
                         "slice; either end may be left out)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_limit_check(p)
     p.set_defaults(func=_cmd_info)
 
 
@@ -138,6 +145,7 @@ def _add_synth(sub) -> None:
                    help="starting knob values (default: default)")
     for flag, field, kind, text in SYNTH_KNOBS:
         p.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    add_workload_flags(p)
     p.set_defaults(func=_cmd_synth)
 
 
@@ -248,18 +256,27 @@ def _cmd_info(args: argparse.Namespace) -> int:
                               f"{whole} iterations (positions 0..{whole - 1})")
     stats = trace_stats(trace, args.ep_size)
     load = expert_load_summary(trace)
+    limit = limit_check_line(trace, args)
     if args.json:
         out = {"path": str(path), "meta": trace.meta.to_dict(), "num_passes": trace.num_passes,
                "num_iterations": trace.num_iterations, **stats.to_dict(), "expert_load": load}
+        if limit:
+            out["group_limit"] = limit[1]
         print(json.dumps(out, indent=1))
     else:
-        print(format_table(trace, stats) + format_expert_load(load))
+        print(format_table(trace, stats) + format_expert_load(load)
+              + (f"\n{limit[0]}" if limit else ""))
     return 0
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     changes = {field: getattr(args, field) for _, field, _, _ in SYNTH_KNOBS
                if getattr(args, field) is not None}
+    trace = synth_workload(args, changes)
+    if trace is not None:
+        save_trace(trace, args.output)
+        print(f"wrote {args.output}: {_shape_line(trace)} (workload {args.workload})")
+        return 0
     try:
         base = SynthConfig.smartmoe_like() if args.preset == "smartmoe" else SynthConfig()
         config = dataclasses.replace(base, **changes)
