@@ -45,6 +45,7 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/sim_speed.py
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/planner_speed.py
 	$(PYTHON) benchmarks/policies.py --quick
+	$(PYTHON) benchmarks/memory_layouts.py
 	$(PYTHON) benchmarks/collective_context.py
 	$(PYTHON) benchmarks/accuracy.py --out runs/accuracy
 
