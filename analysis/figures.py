@@ -24,6 +24,8 @@ KINDS: dict[str, tuple[str, bool, str]] = {
     "drops": ("plots:plot_drops", False, "dropped-token fraction over iterations"),
     "traffic_heatmap": ("traffic:plot_traffic_heatmap", True,
                         "bytes each GPU sent each GPU, per phase"),
+    "balance_vs_moved": ("migration_plot:plot_balance_vs_moved", False,
+                         "load imbalance against bytes moved by re-layouts, per run"),
     "pred_vs_meas": ("compare:plot_predicted_vs_measured", False,
                      "predicted vs measured (simulator + executor runs)"),
 }

@@ -2,7 +2,9 @@
 
 A *row* is one finished configuration flattened for tables: its key, policy + knobs, the axes
 (trace, model, cluster), status, and the summary numbers. Objectives are minimised:
-mean step time, peak memory, dropped fraction. The ranking sorts by mean step time unless
+mean step time, peak memory, dropped fraction, and bytes moved by re-layouts per iteration
+(``moved_bytes``; so a ``migration_weight`` sweep keeps the configs that move less on the
+front). The ranking sorts by mean step time unless
 told another column (``sort_by``: any of :data:`SORTABLE`, e.g. ``overload_mean``), and
 ``limits`` (``{column: max}``) make the load and traffic metrics constraints too.
 """
@@ -19,7 +21,7 @@ from .fileio import atomic_write
 from .runs import METRIC_SUMMARY, GiB
 from .search_spec import describe
 
-OBJECTIVES = ("mean_step_s", "peak_memory_GiB", "dropped_frac")
+OBJECTIVES = ("mean_step_s", "peak_memory_GiB", "dropped_frac", "moved_bytes")
 COLUMNS = ("rank", "key", "config", "trace", "model", "cluster", "status", "mean_step_s",
            "p50_step_s", "p95_step_s", "peak_memory_GiB", "dropped_frac", "a2a_s",
            *METRIC_SUMMARY, "oom", "feasible", "violates", "error")
@@ -111,7 +113,9 @@ def _nan_last(x: float) -> float:
 
 
 def _objectives(row: dict) -> tuple[float, ...]:
-    return (_nan_last(row["mean_step_s"]), _nan_last(row["peak_memory_GiB"]), _drop(row))
+    moved = row.get("moved_bytes", 0.0)       # not reported: nothing moved
+    return (_nan_last(row["mean_step_s"]), _nan_last(row["peak_memory_GiB"]), _drop(row),
+            0.0 if moved is None or math.isnan(moved) else moved)
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -147,7 +151,8 @@ TABLE = (("rank", "#", "{}"), ("config", "config", "{}"), ("mean_step_s", "mean 
          ("p95_step_s", "p95 ms", "ms"), ("peak_memory_GiB", "peak GiB", "{:.2f}"),
          ("dropped_frac", "drop %", "pct"), ("a2a_s", "a2a ms", "ms"),
          ("overload_mean", "overload", "{:.2f}"), ("overload_cum_max", "cum ovl", "{:.2f}"),
-         ("imbalance", "imbal", "{:.2f}"), ("violates", "note", "{}"))
+         ("imbalance", "imbal", "{:.2f}"), ("moved_bytes", "moved MiB/it", "mib"),
+         ("violates", "note", "{}"))
 
 
 def fmt(value, how: str) -> str:
@@ -158,6 +163,8 @@ def fmt(value, how: str) -> str:
         return f"{value * 1e3:.3f}"
     if how == "pct":
         return f"{value * 100:.2f}"
+    if how == "mib":
+        return f"{value / 2**20:.1f}"
     return how.format(value)
 
 

@@ -60,7 +60,7 @@ def search_section(path: Path, tmp: Path, **constraints) -> str:
              + (f" (best 40 of {len(feasible)}; all in ranking.csv)" if len(feasible) > 40
                 else "") + "</h3>",
              html_table(*ranking.table_cells(feasible[:40], outcome.rows)),
-             "<h3>Pareto front (step time, peak memory, dropped tokens)</h3>",
+             "<h3>Pareto front (step time, peak memory, dropped tokens, bytes moved)</h3>",
              html_table(*ranking.table_cells(outcome.front, outcome.rows))]
     try:
         fig = plot_pareto(outcome.rows, outcome.front, tmp / f"pareto-{id(path)}.png",

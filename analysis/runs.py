@@ -218,6 +218,7 @@ METRIC_SUMMARY = {
     "inter_node_bytes": ("inter_node_bytes", np.mean),
     "expert_balance_p50": ("expert_balance_p50", np.mean),
     "expert_balance_p95": ("expert_balance_p95", np.mean),
+    "moved_bytes": ("relayout_bytes", np.mean),     # re-layout bytes per iteration
 }
 
 

@@ -6,7 +6,7 @@ whole line, then flush + fsync), so a killed search loses at most the configurat
 still running; ``--resume`` skips the keys already present and ignores a torn last line. A
 configuration that fails (out of memory, a bad knob) is recorded with its error and the search
 goes on. At the end the results are ranked under the memory / drop constraints and the Pareto
-front over (step time, peak memory, dropped tokens) is written: ``ranking.csv``,
+front over (step time, peak memory, dropped tokens, bytes moved) is written: ``ranking.csv``,
 ``pareto.csv``. Per-iteration arrays are not written unless asked (``save_runs``: each
 configuration's RunResult then lands in ``DIR/runs/<key>``, for figures and reports).
 
@@ -252,7 +252,7 @@ def print_outcome(outcome: SearchOutcome, stream=None, limit: int = 20) -> None:
                              outcome.rows), file=stream)
     print(file=stream)
     print(ranking.text_table(outcome.front, "Pareto front over (step time, peak memory, "
-                             "dropped tokens)", limit, outcome.rows), file=stream)
+                             "dropped tokens, bytes moved)", limit, outcome.rows), file=stream)
     failed = [r for r in outcome.records if r["status"] != "ok"]
     if failed:
         print(f"\n{len(failed)} config(s) failed:", file=stream)

@@ -223,7 +223,7 @@ def test_hecate_reshard_weighs_owner_moves() -> None:
     weight keeps the owners once they are set; min_gain can refuse the re-shard."""
     def owner_changes(ds):
         return sum(int((np.asarray(a.info["owners_LE"]) != np.asarray(b.info["owners_LE"]))
-                       .sum()) for a, b in zip(ds[1:], ds[2:]))
+                       .sum()) for a, b in zip(ds[1:-1], ds[2:], strict=True))
     base = {"reshard_interval": 3, "overlap_degree": 1}
     free = _loop("hecate", base)[3]
     heavy = _loop("hecate", dict(base, migration_weight=1e6))[3]
