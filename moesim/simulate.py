@@ -129,6 +129,8 @@ def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluste
     if regroup and trace.meta.rank_resolved and trace.meta.num_ranks != cluster.world_size:
         from moesim.traces.regroup import regroup_ranks
 
+        if isinstance(iterations, tuple) and len(iterations) == 2:   # later ones are never read
+            trace = trace.select_iterations(0, min(int(iterations[1]), trace.num_iterations))
         trace = regroup_ranks(trace, cluster.world_size, rng_seed)
     trace, model = fit_inputs(trace, model, cluster, rng_seed)
     its = _iterations(iterations, trace.num_iterations)

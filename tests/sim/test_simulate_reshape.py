@@ -15,13 +15,13 @@ from moesim.traces.synth import SynthConfig, synthesize
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     path = tmp_path_factory.mktemp("trace") / "t4.npz"
-    save_trace(synthesize(SynthConfig(num_ranks=4, num_iterations=1), rng=2), path)
+    save_trace(synthesize(SynthConfig(num_ranks=4, num_iterations=3), rng=2), path)
     return path
 
 
 def run(tmp_path, trace, *flags):
     return main(["simulate", "--trace", str(trace), "--out", str(tmp_path / "run"), "--quiet",
-                 *flags])
+                 "--iterations", "1:2", *flags])
 
 
 def test_four_rank_trace_on_16_gpus_needs_explicit_regroup(tmp_path, capsys, four_ranks):
