@@ -198,7 +198,10 @@ def _watch(procs: list[subprocess.Popen], logs: Path, hang_timeout_s: float,
             _grace(procs)
             first = min(bad, key=lambda rc: _exit_order(procs[rc[0]]))
             r, code = first
-            line = _error_line(logs / f"rank{r}.err") or "no error message"
+            line = _error_line(logs / f"rank{r}.err")
+            if code == 2 and not line:  # a user error is printed by rank 0 only
+                line = _error_line(logs / "rank0.err")
+            line = line or "no error message"
             return line if code == 2 else f"rank {r} exited with code {code}: {line}"
         if _idle_s(logs, len(procs), started) > hang_timeout_s:
             return (f"no rank made progress for {hang_timeout_s:.0f} s (hung collective or dead "

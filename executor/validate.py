@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moesim import validation
 from moesim.errors import MoesimError
 from moesim.specs import ModelSpec
 
@@ -262,7 +263,7 @@ def run_validate(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise MoesimError(f"output directory {out} is not empty; choose a new --out")
     model = load_model(args.model)
-    worlds = [int(w) for w in str(args.world_sizes).split(",") if w]
+    worlds = validation.int_list(args.world_sizes, "--world-sizes", minimum=1)
     stop = int(str(args.iterations).partition(":")[2] or 4)
     results = []
     for tname in [t for t in args.traces.split(",") if t]:

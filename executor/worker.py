@@ -36,6 +36,8 @@ from moesim.executor.run_args import (  # noqa: F401  (re-exported)
     add_backend_argument,
     add_run_arguments,
 )
+from moesim.safeio import guard_arguments
+from moesim.validation import check_flags, flag_names
 
 
 class Heartbeat:
@@ -155,7 +157,7 @@ def stream(model, items, rank: int, world: int, device: torch.device, hb: Heartb
     box = [model if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], Exception):  # rank 0's set-up failed: every rank stops with it
-        raise box[0]
+        raise _echoed(box[0], rank)
     ex = RankExecutor(box[0], rank, world, device)
     first = True
     while True:
@@ -165,7 +167,7 @@ def stream(model, items, rank: int, world: int, device: torch.device, hb: Heartb
         if item is None:
             return
         if isinstance(item, Exception):
-            raise item
+            raise _echoed(item, rank)
         hb.beat(force=True)
         for _ in range(warmup if first else 0):
             ex.prepare(item.program, item.iteration)
@@ -181,6 +183,13 @@ def stream(model, items, rank: int, world: int, device: torch.device, hb: Heartb
         report = check_iteration(ex, item.program, item.iteration) if check else None
         hb.beat(force=True)
         yield item, gathered, report, peak
+
+
+def _echoed(exc: Exception, rank: int) -> Exception:
+    """Rank 0's error as another rank re-raises it: marked, so that only rank 0 prints it."""
+    if rank != 0:
+        exc.moesim_echo = True
+    return exc
 
 
 def run_rank(args: argparse.Namespace, rank: int, world: int, hb: Heartbeat) -> int:
@@ -294,13 +303,21 @@ def main(argv: list[str] | None = None) -> int:
               "torchrun or `moesim run`", file=sys.stderr)
         return 2
     supervise.from_environment()  # under `moesim run`: die with the launcher
+    try:
+        guard_arguments(args)
+        check_flags(args, flag_names(parser))
+    except MoesimError as exc:  # the same on every rank: rank 0 says it
+        if os.environ["RANK"] == "0":
+            print(f"moesim: error: {exc}", file=sys.stderr)
+        return 2
     hb = Heartbeat(args.heartbeat_dir, int(os.environ["RANK"]))
     code = 0
     try:
         rank, world = init_distributed(args.timeout_s)
         code = run_rank(args, rank, world, hb)
-    except MoesimError as exc:
-        print(f"moesim: error: {exc}", file=sys.stderr)
+    except MoesimError as exc:  # a user error: one line, from rank 0 (every rank has it)
+        if not getattr(exc, "moesim_echo", False):
+            print(f"moesim: error: {exc}", file=sys.stderr)
         code = 2
     except Exception as exc:  # report and fail; the launcher ends the other ranks
         traceback.print_exc()

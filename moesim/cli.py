@@ -13,6 +13,7 @@ import sys
 from moesim import __version__
 from moesim.errors import MoesimError
 from moesim.safeio import guard_arguments, os_error_line
+from moesim.validation import check_flags, flag_names
 
 # Modules that add subcommands, in the order ``moesim --help`` lists them.
 COMMAND_MODULES = (
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         guard_arguments(args)
+        check_flags(args, flag_names(parser))
         return int(args.func(args) or 0)
     except MoesimError as exc:
         print(f"moesim: error: {exc}", file=sys.stderr)

@@ -154,7 +154,9 @@ def _loop(run: _Run, its: list[int], writer: RunWriter | None, config: dict, pro
     bar = ProgressBar(len(its), enabled=progress)
     try:
         for it in its:
-            record, state = simulate_iteration(run, it)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                record, state = simulate_iteration(run, it)  # absurd inputs: checked next
+            validation.finite_results(record.summary, it)
             rows.append(dict(record.summary, iteration=it))
             if writer is not None:
                 writer.add(record, state=state)

@@ -32,6 +32,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PRESET_DIR = Path(__file__).parent / "presets"
+MAX_COUNT = 2**31  # layers, experts, hidden sizes, tokens, GPUs: far above any real model
 
 
 def _is_number(value: Any) -> bool:
@@ -72,6 +73,9 @@ def _integral(obj: Any, *names: str) -> None:
                 f"{type(obj).__name__}.{name} must be a whole number, got {value!r}; "
                 f"fix the value in the spec"
             )
+        if abs(getattr(obj, name)) > MAX_COUNT:
+            raise MoesimError(f"{type(obj).__name__}.{name} = {value!r} is too large to be real "
+                              f"(the limit is {MAX_COUNT:.2g}); fix the value in the spec")
 
 
 def _text(obj: Any, *names: str) -> None:
@@ -629,8 +633,9 @@ def _read_table(kind: str, name_or_path: str | Path) -> tuple[dict[str, Any], Pa
     try:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise MoesimError(f"cannot parse {path}: {exc}; fix the file's syntax") from None
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise MoesimError(f"cannot parse {path}: {str(exc)[:100] or type(exc).__name__}; fix "
+                          "the file's syntax") from None
     if not isinstance(data, dict):
         raise MoesimError(f"{path}: expected a table of fields at the top level, "
                           f"got {type(data).__name__}")

@@ -16,6 +16,7 @@ from moesim.errors import MoesimError
 
 OPEN_END = 2**62  # "A:" selects to the end of the trace
 SEED_MAX = 2**63 - 1
+MAX_STEP_S = 1e7  # ~4 months for one training step: only an absurd input predicts more
 SLOT_KNOBS = ("slots_per_rank", "max_shadow", "extra_slots_per_rank", "num_redundant_per_rank")
 
 
@@ -172,3 +173,81 @@ def plan_size(policy: Any, num_layers: int, num_ranks: int, num_experts: int) ->
                        f"policy {getattr(policy, 'name', '?')} with {names}: the routing plan "
                        f"[{num_layers} layers, {num_ranks} ranks, {slots} slots]",
                        f"lower {' / '.join(knobs)}")
+
+
+def _at_least(lo: int):
+    return lambda v, f: integer(v, f, minimum=lo)
+
+
+def _positive_number(v: Any, f: str) -> float:
+    return number(v, f, minimum=0.0, strict_minimum=True)
+
+
+# Command-line quantities (argparse ``dest`` → rule), the same for every command that takes
+# one; ``None`` values (flag not given) are skipped, and every float flag must be finite.
+FLAG_RULES = {
+    "seed": seed, "micro_batches": positive_int, "micro_batches_per_iteration": positive_int,
+    "ep_size": positive_int, "experts": positive_int, "naive_dp_size": positive_int,
+    "gpus_per_node": positive_int, "nodes": positive_int, "world_size": positive_int,
+    "workers": positive_int, "num_experts": positive_int, "num_iterations": positive_int,
+    "num_layers": positive_int, "num_ranks": positive_int, "ranks": positive_int,
+    "layers": positive_int, "iteration_stride": positive_int, "doc_tokens": positive_int,
+    "top_k": positive_int, "tokens_per_rank": positive_int, "tokens": positive_int,
+    "seq_len": positive_int, "passes": positive_int, "steps": positive_int,
+    "d_model": positive_int, "ffn_hidden": positive_int, "repeats": positive_int,
+    "reps": positive_int, "top": positive_int,
+    "warmup": non_negative_int, "limit": non_negative_int, "context_iterations":
+    non_negative_int, "iteration": non_negative_int, "layer": non_negative_int,
+    "hang_timeout_s": positive_seconds, "timeout_s": positive_seconds,
+    "quiet_wait_s": lambda v, f: number(v, f, minimum=0.0),
+    "max_memory_GiB": _positive_number, "max_drop_frac": fraction,
+    "capacity_factor": _positive_number, "lr": _positive_number,
+}
+
+
+def flag_names(parser: Any) -> dict[str, str]:
+    """``dest`` → the option string users type (``popularity_sigma`` → ``--skew``), over a
+    parser and all its subcommands."""
+    import argparse
+
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for dest, flag in flag_names(sub).items():
+                    names.setdefault(dest, flag)
+        elif action.option_strings:
+            names.setdefault(action.dest, max(action.option_strings, key=len))
+    return names
+
+
+def check_flags(args: object, names: dict[str, str] | None = None) -> None:
+    """Apply :data:`FLAG_RULES` to a parsed command line (numbers only: a ``--layers 0,3``
+    list of another command is left to that command). ``names`` maps dests to the flags
+    shown in messages (:func:`flag_names`)."""
+    for dest, value in vars(args).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        flag = (names or {}).get(dest) or "--" + dest.replace("_", "-")
+        if isinstance(value, float):
+            number(value, flag)
+        rule = FLAG_RULES.get(dest)
+        if rule is not None:
+            rule(value, flag)
+
+
+def finite_results(summary: dict, iteration: int) -> None:
+    """A predicted iteration whose times are infinite or NaN comes from an absurd input
+    (``peak_flops = 1e-300``, a zero bandwidth), and so does a step of zero seconds that moved
+    tokens (the scheduler's NaN-to-zero of infinite ops), or one of more than ``MAX_STEP_S``:
+    refuse it rather than print
+    ``inf ms`` or ``nan %``."""
+    worked = summary.get("tokens_total", 0) > 0
+    for key in ("step_time_s", "moe_time_s", "a2a_time_s"):
+        value = summary.get(key)
+        if isinstance(value, (int, float)) and (not math.isfinite(value) or value > MAX_STEP_S
+                                                or (key == "step_time_s" and worked
+                                                    and not value > 0)):
+            raise MoesimError(f"iteration {iteration}: the cost model gives {key} = {value}; an "
+                              "input figure is absurd (check the cluster's and hardware "
+                              "profile's peak_flops, bandwidths and latencies)")

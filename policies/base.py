@@ -182,9 +182,9 @@ def check_ints(policy: str, config: Any, minimums: dict[str, int],
 def check_capacity_factor(policy: str, cf: Any) -> None:
     """``capacity_factor`` is a positive number, or None for dropless."""
     if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float))
-                           or not cf > 0):
-        raise MoesimError(f"{policy}: capacity_factor must be > 0, or None for dropless "
-                          f"(got {cf!r})")
+                           or not 0 < cf < float("inf")):
+        raise MoesimError(f"{policy}: capacity_factor must be > 0 and finite, or None for "
+                          f"dropless (got {cf!r})")
 
 
 def check_choice(policy: str, name: str, value: Any, choices: tuple) -> None:

@@ -80,6 +80,9 @@ def _as_counts(values: np.ndarray, what: str) -> np.ndarray:
     if values.size and values.max() >= 2**62:
         raise TraceError(f"{what} contains a count too large to be real ({values.max()}); "
                          "the file is corrupt")
+    if values.size and float(np.abs(values).astype(np.float64).sum()) >= 2**62:
+        raise TraceError(f"{what}: the counts sum to more than 2**62 token assignments, too "
+                         "large to be real (sums would overflow int64); the file is corrupt")
     return values.astype(np.int64)
 
 

@@ -20,6 +20,7 @@ from moesim.traces.format import SCHEMA_VERSION, RoutingTrace, TraceMeta
 
 _POSITIVE_INT_FIELDS = ("num_layers", "num_ranks", "num_experts", "top_k", "tokens_per_rank",
                         "micro_batches_per_iteration", "iteration_stride")
+MAX_META_INT = 2**40  # above any real layer, rank, expert, token or iteration count
 _TYPES: dict[str, tuple[type, ...]] = {
     "schema_version": (int,), "first_iteration": (int,), "variable_k": (bool,),
     "rank_resolved": (bool,), "hidden_size": (int, type(None)),
@@ -91,6 +92,10 @@ def _check_meta(meta: TraceMeta) -> None:
         if getattr(meta, name) < 1:
             raise TraceError(f"metadata {name} = {getattr(meta, name)} must be >= 1; "
                              "fix the metadata")
+    for name in (*_POSITIVE_INT_FIELDS, "first_iteration"):
+        if abs(getattr(meta, name)) > MAX_META_INT:
+            raise TraceError(f"metadata {name} = {getattr(meta, name)} is too large to be real "
+                             f"(the limit is 2**40); fix the metadata")
     if meta.top_k > meta.num_experts:
         raise TraceError(f"metadata top_k = {meta.top_k} exceeds num_experts = "
                          f"{meta.num_experts}; a token cannot pick more experts than exist")
