@@ -29,7 +29,8 @@ rank's peak shows, and with full recompute one layer re-materialised during its 
 ``a2a_buffers`` (the send and receive buffers of the largest dispatch, as
 :mod:`moesim.memory`), ``tp_buffers`` (one all-gathered activation), ``pp_buffers`` (the
 activation send and gradient receive of one micro-batch), ``param_gather`` (ZeRO-3: two
-layers' gathered weights).
+layers' gathered dense weights; :func:`expert_state_zero` adds ``expert_gather`` for the
+experts).
 """
 
 from __future__ import annotations
@@ -246,14 +247,21 @@ def expert_state_from_footprint(gpu: dict[str, np.ndarray], model: ModelSpec,
 
 
 def expert_state_zero(expert_params_R: np.ndarray, model: ModelSpec, zero: int,
-                      edp: int) -> dict[str, np.ndarray]:
+                      edp: int, num_layers: int | None = None) -> dict[str, np.ndarray]:
     """Expert state per rank under ZeRO ``zero`` over the expert-data-parallel group of size
     ``edp`` (:func:`~moesim.memory_layout.state_bytes_per_param`); ``expert_params_R`` are the
-    expert parameters resident per rank (slots × params per expert / etp)."""
+    expert parameters resident per rank (slots × params per expert / etp) over ``num_layers``
+    MoE layers (None: ``model.num_layers``). ZeRO-3 adds ``expert_gather``: the gathered
+    experts of the layer computing and the one prefetched (two layers' worth of the rank's
+    experts, as :func:`~moesim.memory_layout.zero3_gather_bytes` for the dense part)."""
     per_param = ml.state_bytes_per_param(zero, model.bytes_weight, model.bytes_grad,
                                          model.bytes_optim, edp)
     params = np.asarray(expert_params_R, dtype=float)
-    return {k: params * b for k, b in zip(STATE_KEYS, per_param, strict=True)}
+    out = {k: params * b for k, b in zip(STATE_KEYS, per_param, strict=True)}
+    if zero == 3:
+        layers = model.num_layers if num_layers is None else num_layers
+        out["expert_gather"] = params * min(2, layers) / max(layers, 1) * model.bytes_weight
+    return out
 
 
 def stage_memory_table(stages: list[StageMemory], gpu_memory_bytes: float | None = None) -> str:

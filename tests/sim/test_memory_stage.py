@@ -104,7 +104,7 @@ def test_zero_stages_on_a_stage(zero: int) -> None:
     edp = 2
     st = stage_memory(model=MODEL, layout=layout, stage=_stage(0, [0, 1], n), num_stages=1,
                       micro_batches=4, tokens=T,
-                      expert_state_R=expert_state_zero(experts_R, MODEL, zero, edp),
+                      expert_state_R=expert_state_zero(experts_R, MODEL, zero, edp, 2),
                       rows_MLR=_uniform_rows(4, 2, n))
     dense = ml.stage_dense_params(MODEL, 0, 2, True, True, 1) / t
     bw, bg, bo = ml.state_bytes_per_param(zero, 2.0, 2.0, 12.0, n // t)
@@ -115,6 +115,12 @@ def test_zero_stages_on_a_stage(zero: int) -> None:
     gather = st.gpu["param_gather"]
     assert gather == pytest.approx(np.full(n, 2 * MODEL.dense_params / t * 2.0 if zero == 3
                                            else 0.0))
+    if zero == 3:   # the stage's two MoE layers' experts, both gathered (compute + prefetch)
+        assert st.gpu["expert_gather"] == pytest.approx(experts_R * 2.0)
+        four = expert_state_zero(experts_R, MODEL, 3, edp, num_layers=4)["expert_gather"]
+        assert four == pytest.approx(experts_R / 2 * 2.0)
+    else:
+        assert "expert_gather" not in st.gpu
 
 
 def _cluster(world: int) -> Cluster:
