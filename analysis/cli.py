@@ -58,7 +58,8 @@ def _register_search(sub: argparse._SubParsersAction) -> None:
         "then print and write the ranking (ranking.csv) and the Pareto front (pareto.csv). "
         "Without SPEC, runs the bundled example analysis/examples/search_smartmoe.toml.")
     p.add_argument("spec", nargs="?", help="search spec (.toml or .py); default: the example")
-    p.add_argument("-o", "--out", default="runs/search", help="output directory "
+    p.add_argument("-o", "--out", "--output", dest="out", default="runs/search",
+                   help="output directory "
                    "(default: runs/search)")
     p.add_argument("--workers", type=int, default=None,
                    help=f"worker processes (default: os.cpu_count() = {os.cpu_count()})")
@@ -127,7 +128,7 @@ def _register_plot(sub: argparse._SubParsersAction) -> None:
         f"suffix). Kinds:\n{kinds}\n  all           every figure the runs support, into -o DIR")
     p.add_argument("kind", choices=[*KINDS, "all"], metavar="KIND", help="figure kind, or all")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
-    p.add_argument("-o", "--out", required=True,
+    p.add_argument("-o", "--out", "--output", dest="out", required=True,
                    help="output file (.png/.pdf); a directory for `plot all`")
     p.add_argument("--baseline", help="speedup: the run to compare against (default: the "
                    "static_ep run)")
@@ -185,7 +186,8 @@ def _register_report(sub: argparse._SubParsersAction) -> None:
         description="Write one HTML file (figures embedded, no external assets) with the tables "
         "and figures of search directories, run directories, or simulator + executor pairs.")
     p.add_argument("inputs", nargs="+", metavar="RUN_OR_SEARCH_DIR")
-    p.add_argument("-o", "--out", default="report.html", help="output HTML (default "
+    p.add_argument("-o", "--out", "--output", dest="out", default="report.html",
+                   help="output HTML (default "
                    "report.html)")
     _constraints(p)
     p.set_defaults(func=_run_report)

@@ -15,24 +15,17 @@ from moesim.errors import MoesimError
 
 from .runs import as_run, summarize, summarize_columns
 
-BUNDLED = ("bundled", "default")
-
 
 @lru_cache(maxsize=4)
 def load_trace_arg(name: str | None) -> Any:
     """A RoutingTrace from a path; ``None`` or ``"bundled"`` is the bundled sample trace."""
+    from moesim.traces.bundled import named_trace_path
     from moesim.traces.io import load_trace
 
-    if name is None or str(name) in BUNDLED:
-        try:
-            from moesim.traces import bundled_trace_path
-        except ImportError:
-            raise MoesimError("this build has no bundled trace; give traces = [\"path.npz\"] "
-                              "in the spec's [search] table") from None
-        return load_trace(bundled_trace_path())
-    if not Path(name).exists():
+    path = named_trace_path(name)
+    if not path.exists():
         raise MoesimError(f"no trace file {name!r}; check the path in the spec")
-    return load_trace(name)
+    return load_trace(path)
 
 
 def iterations_arg(value: Any) -> Any:
@@ -45,23 +38,11 @@ def iterations_arg(value: Any) -> Any:
 
 
 def load_cluster_arg(text: str) -> Any:
-    """A cluster preset or file, optionally reshaped: ``NAME@N`` (N nodes) or ``NAME@NxG``."""
+    """A cluster preset or file, optionally reshaped: ``NAME@N`` (N nodes) or ``NAME@NxG``
+    (the scheme of :func:`moesim.specs.load_cluster`, which every command shares)."""
     from moesim.specs import load_cluster
 
-    name, _, shape = str(text).partition("@")
-    cluster = load_cluster(name)
-    if not shape:
-        return cluster
-    nodes, _, gpus = shape.partition("x")
-    try:
-        n, g = int(nodes), int(gpus) if gpus else None
-    except ValueError:
-        raise MoesimError(f"cluster {text!r}: write NAME@NODES or NAME@NODESxGPUS, e.g. "
-                          "a100-4x8-ib800@2") from None
-    validation.positive_int(n, f"cluster {text!r}: NAME@NODES: nodes")
-    if g is not None:
-        validation.positive_int(g, f"cluster {text!r}: NAME@NODESxGPUS: GPUs per node")
-    return cluster.with_shape(n, g)
+    return load_cluster(str(text))
 
 
 def build_inputs(config: dict) -> dict[str, Any]:

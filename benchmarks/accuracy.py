@@ -62,7 +62,7 @@ from pathlib import Path
 from moesim.errors import MoesimError
 
 POLICIES = ("static_ep", "static_ep:capacity_factor=1.0", "static_ep:capacity_factor=2.0",
-            "swiftmoe:slots_per_rank={spr}")
+            "swiftmoe:slots_per_rank={spr}:capacity_factor=1.0")
 
 
 def _calibrate(world: int, out: Path, model: str, name: str = "",

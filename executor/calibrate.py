@@ -65,11 +65,12 @@ GB = 1e9
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-size", type=int, default=2, help="ranks to measure collectives on")
-    p.add_argument("--out", default="calibrated/cpu-gloo.toml",
+    p.add_argument("-o", "--out", "--output", dest="out", default="calibrated/cpu-gloo.toml",
                    help="cluster TOML to write (the hardware profile goes to <stem>-hw.toml)")
     p.add_argument("--model", default="small-cpu", help="model whose expert shape to "
                    "benchmark (default: small-cpu, the CPU validation model)")
-    p.add_argument("--reps", type=int, default=15, help="repeats per collective measurement")
+    p.add_argument("--repeats", "--reps", dest="reps", type=int, default=15,
+                   help="repeats per collective measurement")
     p.add_argument("--raw", default=None, help="also keep the raw measurements (JSON) here")
     p.add_argument("--from-raw", default=None, help=argparse.SUPPRESS)
     p.add_argument("--hang-timeout-s", type=float, default=300.0)

@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moesim.executor.calibrate_bench", description=__doc__)
     p.add_argument("--model", default="tiny-cpu")
     p.add_argument("--out", required=True)
-    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--repeats", "--reps", dest="reps", type=int, default=15)
     p.add_argument("--heartbeat-dir", default=None)
     args = p.parse_args(argv)
     rank, world = init_distributed(300.0)

@@ -70,8 +70,8 @@ def workload_trace(model, world: int, iterations: int):
 
 
 def _policy_knobs(name: str, model, world: int) -> list[str]:
-    if name == "swiftmoe":  # one spare slot per rank
-        return [f"slots_per_rank={model.num_experts // world + 1}"]
+    if name == "swiftmoe":  # one spare slot per rank, the paper's capacity factor
+        return [f"slots_per_rank={model.num_experts // world + 1}", "capacity_factor=1.0"]
     return []
 
 

@@ -19,14 +19,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", default=None, help="cluster preset or .toml (default: "
                    "cpu-gloo-4 on CPU, h100-4x8-ib400x8 on GPU, reshaped to 1 node x N ranks)")
     p.add_argument("--iterations", default=None, metavar="A:B", help="trace iterations to run")
-    p.add_argument("--out", required=True, help="run directory to write (must be new)")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True,
+                   help="run directory to write (must be new)")
     p.add_argument("--seed", type=int, default=0, help="policy RNG seed")
     p.add_argument("--check", action="store_true", help="compare every iteration's outputs "
                    "and gradients with the single-process reference layer")
     p.add_argument("--timeline", default="first", help="iterations to write Chrome traces "
                    "for: 'first', 'none', 'all' or a comma list")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of the first iteration")
-    p.add_argument("--timeout-s", type=float, default=120.0,
+    p.add_argument("--timeout-s", "--timeout", dest="timeout_s", type=float, default=120.0,
                    help="collective timeout of the process group (seconds)")
 
 

@@ -375,8 +375,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--aux-loss-coef", type=float, default=0.01)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per policy run")
-    p.add_argument("--out", default=None, help="directory for train_results.json and the PNG")
+    p.add_argument("--timeout-s", "--timeout", dest="timeout", type=float, default=300.0,
+                   help="seconds per policy run")
+    p.add_argument("-o", "--out", "--output", dest="out", default=None,
+                   help="directory for train_results.json and the PNG")
     return p
 
 

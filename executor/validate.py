@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="small-cpu", help="model preset (default: small-cpu, "
                    "GEMM-bound on CPU)")
     p.add_argument("--iterations", default="0:4", metavar="A:B")
-    p.add_argument("--out", required=True, help="directory for runs, table and figure")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True,
+                   help="directory for runs, table and figure")
     p.add_argument("--repeats", type=int, default=1, help="executor runs per configuration; "
                    "measured times are the median over them")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs of the first iteration")

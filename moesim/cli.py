@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from moesim import __version__
+from moesim.clihelp import Parser
 from moesim.errors import MoesimError
 from moesim.safeio import guard_arguments, os_error_line
 from moesim.validation import check_flags, flag_names
@@ -20,13 +22,14 @@ COMMAND_MODULES = (
     "moesim.traces.cli",       # moesim trace {import,info,synth,export,validate}
     "moesim.simulate_cli",     # moesim simulate
     "moesim.presets_cli",      # moesim presets
+    "moesim.policies_cli",     # moesim policies
     "moesim.executor.cli",     # moesim run / calibrate / validate
     "moesim.analysis.cli",     # moesim search / plot / report
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="moesim",
         description="Where should each MoE expert live, iteration by iteration, and what does "
         "that cost? Replay routing traces through placement policies, simulate step time, "
@@ -69,6 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moesim: interrupted; finished results were kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `moesim ... --json | head`: the reader left; end quietly
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush of a closed pipe is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

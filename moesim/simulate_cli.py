@@ -25,17 +25,23 @@ HEADER = (f"{'iter':>5} {'step ms':>10} {'MoE %':>6} {'a2a ms':>9} {'straggler':
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from moesim.clihelp import add_json_flag
+
     p = sub.add_parser(
         "simulate", help="simulate a placement policy on a routing trace",
         description="Replay a routing trace through a placement policy and predict step time, "
         "MoE/all-to-all time, stragglers, dropped tokens and memory per iteration. With no "
         "arguments: the bundled synthetic trace (shaped like SmartMoE's GPT-MoE run; no "
-        "recorded data), model smartmoe-gpt, cluster a100-4x8-ib800 with --nodes 2, policy "
-        "static_ep.")
-    p.add_argument("--trace", help="trace file (.npz) or directory; default: the bundled "
-                   "synthetic trace")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model preset name or .toml path")
-    p.add_argument("--cluster", default=DEFAULT_CLUSTER, help="cluster preset or .toml path")
+        "recorded data), model smartmoe-gpt, cluster a100-4x8-ib800 with 2 nodes, policy "
+        "static_ep. A row of a search ranking pastes in as it is (--trace bundled --cluster "
+        "a100-4x8-ib800@2 ...).")
+    p.add_argument("--trace", help="trace file (.npz) or directory, or 'bundled' (default: "
+                   "the bundled synthetic trace)")
+    p.add_argument("--model", default=None,
+                   help=f"model preset name or .toml path (default: {DEFAULT_MODEL})")
+    p.add_argument("--cluster", default=None,
+                   help="cluster preset or .toml path; NAME@NODES or NAME@NODESxGPUS reshapes "
+                   f"it (default: {DEFAULT_CLUSTER}, on 2 nodes with the bundled trace)")
     p.add_argument("--nodes", type=int, help="resize the cluster to N nodes (GPUs per node kept)")
     p.add_argument("--gpus-per-node", type=int,
                    help="GPUs per node of the cluster (default: the preset's)")
@@ -46,18 +52,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="when the trace's rank count differs from the GPU count, regroup its "
                         "ranks to the GPU count (as 'moesim trace regroup'; written into the "
                         "run's config); without it such a trace is refused")
-    p.add_argument("--policy", default="static_ep", help="registered policy name")
+    p.add_argument("--policy", default=None, help="registered policy name, see `moesim "
+                   "policies` (default: static_ep)")
     p.add_argument("--knob", action="append", default=[], metavar="K=V",
                    help="policy knob, repeatable (e.g. --knob capacity_factor=1.0)")
-    p.add_argument("--iterations", metavar="A:B", help="trace iterations A..B-1 (A:, :B, or A)")
-    p.add_argument("--out", help="RunResult directory to write")
+    p.add_argument("--iterations", metavar="A:B", help="trace iterations A..B-1 (A:, :B, or A; "
+                   "default: all)")
+    p.add_argument("--config", metavar="RUN/config.json",
+                   help="repeat a finished run exactly: its trace, model, cluster, policy, "
+                   "knobs, iterations and seed (not combinable with those flags)")
+    p.add_argument("-o", "--out", "--output", dest="out",
+                   help="RunResult directory to write (default: moesim-runs/POLICY-CLUSTER-TIME)")
     p.add_argument("--timeline", default="", metavar="I,J",
                    help="iterations to export as Chrome/Perfetto timelines")
     p.add_argument("--resume", action="store_true", help="continue an interrupted --out run")
-    p.add_argument("--seed", type=int, default=0, help="seed of the policy's RNG")
+    p.add_argument("--seed", type=int, default=None, help="seed of the policy's RNG (default: 0)")
     p.add_argument("--allow-oom", action="store_true",
                    help="record plans that do not fit in GPU memory instead of failing")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
+    add_json_flag(p, "the summary and every iteration's row")
     p.set_defaults(func=run)
 
 
@@ -118,44 +131,103 @@ def parse_timeline(text: str) -> list[int]:
 
 def _trace_path(args: argparse.Namespace) -> tuple[Path, bool]:
     """The trace to run and whether it is the bundled default."""
-    if args.trace:
-        path = Path(args.trace)
-        if not path.exists():
-            raise MoesimError(f"no trace file {args.trace!r}; check the path, or omit --trace "
-                              "to use the bundled trace")
-        return path, False
-    from moesim import traces
+    from moesim.traces.bundled import bundled_trace_path, named_trace_path
 
-    finder = getattr(traces, "bundled_trace_path", None)
-    if finder is None:
-        raise MoesimError("no bundled trace in this installation; pass --trace FILE")
-    return Path(finder()), True
+    path = named_trace_path(args.trace)
+    if not path.exists():
+        raise MoesimError(f"no trace file {args.trace!r}; check the path, or omit --trace "
+                          "(or give --trace bundled) to use the bundled trace")
+    return path, path == bundled_trace_path()
+
+
+CONFIG_FLAGS = ("trace", "model", "cluster", "nodes", "gpus_per_node", "world_size", "policy",
+                "knob", "iterations", "seed")
+
+
+def _inputs(args: argparse.Namespace) -> dict:
+    """simulate's inputs from the flags, or from ``--config`` (a finished run's config)."""
+    from moesim import validation
+    from moesim.policies.base import make_policy
+    from moesim.specs import load_cluster, load_model
+
+    if args.config:
+        from moesim.rerun import rerun_inputs
+
+        given = [f"--{f.replace('_', '-')}" for f in CONFIG_FLAGS
+                 if getattr(args, f) not in (None, [])]
+        if given:
+            raise MoesimError(f"--config sets the whole run; drop {', '.join(given)}")
+        r = rerun_inputs(args.config)
+        return {"trace": r.trace_path, "model": r.model, "cluster": r.cluster,
+                "policy": r.policy, "iterations": r.iterations, "rng_seed": r.rng_seed,
+                "allow_oom": r.allow_oom or args.allow_oom, "regroup": r.regroup}
+    trace, bundled = _trace_path(args)
+    cluster = shape_cluster(load_cluster(args.cluster or DEFAULT_CLUSTER), args.nodes,
+                            args.gpus_per_node, args.world_size,
+                            bundled and args.cluster is None)
+    return {"trace": trace, "model": load_model(args.model or DEFAULT_MODEL),
+            "cluster": cluster, "policy": make_policy(args.policy or "static_ep",
+                                                      parse_knobs(args.knob)),
+            "iterations": parse_iterations(args.iterations),
+            "rng_seed": validation.seed(0 if args.seed is None else args.seed),
+            "allow_oom": args.allow_oom,
+            "regroup": args.regroup}
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesim import validation
-    from moesim.policies.base import make_policy
     from moesim.simulate import simulate
-    from moesim.specs import load_cluster, load_model
 
-    trace, bundled = _trace_path(args)
-    model = load_model(args.model)
-    cluster = shape_cluster(load_cluster(args.cluster), args.nodes, args.gpus_per_node,
-                            args.world_size,
-                            bundled and args.cluster == DEFAULT_CLUSTER)
-    policy = make_policy(args.policy, parse_knobs(args.knob))
-    out = args.out or f"moesim-runs/{args.policy}-{cluster.name.replace('@', '-')}-" \
+    inputs = _inputs(args)
+    policy, cluster = inputs["policy"], inputs["cluster"]
+    out = args.out or f"moesim-runs/{policy.name}-{cluster.name.replace('@', '-')}-" \
         f"{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = simulate(trace, model, cluster, policy,
-                       iterations=parse_iterations(args.iterations),
-                       rng_seed=validation.seed(args.seed),
-                       out_dir=out, timeline_iterations=parse_timeline(args.timeline),
-                       resume=args.resume, allow_oom=args.allow_oom,
-                       progress=sys.stderr.isatty(),
-                       on_iteration=None if args.quiet else _RowPrinter(),
-                       regroup=args.regroup)
-    print(summary_line(summary.whole_run(), args.policy, cluster.name))
+    rows = not (args.quiet or args.json)
+    summary = simulate(**inputs, out_dir=out, timeline_iterations=parse_timeline(args.timeline),
+                       resume=args.resume, progress=sys.stderr.isatty(),
+                       on_iteration=_RowPrinter() if rows else None)
+    label = policy_label(policy)
+    line = summary_line(summary.whole_run(), label, cluster.name)
+    if args.json:
+        from moesim.clihelp import print_json
+
+        print(line, file=sys.stderr)
+        print_json({"summary": summary_figures(summary.whole_run(), policy, cluster.name),
+                    "iterations": iteration_rows(summary.out_dir) if summary.out_dir
+                    else summary.rows})
+    else:
+        print(line)
     return 0
+
+
+def iteration_rows(run_dir) -> list[dict]:
+    """The rows of ``RUN/iterations.csv`` as dicts of numbers (what ``--json`` prints)."""
+    from moesim.results import load_run
+
+    columns = load_run(run_dir).summary
+    n = len(next(iter(columns.values()), []))
+    return [{name: _number(values[i].item()) for name, values in columns.items()}
+            for i in range(n)]
+
+
+def _number(x: float) -> float | int:
+    """Counts read back from CSV as floats become ints again (``tokens_total``, ``oom``)."""
+    return int(x) if isinstance(x, float) and x.is_integer() and abs(x) < 2**53 else x
+
+
+def policy_label(policy) -> str:
+    """The policy's name with the knobs that are not its defaults, and a capacity factor
+    whenever there is one (a run that drops tokens says so): ``swiftmoe(capacity_factor=1.0)``."""
+    import dataclasses
+
+    from moesim.policies.catalog import format_default
+
+    defaults = type(policy.config)()
+    shown = {f.name: getattr(policy.config, f.name) for f in dataclasses.fields(policy.config)
+             if getattr(policy.config, f.name) != getattr(defaults, f.name)
+             or (f.name == "capacity_factor" and getattr(policy.config, f.name) is not None)}
+    if not shown:
+        return policy.name
+    return f"{policy.name}({', '.join(f'{k}={format_default(v)}' for k, v in shown.items())})"
 
 
 class _RowPrinter:
@@ -178,6 +250,34 @@ def _print_row(row: dict) -> None:
     print(f"{row['iteration']:>5} {step * 1e3:>10.2f} {share:>6.1f} "
           f"{row['a2a_time_s'] * 1e3:>9.2f} {row['straggler_ratio']:>9.2f} {dropped:>9.2f} "
           f"{row['peak_memory_bytes'] / 2**30:>9.2f}", flush=True)
+
+
+def summary_figures(summary, policy, cluster: str) -> dict:
+    """The figures of the summary line, for ``--json``: means over the iterations (seconds,
+    bytes), dropped fraction, peak memory, and what ran where."""
+    import dataclasses
+
+    n = len(summary.rows)
+    out = {"policy": policy.name, "knobs": dataclasses.asdict(policy.config),
+           "cluster": cluster, "iterations": n,
+           "out_dir": str(summary.out_dir) if summary.out_dir else None}
+    if n == 0:
+        return out
+    total = max(summary.column("tokens_total").sum(), 1)
+    out.update({
+        "mean_step_time_s": summary.mean("step_time_s"),
+        "moe_fraction": summary.mean("moe_time_s") / summary.mean("step_time_s"),
+        "mean_a2a_time_s": summary.mean("a2a_time_s"),
+        "mean_straggler_ratio": summary.mean("straggler_ratio"),
+        "dropped_fraction": summary.column("tokens_dropped").sum() / total,
+        "peak_memory_bytes": summary.column("peak_memory_bytes").max(),
+    })
+    if "overload_mean" in summary.rows[0]:
+        out.update({"mean_overload": summary.mean("overload_mean"),
+                    "max_overload": summary.column("overload_max").max(),
+                    "max_cum_overload": summary.column("overload_cum_max").max(),
+                    "mean_imbalance": summary.mean("imbalance")})
+    return out
 
 
 def summary_line(summary, policy: str, cluster: str) -> str:

@@ -595,9 +595,11 @@ class Cluster:
         return dataclasses.replace(self, **changes)
 
     def with_shape(self, num_nodes: int, gpus_per_node: int | None = None) -> Cluster:
-        """The same hardware with another node count (for scaling curves)."""
+        """The same hardware with another node count (for scaling curves), named
+        ``BASE@NODESxGPUS`` — a name :func:`load_cluster` reads back."""
         gpn = self.gpus_per_node if gpus_per_node is None else gpus_per_node
-        return dataclasses.replace(self, name=f"{self.name}@{num_nodes}x{gpn}",
+        base, _ = split_cluster_shape(self.name)
+        return dataclasses.replace(self, name=f"{base}@{num_nodes}x{gpn}",
                                    num_nodes=num_nodes, gpus_per_node=gpn)
 
 
@@ -683,8 +685,15 @@ def preset_descriptions(kind: str) -> dict[str, str]:
 def load_model(name_or_path: str | Path) -> ModelSpec:
     """A :class:`ModelSpec` from a preset name or a TOML/JSON file."""
     data, path = _read_table("models", name_or_path)
-    data.setdefault("name", path.stem)
-    return _build(ModelSpec, data, path)
+    return model_from_dict(data, path)
+
+
+def model_from_dict(data: dict[str, Any], source: Path) -> ModelSpec:
+    """A :class:`ModelSpec` from a table of its fields (``source`` names it in errors and
+    gives the default name), e.g. the ``model`` table of a run's ``config.json``."""
+    data = dict(data)
+    data.setdefault("name", source.stem)
+    return _build(ModelSpec, data, source)
 
 
 def _hardware_from(data: dict[str, Any], path: Path, default_name: str,
@@ -700,13 +709,43 @@ def load_hardware(name_or_path: str | Path) -> HardwareProfile:
     return _hardware_from(data, path, path.stem)
 
 
+def split_cluster_shape(text: str) -> tuple[str, tuple[int, int | None] | None]:
+    """``"NAME@NODES"`` → ``("NAME", (NODES, None))``, ``"NAME@NODESxGPUS"`` →
+    ``("NAME", (NODES, GPUS))``, ``"NAME"`` → ``("NAME", None)``. The one naming scheme of
+    reshaped clusters: what :meth:`Cluster.with_shape` writes, search rows and summaries show,
+    and every command's ``--cluster`` takes."""
+    base, sep, shape = str(text).rpartition("@")
+    if not sep:
+        return str(text), None
+    nodes, x, gpus = shape.partition("x")
+    if not (nodes.isdigit() and (not x or gpus.isdigit())):
+        raise MoesimError(f"cluster {text!r}: write NAME@NODES or NAME@NODESxGPUS, e.g. "
+                          "a100-4x8-ib800@2 or a100-4x8-ib800@2x8")
+    shape_ng = (int(nodes), int(gpus) if x else None)
+    if shape_ng[0] < 1 or (shape_ng[1] is not None and shape_ng[1] < 1):
+        raise MoesimError(f"cluster {text!r}: nodes and GPUs per node must be >= 1")
+    return base, shape_ng
+
+
 def load_cluster(name_or_path: str | Path) -> Cluster:
-    """A :class:`Cluster` from a preset name or a TOML/JSON file.
+    """A :class:`Cluster` from a preset name or a TOML/JSON file, optionally reshaped:
+    ``NAME@NODES`` keeps the GPUs per node, ``NAME@NODESxGPUS`` sets both (see
+    :func:`split_cluster_shape`; an existing file whose name has an ``@`` is read as it is).
 
     ``hardware`` is a hardware preset name, a path (relative to the cluster file), or an inline
     table of :class:`HardwareProfile` fields.
     """
+    if not Path(name_or_path).is_file() and "@" in str(name_or_path):
+        base, shape = split_cluster_shape(str(name_or_path))
+        return load_cluster(base).with_shape(*shape)
     data, path = _read_table("clusters", name_or_path)
+    return cluster_from_dict(data, path)
+
+
+def cluster_from_dict(data: dict[str, Any], path: Path) -> Cluster:
+    """A :class:`Cluster` from a table of its fields (nested link levels and hardware as in a
+    cluster file; ``path`` anchors relative hardware paths and names errors)."""
+    data = dict(data)
     data.setdefault("name", path.stem)
     for level in ("intra", "inter", "host"):
         if isinstance(data.get(level), dict):

@@ -294,7 +294,8 @@ def make_policy(name: str, knobs: dict[str, Any] | None = None) -> Policy:
     for key, value in (knobs or {}).items():
         if key not in fields:
             raise MoesimError(f"policy {name!r} has no knob {key!r}; its knobs are "
-                              f"{', '.join(sorted(fields)) or '(none)'}")
+                              f"{', '.join(sorted(fields)) or '(none)'} (`moesim policies "
+                              f"{name}` lists their defaults and valid values)")
         kwargs[key] = _coerce(value, fields[key].type, key)
     try:
         return cls(cls.Config(**kwargs))

@@ -133,11 +133,12 @@ class SwiftMoE(Policy):
     @dataclass(frozen=True, kw_only=True)
     class Config:
         """``slots_per_rank``: expert slots per GPU (paper: 4). ``capacity_factor``: per-slot
-        capacity factor (paper: 1.0; ``None`` = dropless). ``optimizer_on_host``: keep the 1/N
+        capacity factor; ``None`` = dropless, the default of every policy here (the paper runs
+        1.0: pass ``capacity_factor=1.0`` for its set-up). ``optimizer_on_host``: keep the 1/N
         optimizer shards in host memory with a CPU optimizer (paper) instead of on the GPU."""
 
         slots_per_rank: int = 4
-        capacity_factor: float | None = 1.0
+        capacity_factor: float | None = None
         optimizer_on_host: bool = True
 
         def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from moesim.traces.synth import SynthConfig, synthesize
 
 BUNDLED_SEED = 20230710
 BUNDLED_NAME = "bundled.npz"
+BUNDLED_ALIASES = ("bundled", "default")  # trace names that mean the bundled trace
 
 
 def bundled_config() -> SynthConfig:
@@ -28,6 +29,18 @@ def bundled_config() -> SynthConfig:
 def bundled_trace_path() -> Path:
     """Path of the bundled demo trace (``traces/data/bundled.npz`` inside the package)."""
     return Path(__file__).resolve().parent / "data" / BUNDLED_NAME
+
+
+def named_trace_path(name: str | Path | None) -> Path:
+    """The trace file a trace argument names: an existing path as it is; ``None`` or one of
+    :data:`BUNDLED_ALIASES` (``bundled``, what search rows and configs write) the bundled
+    trace; anything else as a path (the caller reports a missing one)."""
+    if name is None:
+        return bundled_trace_path()
+    path = Path(name)
+    if not path.exists() and str(name) in BUNDLED_ALIASES:
+        return bundled_trace_path()
+    return path
 
 
 def make_bundled_trace() -> RoutingTrace:

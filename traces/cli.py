@@ -88,7 +88,7 @@ def _add_import(sub) -> None:
     p.add_argument("kind", choices=sorted(IMPORT_HELP), help="; ".join(
         f"{k}: {v}" for k, v in sorted(IMPORT_HELP.items())))
     p.add_argument("src", type=Path, help="file or folder to import")
-    p.add_argument("-o", "--output", type=Path, required=True,
+    p.add_argument("-o", "--out", "--output", dest="output", type=Path, required=True,
                    help="where to write the trace (*.npz, or a directory path)")
     p.add_argument("--top-k", type=int, default=2,
                    help="experts each token picks; tokens per rank = row sum / top-k "
@@ -139,7 +139,8 @@ def _add_synth(sub) -> None:
                        "popularity, top-k without replacement. Defaults match published "
                        "statistics of real traces; --preset smartmoe matches the SmartMoE-AE "
                        "training trace.")
-    p.add_argument("-o", "--output", type=Path, required=True, help="trace to write")
+    p.add_argument("-o", "--out", "--output", dest="output", type=Path, required=True,
+                   help="trace to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--preset", choices=("default", "smartmoe"), default="default",
                    help="starting knob values (default: default)")
@@ -154,7 +155,8 @@ def _add_export(sub) -> None:
                        description="Write every cell of a trace as a long CSV (readable by "
                        "'moesim trace import csv' and by any spreadsheet or dataframe tool).")
     p.add_argument("trace", type=Path, help="trace file or directory")
-    p.add_argument("-o", "--output", type=Path, required=True, help="CSV file to write")
+    p.add_argument("-o", "--out", "--output", dest="output", type=Path, required=True,
+                   help="CSV file to write")
     p.set_defaults(func=_cmd_export)
 
 
@@ -172,8 +174,10 @@ def _add_spread(sub) -> None:
                        "assignments to ranks at random, keeping every total exact.")
     p.add_argument("trace", type=Path, help="rank-aggregated trace")
     p.add_argument("--ranks", type=int, required=True, help="number of ranks")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="trace to write")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed (default: 0)")
+    p.add_argument("-o", "--out", "--output", dest="output", type=Path, required=True,
+                   help="trace to write")
     p.set_defaults(func=_cmd_spread)
 
 

@@ -74,8 +74,13 @@ def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> Path:
 
 
 def load_trace(path: str | os.PathLike) -> RoutingTrace:
-    """Read and validate a trace written by :func:`save_trace` (``.npz`` file or directory)."""
+    """Read and validate a trace written by :func:`save_trace` (``.npz`` file or directory);
+    the name ``bundled`` is the bundled trace (:func:`moesim.traces.bundled.named_trace_path`)."""
     path = Path(path)
+    if not path.exists():
+        from moesim.traces.bundled import named_trace_path
+
+        path = named_trace_path(path)
     if path.is_dir():
         trace = _load_dir(path)
     elif path.exists():

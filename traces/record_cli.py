@@ -45,9 +45,10 @@ def add_record_parser(trace_subparsers) -> argparse.ArgumentParser:
                           "a config.json, a local checkpoint dir or a name in the local HF "
                           "cache (nothing is downloaded)")
     src.add_argument("--train", action="store_true", help="train the tiny MoE LM and record")
-    p.add_argument("-o", "--output", required=True, help="output trace (.npz or directory)")
+    p.add_argument("-o", "--out", "--output", dest="output", required=True,
+                   help="output trace (.npz or directory)")
     p.add_argument("--ranks", type=int, default=4, help="simulated data-parallel ranks")
-    p.add_argument("--tokens", type=int, default=None,
+    p.add_argument("--tokens-per-rank", "--tokens", dest="tokens", type=int, default=None,
                    help="tokens per rank per pass (default 256 hf, 512 train)")
     p.add_argument("--seq-len", type=int, default=None,
                    help=f"sequence length (default: {DEFAULT_SEQ_LEN}; with --hf-model, --tokens "
