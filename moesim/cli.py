@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except MoesimError as exc:
         print(f"moesim: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `moesim ... --json | head`: the reader left; end quietly
+        _silence_stdout()
+        return 0
     except OSError as exc:  # any OS error left: one line naming the file, never a traceback
         print(f"moesim: error: {os_error_line(exc, exc.filename or '?', 'use')}",
               file=sys.stderr)
@@ -72,9 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moesim: interrupted; finished results were kept", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `moesim ... --json | head`: the reader left; end quietly
-        _silence_stdout()
-        return 0
 
 
 def _silence_stdout() -> None:
