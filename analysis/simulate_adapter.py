@@ -12,6 +12,7 @@ from typing import Any
 
 from moesim import validation
 from moesim.errors import MoesimError
+from moesim.traces.bundled import BUNDLED_ALIASES as BUNDLED  # noqa: F401  (search_check)
 
 from .runs import as_run, summarize, summarize_columns
 
