@@ -435,12 +435,20 @@ def run_config(trace: RoutingTrace, trace_path: str | None, model: ModelSpec,
     knobs = dataclasses.asdict(policy.config) if dataclasses.is_dataclass(policy.config) else {}
     return _json_normal({
         "model": spec_to_dict(model), "cluster": spec_to_dict(cluster),
-        "policy": {"name": policy.name, "knobs": knobs},
+        "policy": {"name": policy.name, "knobs": knobs,
+                   **_resolved(policy, model, cluster)},
         "trace": {"path": trace_path, "meta": trace.meta.to_dict()},
         "options": {"rng_seed": rng_seed, "allow_oom": allow_oom},
         "iterations": [its[0], its[-1] + 1] if its == list(range(its[0], its[-1] + 1))
         else its,
     })
+
+
+def _resolved(policy: Any, model: ModelSpec, cluster: Cluster) -> dict:
+    """``{"resolved": {...}}`` when the policy resolves knobs by topology, else ``{}``."""
+    fn = getattr(policy, "resolved_knobs", None)
+    out = fn(model, cluster) if fn is not None else {}
+    return {"resolved": out} if out else {}
 
 
 def _json_normal(obj: Any) -> Any:

@@ -158,6 +158,12 @@ class Policy:
 
         return default_footprint(decision, model, cluster)
 
+    def resolved_knobs(self, model: ModelSpec, cluster: Cluster) -> dict[str, Any]:
+        """Choices a knob leaves to the topology (e.g. EPLB's ``balancing=auto``), as this
+        model and cluster resolve them; stored in the run's ``config.json`` under
+        ``policy.resolved``. Default: none."""
+        return {}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 

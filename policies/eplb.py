@@ -25,7 +25,8 @@ Re-planning modes:
   migration time / interval``; skip a re-plan that does not repay ``min_gain`` × its
   migration within the interval. Weight 0 and min_gain off are exactly the modes above.
 - ``balancing``: ``auto`` (the reference's rule), ``hierarchical`` or ``global``, chosen
-  explicitly as in vLLM PR 51988; the mode used is in ``info["balancing"]``.
+  explicitly as in vLLM PR 51988; the mode used is in ``info["balancing"]`` and in the
+  run's ``config.json`` (``policy.resolved.balancing``).
 
 Lowering: static EP's grad sync and ZeRO-1 optimizer over each expert's replicas; a re-plan
 moves each changed slot's weights plus its average optimizer share (see ``lower_relayout``).
@@ -134,6 +135,11 @@ class EPLB(Policy):
                     self.target_imbalance, (int, float)) or not self.target_imbalance >= 1.0:
                 raise MoesimError(f"eplb: target_imbalance={self.target_imbalance!r} is a "
                                   "max/mean GPU load; use a value >= 1 (e.g. 1.05)")
+
+    def resolved_knobs(self, model: ModelSpec, cluster: Cluster) -> dict:
+        """The balancing mode this cluster gets (``hierarchical`` or ``global``)."""
+        return {"balancing": balancing_mode(self.config.balancing, self.config.num_groups,
+                                            cluster.num_nodes)}
 
     def slots(self, model: ModelSpec, cluster: Cluster) -> int:
         """Slots per GPU under this config."""

@@ -104,7 +104,6 @@ from moesim.policies.hecate_plan import (  # noqa: F401  (re-exported)
     owned_copies,
     shard_owners,
     slot_row,
-    spread_copies,
 )
 from moesim.policies.migration import check_migration_knobs, model_for, rank_permutation
 from moesim.policies.primitives import (

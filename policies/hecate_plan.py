@@ -13,7 +13,7 @@ import heapq
 import numpy as np
 
 from moesim.errors import MoesimError
-from moesim.policies.greedy import precise_replicas
+from moesim.policies.greedy import greedy_place, precise_replicas
 from moesim.policies.primitives import greedy_pack_fixed
 
 
@@ -80,59 +80,13 @@ def materialise(load_E: np.ndarray, owners_E: np.ndarray, t: int, extra_slots: i
     r_E = np.ones(E, dtype=np.int64)
     r_E[hot] = precise_replicas(load_E[hot], t + G * m, 1, G)
     gpu_load = np.bincount(owners_E, weights=load_E / r_E, minlength=G)
-    gpu_J, expert_J = spread_copies(r_E - 1, load_E / r_E, owners_E, gpu_load, np.full(G, m),
-                                    gpus_per_node)
-    extra[gpu_J, expert_J] = 1
+    cols = np.sort(hot)                     # only the hot experts get copies: those columns
+    owned = np.zeros((G, len(cols)), dtype=np.int64)
+    owned[owners_E[cols], np.arange(len(cols))] = 1
+    copies = greedy_place(r_E[cols] - 1, load_E[cols], gpus_per_node, np.full(G, m), owned,
+                          gpu_load, allow_duplicates=False, skip_unplaceable=True)
+    extra[:, cols] = copies - owned
     return extra, "proportional"
-
-
-def spread_copies(copies_E: np.ndarray, per_copy_E: np.ndarray, owners_E: np.ndarray,
-                  gpu_load_G: np.ndarray, free_G: np.ndarray, gpus_per_node: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """LAER-MoE's node-spreading greedy (:func:`moesim.policies.greedy.greedy_place`, with
-    ``allow_duplicates=False, skip_unplaceable=True``) for Hecate's case, where every expert
-    starts with one copy, on its owner: the new copies ``(gpu_J, expert_J)``.
-
-    Experts go in decreasing per-copy load (lowest id on ties), each in rounds: every node at
-    the lowest copy level offers its least-loaded GPU (lowest id on ties) with a free slot and
-    no copy of the expert; the offers are taken in ``(load, gpu)`` order until the expert has
-    its copies; a copy adds its per-copy load to the GPU. The same decisions as the heap
-    greedy (tested), one round per numpy pass over the ``[N, g]`` GPU grid instead of a
-    Python walk over the node heaps."""
-    G, g = len(gpu_load_G), gpus_per_node
-    N = G // g
-    load = np.asarray(gpu_load_G, dtype=np.float64).copy()
-    free = np.asarray(free_G, dtype=np.int64).copy()
-    rows = np.arange(N)
-    gpus, experts = [], []
-    for e in np.argsort(-per_copy_E, kind="stable").tolist():
-        left = int(copies_E[e])
-        if left <= 0:
-            continue
-        held = np.zeros(G, dtype=bool)
-        held[owners_E[e]] = True
-        level = np.zeros(N, dtype=np.int64)
-        level[owners_E[e] // g] = 1
-        while left > 0:
-            key = np.where((free > 0) & ~held, load, np.inf).reshape(N, g)
-            local = key.argmin(axis=1)
-            best = key[rows, local]
-            nodes = np.flatnonzero(best < np.inf)
-            if not len(nodes):
-                break
-            nodes = nodes[level[nodes] == level[nodes].min()]
-            gs = nodes * g + local[nodes]
-            gs = gs[np.lexsort((gs, load[gs]))][:left]
-            load[gs] += per_copy_E[e]
-            free[gs] -= 1
-            held[gs] = True
-            level[gs // g] += 1
-            left -= len(gs)
-            gpus.append(gs)
-            experts.append(np.full(len(gs), e, dtype=np.int64))
-    if not gpus:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    return np.concatenate(gpus), np.concatenate(experts)
 
 
 def slot_row(owners_E: np.ndarray, extra_GE: np.ndarray, owned_per_rank: int,

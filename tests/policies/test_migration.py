@@ -233,3 +233,22 @@ def test_hecate_reshard_weighs_owner_moves() -> None:
     assert any(any(d.info.get("reshard_skipped_L", [])) for d in picky)
     light = _loop("hecate", dict(base, migration_weight=1e-9))[3]
     assert owner_changes(light) <= owner_changes(free)
+
+
+def test_balancing_mode_is_in_the_run_config(tmp_path) -> None:
+    import json
+
+    from moesim.simulate import simulate
+    from moesim.traces.synth import SynthConfig, synthesize
+
+    model, cluster = tiny_model(E=8, L=2), tiny_cluster(2, 2)
+    trace = synthesize(SynthConfig(num_layers=2, num_ranks=4, num_experts=8, top_k=2,
+                                   tokens_per_rank=256, num_iterations=2), rng=0)
+    out = simulate(trace, model, cluster, make_policy("eplb", {"num_groups": 2}),
+                   out_dir=tmp_path / "run", progress=False)
+    cfg = json.loads((out.out_dir / "config.json").read_text())
+    assert cfg["policy"]["knobs"]["balancing"] == "auto"
+    assert cfg["policy"]["resolved"] == {"balancing": "hierarchical"}
+    plain = simulate(trace, model, cluster, "static_ep", out_dir=tmp_path / "st",
+                     progress=False)
+    assert "resolved" not in json.loads((plain.out_dir / "config.json").read_text())["policy"]
