@@ -2,6 +2,7 @@
 
     python benchmarks/policies.py --quick   # few iterations, 2 MoE layers per model (< 3 min)
     python benchmarks/policies.py           # 8 iterations, every MoE layer, every model (~5 min)
+    python benchmarks/policies.py --workloads  # every policy on the 8 isolating workloads
 
 For each set-up of ``../shared/POLICIES.md`` (SwiftMoE, LAER-MoE, Hecate, FlexMoE, EPLB,
 SmartMoE, FasterMoE) and each trace — the real SmartMoE-AE sample, regrouped to the set-up
@@ -326,8 +327,17 @@ def write_atomic(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few iterations and layers (< 3 min)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="markdown table path")
+    ap.add_argument("--out", type=Path, default=None, help="markdown table path (default "
+                    "benchmarks/results/policies.md, or workloads.md with --workloads)")
+    ap.add_argument("--workloads", action="store_true", help="instead: every policy on the "
+                    "eight isolating workloads, the winner per workload (workload_bench.py)")
     args = ap.parse_args(argv)
+    if args.workloads:
+        import workload_bench
+
+        return workload_bench.main(args.quick, write_atomic,
+                                   args.out or workload_bench.RESULTS)
+    args.out = args.out or RESULTS
     t0 = time.perf_counter()
     rows, note = run_all(args.quick)
     text = table(rows, note)
