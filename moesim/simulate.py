@@ -150,6 +150,8 @@ def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluste
 def _loop(run: _Run, its: list[int], writer: RunWriter | None, config: dict, progress: bool,
           on_iteration: Callable[[dict], None] | None) -> SimSummary:
     """Run the iterations; on any error the writer keeps what finished (status incomplete)."""
+    from moesim.traces.stream import release_pages
+
     rows: list[dict] = []
     bar = ProgressBar(len(its), enabled=progress)
     try:
@@ -157,6 +159,7 @@ def _loop(run: _Run, its: list[int], writer: RunWriter | None, config: dict, pro
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 record, state = simulate_iteration(run, it)  # absurd inputs: checked next
             validation.finite_results(record.summary, it)
+            release_pages(run.trace.counts_TLRE)   # a memory-mapped trace: one iteration resident
             rows.append(dict(record.summary, iteration=it))
             if writer is not None:
                 writer.add(record, state=state)

@@ -7,6 +7,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
+
 from moesim.errors import MoesimError, TraceError
 from moesim.traces.bundled import bundled_trace_path
 from moesim.traces.format import RoutingTrace
@@ -20,7 +22,7 @@ from moesim.traces.importers import (
 from moesim.traces.io import load_trace, save_trace
 from moesim.traces.load_stats import expert_load_summary, format_expert_load
 from moesim.traces.stats import format_table, trace_stats
-from moesim.traces.synth import POPULARITY_KINDS, SynthConfig, synthesize
+from moesim.traces.synth import POPULARITY_KINDS, SynthConfig, synth_meta, synthesize
 from moesim.traces.transform import spread_over_ranks
 from moesim.traces.workload_cli import (
     add_limit_check,
@@ -140,7 +142,10 @@ def _add_synth(sub) -> None:
                        "statistics of real traces; --preset smartmoe matches the SmartMoE-AE "
                        "training trace.")
     p.add_argument("-o", "--out", "--output", dest="output", type=Path, required=True,
-                   help="trace to write")
+                   help="trace to write: FILE.npz (drawn in memory), or a directory (drawn and "
+                   "written a chunk of passes at a time in bounded memory, for traces larger "
+                   "than RAM; the streaming sampler draws other numbers for the same seed, with "
+                   "the same statistics)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--preset", choices=("default", "smartmoe"), default="default",
                    help="starting knob values (default: default)")
@@ -286,8 +291,15 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         config = dataclasses.replace(base, **changes)
     except ValueError as exc:
         raise MoesimError(str(exc)) from None
-    trace = synthesize(config, rng=args.seed)
-    save_trace(trace, args.output)
+    if args.output.suffix != ".npz" and not config.per_token:
+        from moesim.traces.synth_stream import synthesize_to_dir
+
+        synthesize_to_dir(config, args.output, rng=args.seed)
+        shape = (config.num_passes, config.num_layers, config.num_ranks, config.num_experts)
+        trace = RoutingTrace(np.broadcast_to(np.int64(0), shape), synth_meta(config))
+    else:
+        trace = synthesize(config, rng=args.seed)
+        save_trace(trace, args.output)
     print(f"wrote {args.output}: {_shape_line(trace)}")
     return 0
 

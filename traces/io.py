@@ -6,11 +6,15 @@ Two forms, chosen by the path:
   UTF-8 JSON). Read with ``allow_pickle=False``: a trace file can never run code.
 - any other path — a directory with ``meta.json``, ``counts.npy`` and optional ``topk.npy``;
   the arrays are memory-mapped read-only on load (``np.load(mmap_mode="r")``), for traces larger
-  than RAM.
+  than RAM. Loading validates them a chunk of passes at a time, and the readers (``simulate``,
+  ``trace info``) take an iteration or a chunk at a time and release the pages after it
+  (:mod:`moesim.traces.stream`), so memory stays bounded. :class:`TraceDirWriter` writes this
+  form a chunk of passes at a time (``trace synth`` to a directory uses it).
 
-Writes are atomic: a ``.npz`` goes to a temporary file in the target's directory and is moved
-into place with ``os.replace``; a directory is built under a temporary name beside the target and
-renamed. A crash leaves either the old trace or the new one, never half of one.
+Writes are atomic (:class:`TraceDirWriter` too): a ``.npz`` goes to a temporary file in the
+target's directory and is moved into place with ``os.replace``; a directory is built under a
+temporary name beside the target and renamed. A crash leaves either the old trace or the new
+one, never half of one.
 """
 
 from __future__ import annotations
@@ -30,8 +34,14 @@ import numpy as np
 from moesim import bounds
 from moesim.errors import MoesimError, TraceError
 from moesim.safeio import atomic_file, dir_mode, file_mode, writing
-from moesim.traces.format import RoutingTrace
-from moesim.traces.validate import meta_from_dict, validate
+from moesim.traces.format import RoutingTrace, TraceMeta
+from moesim.traces.validate import (
+    check_chunk,
+    meta_from_dict,
+    validate,
+    validate_in_chunks,
+    validate_meta,
+)
 
 META_FILE = "meta.json"
 COUNTS_FILE = "counts.npy"
@@ -82,12 +92,10 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
 
         path = named_trace_path(path)
     if path.is_dir():
-        trace = _load_dir(path)
-    elif path.exists():
-        trace = _load_npz(path)
-    else:
-        raise TraceError(f"no trace at {path}; check the path (a .npz file or a trace directory)")
-    return validate(trace)
+        return validate_in_chunks(_load_dir(path))       # bounded memory: see the docstring
+    if path.exists():
+        return validate(_load_npz(path))
+    raise TraceError(f"no trace at {path}; check the path (a .npz file or a trace directory)")
 
 
 def _meta_bytes(trace: RoutingTrace) -> bytes:
@@ -123,10 +131,7 @@ def _save_npz(trace: RoutingTrace, path: Path) -> None:
 
 
 def _save_dir(trace: RoutingTrace, path: Path) -> None:
-    replaceable = path.is_dir() and ((path / META_FILE).exists() or not any(path.iterdir()))
-    if path.exists() and not replaceable:
-        raise TraceError(f"{path} exists and is not a trace directory; choose another output "
-                         "path (use a .npz suffix for a single file)")
+    _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -141,6 +146,88 @@ def _save_dir(trace: RoutingTrace, path: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class TraceDirWriter:
+    """Write a directory trace a chunk of passes at a time, in bounded memory::
+
+        with TraceDirWriter("big_trace", meta, num_passes=T) as w:
+            for t in range(T):
+                w.write(counts_1LRE)          # [passes, L, R, E] integers, in order
+
+    Each chunk is validated as it comes (values, row sums) and appended to ``counts.npy`` (int64,
+    C order, written with plain writes: nothing stays mapped); ``meta.json`` and the rename into
+    place happen on a clean exit, once all ``num_passes`` passes were written. On an error the
+    half-written directory is removed and an existing trace at ``path`` is left as it was.
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: TraceMeta, num_passes: int) -> None:
+        validate_meta(meta)
+        self.path, self.meta, self.num_passes = Path(path), meta, int(num_passes)
+        if self.num_passes < 1 or self.num_passes % meta.micro_batches_per_iteration:
+            raise TraceError(f"num_passes = {num_passes} must be a positive multiple of "
+                             f"micro_batches_per_iteration = {meta.micro_batches_per_iteration}")
+        _check_replaceable(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.written, self._tmp, self._fh = 0, None, None
+        self.shape = (self.num_passes, meta.num_layers, meta.num_ranks, meta.num_experts)
+
+    def __enter__(self) -> TraceDirWriter:
+        name = self.path.name
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.path.parent))
+        self._fh = open(self._tmp / COUNTS_FILE, "wb")  # noqa: SIM115 (closed in close/abort)
+        np.lib.format.write_array_header_1_0(self._fh, {"descr": np.dtype(np.int64).str,
+                                                        "fortran_order": False,
+                                                        "shape": self.shape})
+        return self
+
+    def write(self, counts_TLRE: np.ndarray) -> None:
+        """Append the next passes ``[p, L, R, E]`` (validated first)."""
+        counts = np.asarray(counts_TLRE)
+        if counts.ndim != 4 or counts.shape[1:] != self.shape[1:]:
+            raise TraceError(f"chunk of shape {counts.shape}; the trace takes [passes, "
+                             f"{', '.join(map(str, self.shape[1:]))}] (L, R, E)")
+        if self.written + counts.shape[0] > self.num_passes:
+            raise TraceError(f"more than the announced {self.num_passes} passes written")
+        check_chunk(counts, self.meta, self.written)
+        np.ascontiguousarray(counts, dtype=np.int64).tofile(self._fh)
+        self.written += counts.shape[0]
+
+    def close(self) -> Path:
+        """Finish: every pass written, data on disk, ``meta.json``, rename into place."""
+        if self.written != self.num_passes:
+            raise TraceError(f"only {self.written} of {self.num_passes} passes were written")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        (self._tmp / META_FILE).write_bytes(_meta_bytes(RoutingTrace(np.empty(0), self.meta)))
+        os.chmod(self._tmp, 0o755)  # mkdtemp makes 0700
+        _swap_in(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the half-written trace."""
+        if self._fh is not None:
+            self._fh.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.close()
+                return
+            except BaseException:
+                self.abort()
+                raise
+        self.abort()
+
+
+def _check_replaceable(path: Path) -> None:
+    replaceable = path.is_dir() and ((path / META_FILE).exists() or not any(path.iterdir()))
+    if path.exists() and not replaceable:
+        raise TraceError(f"{path} exists and is not a trace directory; choose another output "
+                         "path (use a .npz suffix for a single file)")
 
 
 def _swap_in(new: Path, path: Path) -> None:

@@ -21,7 +21,9 @@ from moesim.traces.format import RoutingTrace
 
 def expert_load_summary(trace: RoutingTrace) -> dict:
     """``{"per_layer": {name: [L]}, "across_layers": {name: float}}`` (module docstring)."""
-    load_TLE = np.asarray(trace.counts_TLRE).sum(axis=2, dtype=np.int64).astype(np.float64)
+    from moesim.traces.stats import expert_load_TLE
+
+    load_TLE = expert_load_TLE(trace)                     # streams a memory-mapped trace
     if load_TLE.shape[0] == 0:
         return {"per_layer": {}, "across_layers": {}}
     mean_TL = load_TLE.mean(axis=2)

@@ -27,6 +27,7 @@ import numpy as np
 
 from moesim.errors import MoesimError
 from moesim.traces.format import RoutingTrace
+from moesim.traces.stream import pass_chunks
 
 STAT_NAMES = ("max_mean", "gini", "gpu_imbalance", "tv", "consecutive_corr", "rank_corr")
 _CHUNK_CELLS = 2**24  # cells of counts processed at once by rank_corr (bounds memory)
@@ -40,8 +41,13 @@ def default_ep_size(num_experts: int, num_ranks: int) -> int:
 
 
 def expert_load_TLE(trace: RoutingTrace) -> np.ndarray:
-    """Per-pass expert load summed over ranks, float64 ``[T, L, E]``."""
-    return np.asarray(trace.counts_TLRE).sum(axis=2, dtype=np.int64).astype(np.float64)
+    """Per-pass expert load summed over ranks, float64 ``[T, L, E]`` (read a chunk of passes at
+    a time, so a memory-mapped trace larger than memory streams)."""
+    counts = trace.counts_TLRE
+    out = np.empty((counts.shape[0], counts.shape[1], counts.shape[3]))
+    for t0, chunk in pass_chunks(counts):
+        out[t0:t0 + chunk.shape[0]] = chunk.sum(axis=2, dtype=np.int64)
+    return out
 
 
 def max_over_mean_TL(load_TLE: np.ndarray) -> np.ndarray:
@@ -96,14 +102,13 @@ def rank_corr_TL(counts_TLRE: np.ndarray) -> np.ndarray:
     out = np.full((T, L), np.nan)
     if R < 2:
         return out
-    step = max(1, _CHUNK_CELLS // (L * R * E))
-    for start in range(0, T, step):
-        z = _zscore(np.asarray(counts_TLRE[start:start + step], dtype=np.float64))
+    for start, chunk in pass_chunks(counts_TLRE, _CHUNK_CELLS):
+        z = _zscore(chunk.astype(np.float64))
         valid = (z != 0).any(axis=-1).sum(axis=-1)
         total = (z.sum(axis=2) ** 2).sum(axis=-1) / E
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[start:start + step] = np.where(valid > 1, (total - valid)
-                                               / (valid * (valid - 1)), np.nan)
+            out[start:start + chunk.shape[0]] = np.where(valid > 1, (total - valid)
+                                                         / (valid * (valid - 1)), np.nan)
     return out
 
 

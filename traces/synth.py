@@ -177,13 +177,19 @@ def synthesize(config: SynthConfig | None = None, *, rng: np.random.Generator | 
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(run_layers, chunks))
-    meta = TraceMeta(num_layers=c.num_layers, num_ranks=c.num_ranks, num_experts=c.num_experts,
+    return validate(RoutingTrace(counts, synth_meta(c), topk))
+
+
+def synth_meta(config: SynthConfig, **extra) -> TraceMeta:
+    """The metadata of a synthetic trace drawn from ``config`` (``extra`` joins
+    ``meta.extra`` beside the ``synth_config``)."""
+    c = config
+    return TraceMeta(num_layers=c.num_layers, num_ranks=c.num_ranks, num_experts=c.num_experts,
                      top_k=c.top_k, tokens_per_rank=c.tokens_per_rank,
                      micro_batches_per_iteration=c.micro_batches_per_iteration,
                      iteration_stride=c.iteration_stride, first_iteration=c.first_iteration,
                      model=c.model, source="moesim.traces.synth", license="Apache-2.0",
-                     extra={"synth_config": dataclasses.asdict(c)})
-    return validate(RoutingTrace(counts, meta, topk))
+                     extra={"synth_config": dataclasses.asdict(c), **extra})
 
 
 def skew_scale_I(config: SynthConfig) -> np.ndarray:
@@ -253,6 +259,17 @@ def _count_layer_TRE(config: SynthConfig, logp_IE: np.ndarray, rng: np.random.Ge
     One normal draw, one ``exp`` and a few in-place float32 passes per cell keep this fast;
     ``scratch_TRE`` (float32, reused across layers) spares the page faults of fresh buffers.
     """
+    plan = layer_cell_plan(config, logp_IE, rng)
+    x = np.empty(out_TRE.shape, dtype=np.float32) if scratch_TRE is None else scratch_TRE
+    rng.standard_normal(dtype=np.float32, out=x)
+    count_cells(config, plan, x, slice(None), slice(None), rng, out_TRE)
+
+
+def layer_cell_plan(config: SynthConfig, logp_IE: np.ndarray, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One layer's per-cell log-normal factor as ``(sd_TE, shift_TE, rank_RE)`` float32: a
+    cell's log count is ``sd · z + shift + rank`` for a standard normal ``z`` (see
+    :func:`_count_layer_TRE`); draws the rank tilt from ``rng``."""
     c = config
     total, cap = c.tokens_per_rank * c.top_k, c.tokens_per_rank
     logp_TE, rank_RE, docvar_TE = _layer_tilts(c, logp_IE, rng)
@@ -261,11 +278,21 @@ def _count_layer_TRE(config: SynthConfig, logp_IE: np.ndarray, rng: np.random.Ge
     logvar_TE = np.log1p((1 - lam_TE / cap) / np.maximum(lam_TE, 1e-3)) + docvar_TE
     shift_TE = logp_TE - logvar_TE / 2
     shift_TE -= shift_TE.max(axis=-1, keepdims=True)
-    x = np.empty(out_TRE.shape, dtype=np.float32) if scratch_TRE is None else scratch_TRE
-    rng.standard_normal(dtype=np.float32, out=x)
-    x *= np.sqrt(logvar_TE, dtype=np.float32)[:, None, :]
-    x += shift_TE.astype(np.float32)[:, None, :]
-    x += rank_RE[None]
+    return np.sqrt(logvar_TE, dtype=np.float32), shift_TE.astype(np.float32), rank_RE
+
+
+def count_cells(config: SynthConfig, plan: tuple, z_TRE: np.ndarray, passes: slice,
+                ranks: slice, rng: np.random.Generator, out_TRE: np.ndarray) -> None:
+    """Counts of the cells ``[passes, ranks, :]`` of one layer into ``out_TRE`` from standard
+    normals ``z_TRE`` (overwritten): log-normal factor, water-filling under the cap,
+    systematic rounding (one uniform per row from ``rng``)."""
+    c = config
+    total, cap = c.tokens_per_rank * c.top_k, c.tokens_per_rank
+    sd_TE, shift_TE, rank_RE = plan
+    x = z_TRE
+    x *= sd_TE[passes][:, None, :]
+    x += shift_TE[passes][:, None, :]
+    x += rank_RE[None, ranks]
     np.exp(x, out=x)
     waterfill(x, total, cap)
     _systematic_round(x, total, rng, out_TRE)

@@ -17,6 +17,7 @@ import numpy as np
 
 from moesim.errors import TraceError
 from moesim.traces.format import SCHEMA_VERSION, RoutingTrace, TraceMeta
+from moesim.traces.stream import pass_chunks, passes_per_chunk, release_pages
 
 _POSITIVE_INT_FIELDS = ("num_layers", "num_ranks", "num_experts", "top_k", "tokens_per_rank",
                         "micro_batches_per_iteration", "iteration_stride")
@@ -145,14 +146,15 @@ def _check_shape_vs_meta(counts: np.ndarray, meta: TraceMeta) -> None:
                          f"{mb}; drop the incomplete last iteration or fix the metadata")
 
 
-def _check_values(counts: np.ndarray) -> None:
+def _check_values(counts: np.ndarray, t0: int = 0) -> None:
     if counts.dtype.kind == "i" and counts.size and counts.min() < 0:
         where = _first(counts < 0)
-        raise TraceError(f"negative count {counts[where]} at [t, l, r, e] = {where}; counts "
+        raise TraceError(f"negative count {counts[where]} at [t, l, r, e] = {_at(where, t0)}; "
+                         "counts "
                          "must be >= 0 (was the file written with a signed overflow?)")
 
 
-def _check_row_sums(counts: np.ndarray, meta: TraceMeta) -> None:
+def _check_row_sums(counts: np.ndarray, meta: TraceMeta, t0: int = 0) -> None:
     sums_TLR = counts.sum(axis=-1, dtype=np.int64)
     budget = meta.tokens_per_rank * meta.top_k
     if meta.variable_k:
@@ -164,13 +166,14 @@ def _check_row_sums(counts: np.ndarray, meta: TraceMeta) -> None:
     if bad.any():
         where = _first(bad)
         raise TraceError(
-            f"counts at [t, l, r] = {where} sum to {sums_TLR[where]} but tokens_per_rank x top_k"
+            f"counts at [t, l, r] = {_at(where, t0)} sum to {sums_TLR[where]} but tokens_per_rank"
+            f" x top_k"
             f" = {meta.tokens_per_rank} x {meta.top_k} = {budget} must be {verb} that; fix "
             "tokens_per_rank/top_k" + ("" if meta.variable_k else " or set variable_k"))
     per_expert_cap = meta.tokens_per_rank
     if counts.size and counts.max() > per_expert_cap:
         where = _first(counts > per_expert_cap)
-        raise TraceError(f"count {counts[where]} at [t, l, r, e] = {where} exceeds "
+        raise TraceError(f"count {counts[where]} at [t, l, r, e] = {_at(where, t0)} exceeds "
                          f"tokens_per_rank = {per_expert_cap}; a token picks an expert at most "
                          "once, so fix tokens_per_rank")
 
@@ -216,6 +219,46 @@ def _check_topk_matches_counts(topk: np.ndarray, counts: np.ndarray) -> None:
         raise TraceError(f"per-token ids give {rebuilt[where]} assignments at [t, l, r, e] = "
                          f"{where} but counts say {counts[where]}; the two arrays disagree, "
                          "re-record or rebuild counts from the ids")
+
+
+def validate_in_chunks(trace: RoutingTrace, max_cells: int | None = None) -> RoutingTrace:
+    """:func:`validate` a chunk of passes at a time (bounded memory: for memory-mapped traces
+    larger than RAM; the mapped pages are released after each chunk)."""
+    if not isinstance(trace, RoutingTrace):
+        raise TraceError(f"expected a RoutingTrace, got {type(trace).__name__}")
+    _check_meta(trace.meta)
+    counts = _check_counts_array(trace.counts_TLRE)
+    _check_shape_vs_meta(counts, trace.meta)
+    step = passes_per_chunk(counts, max_cells)
+    for t0, chunk in pass_chunks(counts, max_cells):
+        _check_values(chunk, t0)
+        _check_row_sums(chunk, trace.meta, t0)
+        if trace.topk_TLRNK is not None:
+            try:
+                _check_topk(np.array(trace.topk_TLRNK[t0:t0 + step]), chunk, trace.meta)
+            except TraceError as exc:
+                raise TraceError(f"{exc} (in passes {t0}..{t0 + chunk.shape[0] - 1})") from None
+            release_pages(trace.topk_TLRNK)
+    return trace
+
+
+def validate_meta(meta: TraceMeta) -> TraceMeta:
+    """The metadata checks of :func:`validate` alone."""
+    _check_meta(meta)
+    return meta
+
+
+def check_chunk(counts_TLRE: np.ndarray, meta: TraceMeta, t0: int = 0) -> None:
+    """The value and row-sum checks of :func:`validate` on passes ``t0 …`` of a trace."""
+    if counts_TLRE.dtype.kind not in "iu":
+        raise TraceError(f"counts have dtype {counts_TLRE.dtype}; store integer counts (int64)")
+    _check_values(counts_TLRE, t0)
+    _check_row_sums(counts_TLRE, meta, t0)
+
+
+def _at(where: tuple[int, ...], t0: int) -> tuple[int, ...]:
+    """An index found in a chunk of passes starting at ``t0``, as an index into the trace."""
+    return (where[0] + t0,) + tuple(where[1:])
 
 
 def _first(mask: np.ndarray) -> tuple[int, ...]:
