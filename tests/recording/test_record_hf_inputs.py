@@ -1,6 +1,7 @@
 """Recording from Hugging Face models: JetMoE's sorted-dispatch gate, a checkpoint without a
 tokenizer, sizes checked before the model loads, the tiny models listed in --help."""
 
+import importlib.util
 import re
 
 import numpy as np
@@ -38,10 +39,12 @@ def test_sizes_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch)
     assert "--ranks 0" in capsys.readouterr().err
 
 
-transformers = pytest.importorskip("transformers", reason="needs transformers (pip install "
-                                   "'moesim[hf]')")
+needs_transformers = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None,
+    reason="needs transformers (pip install 'moesim[hf]')")
 
 
+@needs_transformers
 def test_tokens_below_the_default_sequence_length_record(tmp_path):
     out = tmp_path / "t.npz"
     assert main(["trace", "record", "--hf-model", "tiny-olmoe", "--tokens", "32", "--ranks",
@@ -50,6 +53,7 @@ def test_tokens_below_the_default_sequence_length_record(tmp_path):
     assert trace.meta.tokens_per_rank == 32 and trace.meta.extra["seq_len"] == 32
 
 
+@needs_transformers
 def test_jetmoe_records_ffn_routers_exactly(tmp_path):
     from moesim.traces.record_hf import build_tiny_model, find_routers, record_hf
 
@@ -76,6 +80,7 @@ def test_jetmoe_records_ffn_routers_exactly(tmp_path):
             np.testing.assert_array_equal(trace.counts_TLRE[t, layer, 0], want)
 
 
+@needs_transformers
 def test_checkpoint_without_tokenizer_reads_text_as_bytes(tmp_path):
     from moesim.traces.record_hf import build_tiny_model
 
