@@ -22,7 +22,7 @@ from . import plots, ranking
 from .compare import mape, max_error, points
 from .figures import plot_all
 from .fileio import atomic_write
-from .runs import GiB, as_run, pair_runs, policy_name, summarize
+from .runs import GiB, as_run, layout_text, pair_runs, policy_name, summarize
 from .search import RESULTS, load_search
 from .search_plots import plot_pareto
 from .traffic import metrics_section
@@ -113,12 +113,13 @@ def _constraints_text(max_memory_GiB: float | None = None,
 
 def runs_section(runs: list[RunResult], tmp: Path) -> str:
     """Summary table and every applicable figure of a set of runs."""
-    head = ["run", "policy", "backend", "status", "iterations", "mean ms", "p95 ms",
+    head = ["run", "policy", "layout", "backend", "status", "iterations", "mean ms", "p95 ms",
             "peak GiB", "drop %", "a2a ms"]
     cells = []
     for run in runs:
         s = summarize(run)
-        cells.append([run.path.name, policy_name(run), run.backend, s["status"],
+        cells.append([run.path.name, policy_name(run), layout_text(run), run.backend,
+                      s["status"],
                       s["iterations"], _ms(s["mean_step_s"]), _ms(s["p95_step_s"]),
                       _num(s["peak_memory_bytes"] / GiB), _num(100 * s["dropped_frac"]),
                       _ms(s["a2a_s"])])

@@ -97,6 +97,22 @@ def policy_knobs(run: RunResult) -> dict:
     return dict(run.config.get("knobs", {}) or {})
 
 
+def layout_text(run: RunResult) -> str:
+    """The run's parallel layout as ``key=value`` fields that differ from the default
+    (``default`` for a run without ``--parallel``); read from ``config.json``."""
+    par = run.config.get("parallel") if isinstance(run.config, dict) else None
+    if not isinstance(par, dict):
+        return "default"
+    from moesim.errors import MoesimError
+    from moesim.layout import ParallelLayout, layout_from_dict
+
+    fields = {f: par[f] for f in ParallelLayout.__dataclass_fields__ if f in par}
+    try:
+        return layout_from_dict(fields).describe()
+    except (MoesimError, TypeError):  # a damaged or older config: show what it says
+        return ",".join(f"{k}={v}" for k, v in sorted(fields.items()))
+
+
 def run_label(run: RunResult) -> str:
     """A short legend label: the run's ``display_name`` if set (e.g. by a search report), else
     its directory's name, else its policy."""

@@ -11,6 +11,7 @@ grid (a scalar is a one-value list; ``"none"`` means ``None``, e.g. dropless cap
     clusters = ["a100-4x8-ib800@2"] # cluster presets or paths; NAME@N = N nodes of it
     iterations = 20                 # first N iterations, or "5:15" (omit: the whole trace)
     seeds = [0]
+    parallel = ["laer-fsep", "tp=2,sp=true"]  # --parallel layouts (omit: the default)
 
     [policies.static_ep]
     capacity_factor = [1.0, 1.25, "none"]
@@ -20,7 +21,9 @@ grid (a scalar is a one-value list; ``"none"`` means ``None``, e.g. dropless cap
     capacity_factor = [1.0, 1.25, "none"]
 
 Python — a file defining ``def configs() -> Iterable[dict]``; each dict has ``policy`` and
-optionally ``knobs``, ``trace``, ``model``, ``cluster``, ``iterations``, ``seed``.
+optionally ``knobs``, ``trace``, ``model``, ``cluster``, ``iterations``, ``seed``,
+``parallel`` (a ``--parallel`` string; absent = the default layout, and then the config's key
+is what it was before layouts existed).
 
 Each configuration is a plain JSON-ready dict with exactly those keys; its *key*
 (``config_key``) names it in ``results.jsonl`` and ``runs/``.
@@ -49,8 +52,9 @@ else:  # pragma: no cover
 
 EXAMPLE_SPEC = Path(__file__).parent / "examples" / "search_smartmoe.toml"
 AXES = {"traces": "trace", "models": "model", "clusters": "cluster", "seeds": "seed",
-        "iterations": "iterations"}
-CONFIG_KEYS = ("policy", "knobs", "trace", "model", "cluster", "iterations", "seed")
+        "iterations": "iterations", "parallels": "parallel"}
+CONFIG_KEYS = ("policy", "knobs", "trace", "model", "cluster", "iterations", "seed",
+               "parallel")
 
 
 def load_spec(path: str | Path | None = None) -> list[dict]:
@@ -147,9 +151,17 @@ def normalize(config: Any, where: str | Path = "spec") -> dict:
     knobs = config.get("knobs") or {}
     if not isinstance(knobs, dict):
         raise MoesimError(f"{where}: knobs of {config['policy']} must be a table/dict")
-    out = {k: config.get(k) for k in CONFIG_KEYS}
+    out = {k: config.get(k) for k in CONFIG_KEYS if k != "parallel"}
     out["knobs"] = {k: knobs[k] for k in sorted(knobs)}
     out["seed"] = validation.seed(config.get("seed") or 0, f"{where}: seed")
+    if config.get("parallel"):
+        from moesim.layout import parse_layout
+
+        try:
+            parse_layout(str(config["parallel"]))
+        except MoesimError as exc:
+            raise MoesimError(f"{where}: {exc}") from None
+        out["parallel"] = str(config["parallel"])
     return out
 
 
@@ -174,7 +186,8 @@ def config_key(config: dict) -> str:
 def describe(config: dict) -> str:
     """``policy k=v k=v`` — a short human label of a config's policy and knobs."""
     knobs = " ".join(f"{k}={v}" for k, v in config.get("knobs", {}).items())
-    return f"{config['policy']} {knobs}".strip()
+    layout = f" [--parallel {config['parallel']}]" if config.get("parallel") else ""
+    return f"{config['policy']} {knobs}".strip() + layout
 
 
 def _dedupe(configs: Iterable[dict]) -> list[dict]:

@@ -74,12 +74,15 @@ def simulate_summary(config: dict, run_dir: Path | None = None) -> dict:
     except ModuleNotFoundError as exc:
         raise MoesimError("the simulator (moesim.simulate) is not in this build; search "
                           "needs it") from exc
+    from moesim.layout import parse_layout
+
     inputs = build_inputs(config)
     resume = run_dir is not None and run_dir.is_dir() and any(run_dir.iterdir())
     result = simulate(inputs["trace"], inputs["model"], inputs["cluster"], inputs["policy"],
                       iterations=iterations_arg(config.get("iterations")),
                       rng_seed=validation.seed(config.get("seed") or 0, "seed"),
-                      out_dir=run_dir, resume=resume, progress=False)
+                      out_dir=run_dir, resume=resume, progress=False,
+                      layout=parse_layout(config.get("parallel")))
     if run_dir is not None:
         return summarize(as_run(run_dir))
     rows = result.rows

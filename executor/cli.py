@@ -45,7 +45,7 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
             "--timeout-s", str(args.timeout_s)]
     for knob in args.knob:
         argv += ["--knob", knob]
-    for name in ("cluster", "iterations"):
+    for name in ("cluster", "iterations", "parallel"):
         if getattr(args, name):
             argv += [f"--{name}", str(getattr(args, name))]
     if args.check:
@@ -61,6 +61,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.world_size < 1:
         raise MoesimError("--world-size must be >= 1")
+    from moesim.layout_run import executor_supports
+
+    executor_supports(args.parallel)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise MoesimError(f"output directory {out} is not empty; choose a new --out")

@@ -29,6 +29,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of the first iteration")
     p.add_argument("--timeout-s", "--timeout", dest="timeout_s", type=float, default=120.0,
                    help="collective timeout of the process group (seconds)")
+    from moesim.layout import add_parallel_argument
+
+    add_parallel_argument(p)
 
 
 def add_backend_argument(p: argparse.ArgumentParser) -> None:

@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet-wait-s", type=float, default=0.0, help="before each executor run, "
                    "wait up to this long for other processes to leave the CPUs idle")
     p.add_argument("--hang-timeout-s", type=float, default=120.0)
+    from moesim.layout import add_parallel_argument
+
+    add_parallel_argument(p)
     from moesim.executor.run_args import add_backend_argument
 
     add_backend_argument(p)
@@ -257,9 +260,11 @@ def run_config(trace_path: Path, trace_name: str, spec: str, world: int, args,
 
 def run_validate(args: argparse.Namespace) -> int:
     from moesim.analysis.validation import format_table
+    from moesim.layout_run import executor_supports
     from moesim.specs import load_model
     from moesim.traces.io import save_trace
 
+    executor_supports(getattr(args, "parallel", None))
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise MoesimError(f"output directory {out} is not empty; choose a new --out")

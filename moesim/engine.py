@@ -60,18 +60,34 @@ def members_of(op: Op, num_ranks: int) -> tuple[np.ndarray, np.ndarray | None]:
     return (np.arange(num_ranks) if ranks is None else np.asarray(ranks, np.int64)), None
 
 
+def _buffer(scratch: dict | None, name: str, shape: tuple[int, int], fill: float
+            ) -> np.ndarray:
+    """A ``shape`` array filled with ``fill``: the one kept in ``scratch`` when it fits (large
+    programs reuse their buffers from iteration to iteration instead of faulting in new pages
+    every time), else a new one."""
+    if scratch is None:
+        return np.full(shape, fill)
+    arr = scratch.get(name)
+    if arr is None or arr.shape != shape:
+        arr = scratch[name] = np.empty(shape)
+    arr.fill(fill)
+    return arr
+
+
 def schedule(ops: Sequence[Op], durations: Sequence[np.ndarray], num_ranks: int,
-             t0_R: np.ndarray | None = None) -> Schedule:
+             t0_R: np.ndarray | None = None, scratch: dict | None = None) -> Schedule:
     """Schedule ``ops`` with their ``durations`` (as :meth:`CostModel.duration` returns them:
     ``[R]`` per rank, ``[G]`` per group, ``[1]`` all-to-all). ``t0_R``: per-rank start times.
+    ``scratch``: a dict the caller keeps to reuse the ``[O, R]`` buffers (the returned
+    schedule's arrays are then valid until the next call with the same ``scratch``).
 
     The hot loop of the simulator, kept in one function (with a fast path for ops on every
     rank) so that per-op Python overhead stays a few microseconds."""
     O, R = len(ops), num_ranks
     free_QR = np.zeros((len(STREAMS), R)) if t0_R is None else np.tile(t0_R, (len(STREAMS), 1))
-    done_OR = np.zeros((O, R))
-    start_OR = np.full((O, R), np.nan)
-    end_OR = np.full((O, R), np.nan)
+    done_OR = _buffer(scratch, "done", (O, R), 0.0)
+    start_OR = _buffer(scratch, "start", (O, R), np.nan)
+    end_OR = _buffer(scratch, "end", (O, R), np.nan)
     zeros_R = np.zeros(R)
     for i, op in enumerate(ops):
         dep_R = _dep_ready(done_OR, op.deps, zeros_R)

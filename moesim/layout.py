@@ -37,6 +37,12 @@ How the fields act (all of them in the lowering, :mod:`moesim.layered`, and the 
 - ``recompute``: ``full`` re-runs ``recompute_num_layers`` layers (None: all) of each stage chunk
   before their backward (Megatron's ``block`` method: the first N layers); ``selective`` re-runs
   the modules in ``recompute_modules`` (Megatron-Core ``recompute_modules``).
+- ``whole_model``: also model what the model declares beyond its MoE layers — its dense-only
+  layers (``num_dense_layers``), the embedding on the first stage and the output head on the
+  last (``vocab_size``). Every ``--parallel`` and every layout file turns it on
+  (``whole_model=false`` turns it off);
+  without ``--parallel`` it is off, which keeps the accounting moesim had before layouts (the
+  MoE layers alone) and so every earlier number.
 - ``a2a_overlap``: Megatron's ``--overlap-moe-expert-parallel-comm``: in steady state one
   micro-batch's forward and another's backward are merged layer by layer, so each one's token
   all-to-all runs beside the other's compute.
@@ -85,6 +91,7 @@ class ParallelLayout:
     recompute_modules: tuple[str, ...] = ("core_attn",)
     a2a_overlap: bool = False
     tp_cross_node: bool = False
+    whole_model: bool = False
     name: str = ""
     description: str = ""
     source: str = ""
@@ -98,7 +105,7 @@ class ParallelLayout:
                                       or self.zero not in (0, 1, 2, 3)):
             raise MoesimError(f"parallel layout: zero={self.zero!r}; use 0, 1, 2 or 3 (or "
                               "leave it unset for the policy's own optimizer scheme)")
-        for f in ("sp", "a2a_overlap", "tp_cross_node"):
+        for f in ("sp", "a2a_overlap", "tp_cross_node", "whole_model"):
             if not isinstance(getattr(self, f), bool):
                 raise MoesimError(f"parallel layout: {f} must be true or false, got "
                                   f"{getattr(self, f)!r}")
@@ -190,7 +197,7 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 def _coerce(key: str, text: str) -> Any:
     """A ``key=value`` string value as the field's type."""
     t = text.strip()
-    if key in ("sp", "a2a_overlap", "tp_cross_node"):
+    if key in ("sp", "a2a_overlap", "tp_cross_node", "whole_model"):
         low = t.lower()
         if low in ("true", "1", "yes", "on"):
             return True
@@ -255,16 +262,18 @@ def load_layout(name_or_path: str | Path) -> ParallelLayout:
         raise MoesimError(f"cannot parse {path}: {exc}; fix the file's syntax") from None
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
+        data.setdefault("whole_model", True)  # a layout given on purpose models the whole model
     return layout_from_dict(data, str(path))
 
 
 def parse_layout(text: str | None) -> ParallelLayout:
     """``--parallel`` → a layout: ``NAME``, ``PATH``, ``k=v[,k=v...]`` or ``NAME,k=v,...``
-    (a preset with fields overridden). None or ``""`` → the default layout."""
+    (a preset with fields overridden). None or ``""`` → the default layout. A layout given
+    this way models the whole model (``whole_model=true``) unless its fields say otherwise."""
     if text is None or not str(text).strip():
         return ParallelLayout()
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    base: dict[str, Any] = {}
+    base: dict[str, Any] = {"whole_model": True}
     if parts and "=" not in parts[0]:
         preset = load_layout(parts.pop(0))
         base = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)}
@@ -283,3 +292,15 @@ def parse_layout(text: str | None) -> ParallelLayout:
         return ParallelLayout(**base)
     except MoesimError as exc:
         raise MoesimError(f"--parallel {text}: {exc}") from None
+
+
+PARALLEL_HELP = ("parallel layout: a preset name (moesim presets parallel), a .toml file, "
+                 "key=value fields (tp, sp, pp, vpp, pp_schedule, cp, ep, etp, zero, recompute, "
+                 "recompute_num_layers, recompute_modules, a2a_overlap, tp_cross_node, "
+                 "whole_model), or PRESET,key=value to override a preset; default: none (every "
+                 "rank one stage, the policy's own EP and optimizer scheme)")
+
+
+def add_parallel_argument(parser: Any) -> None:
+    """``--parallel`` on an argparse parser (simulate, run, validate share it)."""
+    parser.add_argument("--parallel", default=None, metavar="LAYOUT", help=PARALLEL_HELP)

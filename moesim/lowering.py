@@ -36,19 +36,20 @@ from moesim import memory as memory_model
 from moesim.ops import (
     AllGather,
     AllReduce,
-    AllToAll,
     Compute,
     LayerRoute,
     Program,
+    ReduceScatter,
     SendRecv,
 )
 from moesim.placement import Decision, Placement
 from moesim.routing import RoutePlan, rank_matrix
 from moesim.specs import Cluster, ModelSpec
+from moesim.stage_context import StageView
 
 
 @dataclass
-class LoweringContext:
+class LoweringContext(StageView):
     """Everything a policy's lowering hook may read, plus where it appends ops.
 
     Routed tokens (after the routing rule and capacity): ``kept_MLRP`` / ``dropped_MLRP``
@@ -75,6 +76,7 @@ class LoweringContext:
     backward_done: int = -1
     grad_sync_ops: list[int] = field(default_factory=list)
     _consts: dict = field(default_factory=dict)
+    _iter: dict = field(default_factory=dict)  # this iteration's cached arrays
 
     # -- basics -----------------------------------------------------------------------------
     @property
@@ -88,10 +90,6 @@ class LoweringContext:
     @property
     def all_ranks(self) -> np.ndarray:
         return np.arange(self.world)
-
-    def add(self, op: Any) -> int:
-        """Append ``op`` to the program; returns its index."""
-        return self.program.add(op)
 
     def const_R(self, value: float, dtype: Any = np.float64) -> np.ndarray:
         """A read-only ``[R]`` array filled with ``value`` (shared between ops)."""
@@ -166,28 +164,34 @@ class LoweringContext:
 
     # -- static EP's per-iteration ops (policies reuse them) ----------------------------------
     def emit_expert_grad_allreduce(self) -> list[int]:
-        """All-reduce each expert's grads among the ranks holding it: per layer, rounds of
+        """All-reduce each expert's grads among the ranks holding it (with ``zero`` ≥ 1 a
+        reduce-scatter: each replica keeps its optimizer shard's slice): per layer, rounds of
         disjoint groups (one expert per group, so the executor knows which tensor moves)."""
         m, out = self.model, []
         grad_bytes = m.params_per_expert * m.bytes_grad
+        cls = ReduceScatter if self.layout.zero in (1, 2, 3) else AllReduce
         for l in range(self.placement.num_layers):
             for groups, experts in self.replica_rounds(l):
-                out.append(self.add(AllReduce(
+                out.append(self.add(cls(
                     phase="grad_sync", direction="step", layer=l, deps=self.step_deps(),
                     groups=tuple(groups), bytes_G=np.full(len(groups), grad_bytes),
                     experts_G=np.array(experts, dtype=np.int64), label="expert_grads")))
         return out
 
     def emit_dense_grad_allreduce(self) -> list[int]:
-        """All-reduce every layer's dense (non-expert) grads over all ranks (data parallel)."""
-        m = self.model
-        nbytes = m.num_layers * m.dense_params * m.bytes_grad
-        if self.world < 2 or nbytes <= 0:
+        """Synchronise the stage's dense (non-expert) grads over data parallelism: one group
+        per TP shard (all ranks without TP); an all-reduce, or with ``zero`` 1–2 a
+        reduce-scatter (ZeRO-3 already reduce-scattered them layer by layer)."""
+        m, zero = self.model, self.layout.zero
+        nbytes = self.stage_dense_params() / self.layout.tp * m.bytes_grad
+        if self.dp_size < 2 or nbytes <= 0 or zero == 3:
             return []
-        return [self.add(AllReduce(
-            phase="grad_sync", direction="step", deps=self.step_deps(),
-            groups=(np.arange(self.world),), bytes_G=np.array([nbytes]),
-            experts_G=np.array([-1]), label="dense_grads"))]
+        cls = ReduceScatter if zero in (1, 2) else AllReduce
+        groups = self.dp_groups
+        return [self.add(cls(
+            phase="grad_sync", direction="step", deps=self.step_deps(), groups=groups,
+            bytes_G=np.full(len(groups), nbytes) if len(groups) > 1 else np.array([nbytes]),
+            experts_G=np.full(len(groups), -1), label="dense_grads"))]
 
     def emit_zero1_optimizer(self, deps: tuple[int, ...] | None = None) -> list[int]:
         """ZeRO-1: Adam on each rank's shard (1/DP of dense, 1/replicas of each local expert;
@@ -196,8 +200,8 @@ class LoweringContext:
         m = self.model
         deps = self.optimizer_deps() if deps is None else deps
         if "optimizer_params" not in self._consts:
-            self._consts["optimizer_params"] = memory_model.optimizer_params_R(
-                self.placement, m, self.world)
+            self._consts["optimizer_params"] = self.expert_shard_params_R() \
+                + self.dense_shard_params_R()
         params_R = self._consts["optimizer_params"]
         per_param = 2 * m.bytes_optim + m.bytes_grad + m.bytes_weight
         step = self.add(Compute(phase="optimizer", direction="step", kind="other", deps=deps,
@@ -208,13 +212,9 @@ class LoweringContext:
     def emit_param_allgather(self, deps: tuple[int, ...]) -> list[int]:
         """ZeRO-1's second half: all-gather the updated dense weights over all ranks and each
         replicated expert's weights over its holders (phase ``optimizer``)."""
-        m, out = self.model, []
-        dense_bytes = m.num_layers * m.dense_params * m.bytes_weight
-        if self.world > 1 and dense_bytes > 0:
-            out.append(self.add(AllGather(
-                phase="optimizer", direction="step", deps=deps,
-                groups=(np.arange(self.world),), bytes_G=np.array([dense_bytes]),
-                experts_G=np.array([-1]), label="dense_params")))
+        m, out = self.model, self.emit_dense_param_allgather(deps)
+        if self.layout.zero in (0, 3):  # every replica updated its own copy / kept sharded
+            return out
         for l in range(self.placement.num_layers):
             for groups, experts in self.replica_rounds(l):
                 out.append(self.add(AllGather(
@@ -222,6 +222,29 @@ class LoweringContext:
                     groups=tuple(groups), bytes_G=np.full(len(groups), m.expert_weight_bytes),
                     experts_G=np.array(experts, dtype=np.int64), label="expert_params")))
         return out
+
+    def emit_dense_param_allgather(self, deps: tuple[int, ...]) -> list[int]:
+        """All-gather the updated dense weights over data parallelism (one group per TP
+        shard); none without a sharded optimizer (``zero=0``) or with ZeRO-3 (parameters
+        stay sharded and are gathered layer by layer)."""
+        m = self.model
+        dense_bytes = self.stage_dense_params() / self.layout.tp * m.bytes_weight
+        if self.dp_size < 2 or dense_bytes <= 0 or self.layout.zero in (0, 3):
+            return []
+        groups = self.dp_groups
+        return [self.add(AllGather(
+            phase="optimizer", direction="step", deps=deps, groups=groups,
+            bytes_G=np.full(len(groups), dense_bytes) if len(groups) > 1
+            else np.array([dense_bytes]), experts_G=np.full(len(groups), -1),
+            label="dense_params"))]
+
+    def expert_shard_params_R(self) -> np.ndarray:
+        """Expert parameters whose optimizer state each rank updates: each expert's state
+        split over its replicas (``zero=0``: every replica updates its own full copy)."""
+        p, P = self.placement, self.model.params_per_expert
+        if self.layout.zero == 0:
+            return memory_model.slots_filled_R(p) * float(P)
+        return memory_model.expert_optimizer_params_R(p, P)
 
     def emit_relayout_sendrecv(self, extra_bytes_per_expert: float = 0.0) -> list[int]:
         """Per layer, a ``SendRecv`` of every changed slot's weights (plus
@@ -315,20 +338,28 @@ def lower_iteration(policy: Any, decision: Decision, previous: Decision | None,
 
 def lower_iteration_ctx(policy: Any, decision: Decision, previous: Decision | None,
                         counts_PLRE: np.ndarray, model: ModelSpec, cluster: Cluster, *,
-                        plan: RoutePlan | None = None,
-                        cache: dict | None = None) -> LoweringContext:
+                        plan: RoutePlan | None = None, cache: dict | None = None,
+                        layout_plan: Any = None) -> LoweringContext:
     """:func:`lower_iteration`, returning the whole context (routed tokens included).
 
     ``cache``: a dict the caller keeps for as long as ``decision`` stays in force (placement
     facts such as replica groups, the memory footprint and shared read-only arrays are
-    computed once into it)."""
+    computed once into it). ``layout_plan``: a :class:`~moesim.stages.LayoutPlan` (None: the
+    default layout, one stage over every rank); with pipeline stages ``cluster`` is the view
+    one stage's policy decision was made on and ``layout_plan.world`` the real world."""
+    from moesim import layered
+
     ctx = _routed_context(policy, decision, previous, np.asarray(counts_PLRE), model, cluster,
                           plan)
     if cache is not None:
         ctx._consts = cache
-    _fill_routes(ctx)
-    _emit_program(ctx)
-    _attach_memory(ctx)
+    if layout_plan is None:
+        _fill_routes(ctx)
+        layered.emit_program(ctx, None)
+        attach_memory(ctx)
+    else:
+        layered.emit_program(ctx, layout_plan)
+        layered.attach_layout_memory(ctx, layout_plan)
     return ctx
 
 
@@ -348,23 +379,7 @@ def _routed_context(policy: Any, decision: Decision, previous: Decision | None,
                            layer_bwd_done=[-1] * model.num_layers)
 
 
-def _emit_program(ctx: LoweringContext) -> None:
-    """Relayout, every micro-batch's forward and backward, grad sync, optimizer."""
-    policy, model = ctx.policy, ctx.model
-    carry = tuple(policy.lower_relayout(ctx))
-    tb = model.token_bytes
-    tb = int(tb) if float(tb).is_integer() else float(tb)  # int64 bytes: exact and faster
-    M = ctx.tokens_MLRG.shape[0]
-    for mb in range(M):
-        bytes_L = [ctx.tokens_MLRG[mb, l] * tb for l in range(model.num_layers)]
-        carry = _forward(ctx, mb, carry, bytes_L)
-        carry = _backward(ctx, mb, carry, bytes_L, last=mb == M - 1)
-    ctx.backward_done = len(ctx.program.ops) - 1
-    ctx.grad_sync_ops = list(policy.lower_grad_sync(ctx))
-    policy.lower_optimizer(ctx)
-
-
-def _attach_memory(ctx: LoweringContext) -> None:
+def attach_memory(ctx: LoweringContext) -> None:
     """``Program.memory_bytes`` (policy footprint + activations + buffers), host memory."""
     if "footprint" not in ctx._consts:  # a function of the decision alone: once per decision
         ctx._consts["footprint"] = ctx.policy.memory_footprint(ctx.decision, ctx.model,
@@ -395,83 +410,3 @@ def _fill_routes(ctx: LoweringContext) -> None:
             ctx.program.routes[(mb, l)] = LayerRoute(
                 kept_RP=ctx.kept_MLRP[mb, l], dropped_R=ctx.dropped_MLR[mb, l],
                 phy2log_P=ctx.placement.layer(l), slots_per_rank=S)
-
-
-def _layer_compute(ctx: LoweringContext) -> tuple[dict, dict]:
-    """Keyword sets of one layer's dense and router ``Compute`` ops (forward)."""
-    m, T = ctx.model, ctx.model.tokens_per_rank
-    act = T * m.hidden_size * m.bytes_activation
-    dense = dict(kind="attention", gemm_rows=T,
-                 flops_R=ctx.const_R(m.attention_flops_per_token * T),
-                 bytes_R=ctx.const_R(m.dense_params * m.bytes_weight + 2 * act))
-    route = dict(kind="router", gemm_rows=T,
-                 flops_R=ctx.const_R(2.0 * m.hidden_size * m.num_experts * T),
-                 bytes_R=ctx.const_R(m.hidden_size * m.num_experts * m.bytes_weight + act))
-    return dense, route
-
-
-def _expert_op(ctx: LoweringContext, mb: int, layer: int, direction: str,
-               deps: tuple[int, ...]) -> Compute:
-    """The expert FFN compute of one layer-pass: per-slot GEMM rows from the kept tokens."""
-    m, S = ctx.model, ctx.placement.slots_per_rank
-    rows_RS = ctx.rows_MLP[mb, layer].reshape(-1, S)
-    passes = 1 if direction == "fwd" else 2
-    active_R = (rows_RS > 0).sum(axis=1)
-    return Compute(phase="expert", direction=direction, layer=layer, micro_batch=mb,
-                   deps=deps, kind="expert_ffn", gemm_tokens_RS=rows_RS, gemm_passes=passes,
-                   flops_R=rows_RS.sum(axis=1) * (m.expert_flops_per_token * passes),
-                   bytes_R=active_R * (m.expert_weight_bytes * passes),
-                   weight_bytes=m.expert_weight_bytes, flops_per_token=m.expert_flops_per_token)
-
-
-def _forward(ctx: LoweringContext, mb: int, carry: tuple[int, ...],
-             bytes_LRG: list[np.ndarray]) -> tuple[int, ...]:
-    """Emit one micro-batch's forward over all layers (``bytes_LRG[l]`` the dispatch bytes,
-    float ``[R, G]``); returns the last combine's index."""
-    dense_kw, route_kw = _layer_compute(ctx)
-    ctx.gather_anchor = -1
-    for l in range(ctx.model.num_layers):
-        gdeps = tuple(ctx.policy.lower_param_gather(ctx, mb, l, "fwd"))
-        dense = ctx.add(Compute(phase="dense", layer=l, micro_batch=mb, deps=carry,
-                                **dense_kw))
-        route = ctx.add(Compute(phase="route", layer=l, micro_batch=mb, deps=(dense,),
-                                **route_kw))
-        after = tuple(ctx.policy.lower_after_route(ctx, mb, l))
-        disp = ctx.add(AllToAll(phase="dispatch", layer=l, micro_batch=mb,
-                                deps=(route, *after), bytes_RR=bytes_LRG[l]))
-        exp = ctx.add(_expert_op(ctx, mb, l, "fwd", (disp, *gdeps)))
-        carry = (ctx.add(AllToAll(phase="combine", layer=l, micro_batch=mb, deps=(exp,),
-                                  bytes_RR=bytes_LRG[l].T)),)
-        ctx.gather_anchor = exp
-    return carry
-
-
-def _frozen(arr: np.ndarray) -> np.ndarray:
-    """``arr`` made read-only (so the cost model may share its cost between ops)."""
-    arr.setflags(write=False)
-    return arr
-
-
-def _backward(ctx: LoweringContext, mb: int, carry: tuple[int, ...],
-              bytes_LRG: list[np.ndarray], last: bool) -> tuple[int, ...]:
-    """Emit one micro-batch's backward (layers in reverse); returns the last op's index."""
-    dense_kw, route_kw = _layer_compute(ctx)
-    dense_kw = dict(dense_kw, flops_R=_frozen(2 * (dense_kw["flops_R"] + route_kw["flops_R"])),
-                    bytes_R=_frozen(2 * (dense_kw["bytes_R"] + route_kw["bytes_R"])))
-    L = ctx.model.num_layers  # gather_anchor: still the forward's last expert op
-    gdeps = tuple(ctx.policy.lower_param_gather(ctx, mb, L - 1, "bwd"))
-    for l in reversed(range(L)):
-        cb = ctx.add(AllToAll(phase="combine", direction="bwd", layer=l, micro_batch=mb,
-                              deps=carry, bytes_RR=bytes_LRG[l]))
-        eb = ctx.add(_expert_op(ctx, mb, l, "bwd", (cb, *gdeps)))
-        ctx.gather_anchor = eb
-        if l > 0:
-            gdeps = tuple(ctx.policy.lower_param_gather(ctx, mb, l - 1, "bwd"))
-        db = ctx.add(AllToAll(phase="dispatch", direction="bwd", layer=l, micro_batch=mb,
-                              deps=(eb,), bytes_RR=bytes_LRG[l].T))
-        carry = (ctx.add(Compute(phase="dense", direction="bwd", layer=l, micro_batch=mb,
-                                 deps=(db,), **dense_kw)),)
-        if last:
-            ctx.layer_bwd_done[l] = eb
-            ctx.layer_grad_ops.extend(ctx.policy.lower_layer_grads(ctx, l))
-    return carry

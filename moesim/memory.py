@@ -39,16 +39,23 @@ def slots_filled_R(placement: Placement) -> np.ndarray:
     return filled_LRS.sum(axis=(0, 2))
 
 
-def optimizer_params_R(placement: Placement, model: ModelSpec, world: int) -> np.ndarray:
-    """Parameters whose optimizer state each rank owns under ZeRO-1: ``[R]`` — each expert's
-    state split over its replicas (slots), the dense state over all ranks."""
+def expert_optimizer_params_R(placement: Placement, params_per_expert: int) -> np.ndarray:
+    """Expert parameters whose optimizer state each rank owns, each expert's state split
+    over its replicas (slots): ``[R]``."""
     phy = placement.phy2log_LP
     cnt_LE = np.stack([np.bincount(row[row >= 0], minlength=placement.num_experts)
                        for row in phy])
     share_LP = np.where(phy >= 0, 1.0 / np.maximum(np.take_along_axis(
         cnt_LE, np.maximum(phy, 0), axis=1), 1), 0.0)
     share_R = share_LP.reshape(phy.shape[0], placement.num_ranks, -1).sum(axis=(0, 2))
-    return share_R * model.params_per_expert + model.num_layers * model.dense_params / world
+    return share_R * params_per_expert
+
+
+def optimizer_params_R(placement: Placement, model: ModelSpec, world: int) -> np.ndarray:
+    """Parameters whose optimizer state each rank owns under ZeRO-1: ``[R]`` — each expert's
+    state split over its replicas (slots), the dense state over all ranks."""
+    return expert_optimizer_params_R(placement, model.params_per_expert) \
+        + model.num_layers * model.dense_params / world
 
 
 def default_footprint(decision: Decision, model: ModelSpec, cluster: Cluster

@@ -186,13 +186,24 @@ def _ring_share(op: GroupCollective) -> tuple[str, float]:
 def _add_group_collective(out_RR: np.ndarray, op: GroupCollective) -> None:
     kind, factor = _ring_share(op)
     roots = getattr(op, "roots_G", None)
+    if kind == "ring":  # every group at once: member i sends to the next member of its ring
+        sizes = op.group_sizes
+        size_G = np.asarray(op.bytes_G, dtype=np.float64)
+        if not len(sizes):
+            return
+        members = np.concatenate([np.asarray(g, dtype=np.int64) for g in op.groups])
+        start = np.repeat(np.cumsum(sizes) - sizes, sizes)
+        n = np.repeat(sizes, sizes)
+        pos = np.arange(len(members)) - start
+        nxt = members[start + (pos + 1) % np.maximum(n, 1)]
+        val = factor * np.repeat(size_G, sizes) * (n - 1) / np.maximum(n, 1)
+        keep = (n >= 2) & (val > 0)
+        np.add.at(out_RR, (members[keep], nxt[keep]), val[keep])
+        return
     for g, members in enumerate(op.groups):
         members = np.asarray(members, dtype=np.int64)
         n, size = len(members), float(op.bytes_G[g])
         if n < 2 or size <= 0:
-            continue
-        if kind == "ring":
-            out_RR[members, np.roll(members, -1)] += factor * size * (n - 1) / n
             continue
         root = int(roots[g]) if roots is not None and len(roots) > g else int(members[0])
         chain = np.roll(members, -int(np.flatnonzero(members == root)[0]))
@@ -211,6 +222,12 @@ def add_op_traffic(out_RR: np.ndarray, op: Op) -> None:
             out_RR.flat[::out_RR.shape[0] + 1] -= np.diagonal(B)
             return
         ranks = np.asarray(op.ranks)
+        K = len(ranks)
+        if K and ranks[-1] - ranks[0] == K - 1 and np.all(np.diff(ranks) == 1):
+            sub = out_RR[ranks[0]:ranks[0] + K, ranks[0]:ranks[0] + K]  # a view (one stage)
+            sub += B
+            sub[np.diag_indices(K)] -= np.diagonal(B)
+            return
         out_RR[np.ix_(ranks, ranks)] += B
         out_RR[ranks, ranks] -= np.diagonal(B)
     elif isinstance(op, SendRecv):

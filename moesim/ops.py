@@ -37,9 +37,10 @@ PHASES = (
     "grad_sync",     # expert / dense gradient all-reduce, reduce-scatter, sparse reduces
     "optimizer",     # optimizer step (GPU or host)
     "relayout",      # moving weights (and optimizer state) to a new placement
+    "pp_send",       # activations / gradients sent between pipeline stages
 )
 DIRECTIONS = ("fwd", "bwd", "step")
-STREAMS = ("compute", "comm", "prefetch", "host")
+STREAMS = ("compute", "comm", "prefetch", "host", "p2p", "p2p_odd", "p2p_wrap")
 
 
 @dataclass(frozen=True, kw_only=True)

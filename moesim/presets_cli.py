@@ -7,11 +7,12 @@ import argparse
 from moesim.errors import MoesimError
 from moesim.specs import PRESET_DIR, list_presets, preset_descriptions
 
-KINDS = ("models", "clusters", "hardware")
+KINDS = ("models", "clusters", "hardware", "parallel")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("presets", help="list or print built-in model/cluster/hardware presets",
+    p = sub.add_parser("presets", help="list or print built-in model/cluster/hardware/parallel "
+                       "presets",
                        description="List the built-in presets, or print one preset's TOML "
                        "(copy it, edit it, and pass the file's path instead of the name). "
                        "'moesim presets from-hf CONFIG.json -o MODEL.toml' writes a model "

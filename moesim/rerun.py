@@ -30,6 +30,7 @@ class RerunInputs:
     rng_seed: int
     allow_oom: bool
     regroup: bool = False
+    layout: Any = None
 
 
 def read_config(path: str | Path) -> dict:
@@ -75,10 +76,17 @@ def rerun_inputs(path: str | Path) -> RerunInputs:
                           "--trace")
     policy = config["policy"]
     options = config.get("options") or {}
+    layout = None
+    if isinstance(config.get("parallel"), dict):  # the layout's own fields (not what it resolved)
+        from moesim.layout import ParallelLayout, layout_from_dict
+
+        par = config["parallel"]
+        layout = layout_from_dict({f: par[f] for f in ParallelLayout.__dataclass_fields__
+                                   if f in par}, f"{path}: parallel")
     return RerunInputs(
         trace_path=Path(trace), model=model_from_dict(config["model"], path),
         cluster=cluster_from_dict(config["cluster"], path),
         policy=make_policy(policy["name"], policy.get("knobs") or {}),
         iterations=iterations_of(config["iterations"]),
         rng_seed=int(options.get("rng_seed", 0)), allow_oom=bool(options.get("allow_oom")),
-        regroup=bool(options.get("regroup")))
+        regroup=bool(options.get("regroup")), layout=layout)

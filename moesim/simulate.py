@@ -71,6 +71,7 @@ class SimSummary:
     config: dict
     out_dir: Path | None = None
     run_rows: list[dict] | None = None  # every iteration of the run dir (after a resume too)
+    stage_table: str = ""  # per-stage memory table of the peak iteration (layouts only)
 
     def whole_run(self) -> SimSummary:
         """The summary of every iteration in the run directory, earlier invocations too."""
@@ -103,6 +104,10 @@ class _Run:
     plan: Any = None
     cache: dict = field(default_factory=dict)
     timeline_iterations: frozenset = field(default_factory=frozenset)
+    view: Cluster | None = None  # one pipeline stage's cluster (the cluster itself: no PP)
+    layout_plan: Any = None
+    stage_table: tuple[float, str] = (-1.0, "")  # (peak bytes, table) of the peak iteration
+    scratch: dict = field(default_factory=dict)  # the engine's reused [O, R] buffers
 
 
 def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluster,
@@ -111,7 +116,7 @@ def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluste
              timeline_iterations: Iterable[int] = (), resume: bool = False,
              progress: bool = True, allow_oom: bool = False,
              on_iteration: Callable[[dict], None] | None = None,
-             regroup: bool = False) -> SimSummary:
+             regroup: bool = False, layout: Any = None) -> SimSummary:
     """Simulate ``policy`` (a Policy or a registered name) on ``trace`` → :class:`SimSummary`.
 
     ``iterations``: trace iteration indices (``(start, stop)`` or any iterable; default all).
@@ -122,25 +127,36 @@ def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluste
     last written iteration, restoring the previous decision from the stored state).
     ``on_iteration`` gets each summary row as it is produced. Raises
     :class:`~moesim.errors.OutOfMemoryError` when the plan does not fit, unless ``allow_oom``.
+    ``layout``: a :class:`~moesim.layout.ParallelLayout` (None: the default, every rank one
+    stage with the policy's own EP and optimizer scheme).
     """
+    from moesim import layout_run
+
     trace_path = None if isinstance(trace, RoutingTrace) else str(trace)
     trace = _load(trace)
     policy = _policy(policy)
-    if regroup and trace.meta.rank_resolved and trace.meta.num_ranks != cluster.world_size:
+    lplan, view, policy = layout_run.prepare(layout, model, cluster, policy,
+                                             trace.meta.micro_batches_per_iteration)
+    if regroup and trace.meta.rank_resolved and trace.meta.num_ranks != view.world_size:
         from moesim.traces.regroup import regroup_ranks
 
         if isinstance(iterations, tuple) and len(iterations) == 2:   # later ones are never read
             trace = trace.select_iterations(0, min(int(iterations[1]), trace.num_iterations))
-        trace = regroup_ranks(trace, cluster.world_size, rng_seed)
-    trace, model = fit_inputs(trace, model, cluster, rng_seed)
+        trace = regroup_ranks(trace, view.world_size, rng_seed)
+    if lplan is not None and trace.meta.rank_resolved:
+        layout_run.check_trace_ranks(trace.meta.num_ranks, lplan)
+    trace, model = fit_inputs(trace, model, view, rng_seed)
     its = _iterations(iterations, trace.num_iterations)
     validation.timeline_within([int(i) for i in timeline_iterations], its)
     validation.plan_size(policy, model.num_layers, cluster.world_size, model.num_experts)
     config = run_config(trace, trace_path, model, cluster, policy, its, rng_seed, allow_oom)
     if regroup:
         config["options"]["regroup"] = True
+    if lplan is not None:
+        config["parallel"] = _json_normal(layout_run.config_entry(lplan))
     run = _Run(trace, model, cluster, policy, rng_seed, allow_oom, CostModel(cluster),
-               timeline_iterations=frozenset(int(i) for i in timeline_iterations))
+               timeline_iterations=frozenset(int(i) for i in timeline_iterations),
+               view=view, layout_plan=lplan)
     writer = RunWriter(out_dir, config, "simulator", resume=resume) if out_dir else None
     if writer is not None and resume:
         its = _skip_done(run, writer, its)
@@ -174,21 +190,39 @@ def _loop(run: _Run, its: list[int], writer: RunWriter | None, config: dict, pro
     bar.close()
     out = writer.finish() if writer is not None else None
     run_rows = writer.summaries if writer is not None else None
-    return SimSummary(rows=rows, config=config, out_dir=out, run_rows=run_rows)
+    return SimSummary(rows=rows, config=config, out_dir=out, run_rows=run_rows,
+                      stage_table=run.stage_table[1])
 
 
 def simulate_iteration(run: _Run, it: int) -> tuple[IterationRecord, dict]:
     """One iteration: decide, lower, cost, schedule, record. Returns ``(record, state)``."""
     mb = run.trace.meta.micro_batches_per_iteration
+    view = run.view or run.cluster
     decision, counts = decide_iteration(run.policy, run.trace.counts_TLRE, mb, it,
-                                        run.previous, run.model, run.cluster, run.rng_seed)
+                                        run.previous, run.model, view, run.rng_seed)
     ctx = lower_iteration_ctx(run.policy, decision, run.previous, counts, run.model,
-                              run.cluster, plan=_plan(run, decision), cache=run.cache)
-    sched = schedule(ctx.program.ops, run.cost.durations(ctx.program), run.cluster.world_size)
+                              view, plan=_plan(run, decision), cache=run.cache,
+                              layout_plan=run.layout_plan)
+    sched = schedule(ctx.program.ops, run.cost.durations(ctx.program), run.cluster.world_size,
+                     scratch=run.scratch)
+    _keep_stage_table(run, ctx)
     oom = _check_memory(ctx, run, it)
-    record = build_record(ctx, sched, it, oom, it in run.timeline_iterations)
+    record = build_record(ctx, sched, it, oom, it in run.timeline_iterations,
+                          run.layout_plan)
     run.previous = decision
     return record, decision_state(decision)
+
+
+def _keep_stage_table(run: _Run, ctx: LoweringContext) -> None:
+    """Under a layout, keep the per-stage memory table of the iteration that peaks."""
+    stages = getattr(ctx, "stage_memory", None)
+    if not stages:
+        return
+    peak = float(memory_model.peak_R(ctx.program.memory_bytes, ctx.program.num_ranks).max())
+    if peak > run.stage_table[0]:
+        from moesim.memory_stage import stage_memory_table
+
+        run.stage_table = (peak, stage_memory_table(stages, run.cluster.gpu_memory_bytes))
 
 
 def build_history(counts_TLRE: np.ndarray, passes_per_iteration: int, iteration: int,
@@ -227,7 +261,7 @@ def _plan(run: _Run, decision: Decision) -> Any:
         and prev.placement.slots_per_rank == decision.placement.slots_per_rank
         and np.array_equal(prev.placement.phy2log_LP, decision.placement.phy2log_LP))
     if not same:
-        run.plan = route_plan(decision, run.cluster)
+        run.plan = route_plan(decision, run.view or run.cluster)
         run.cache = {}
     run.plan_for = decision
     return run.plan
@@ -238,15 +272,20 @@ def _plan(run: _Run, decision: Decision) -> Any:
 
 
 def build_record(ctx: LoweringContext, sched: Schedule, it: int, oom: bool,
-                 with_timeline: bool) -> IterationRecord:
-    """The iteration's :class:`IterationRecord` from its lowering and schedule."""
+                 with_timeline: bool, layout_plan: Any = None) -> IterationRecord:
+    """The iteration's :class:`IterationRecord` from its lowering and schedule (world-rank
+    arrays; under a pipeline layout the stages' views are placed at their ranks)."""
+    from moesim.layout_run import world_tokens
+
     L = ctx.model.num_layers
+    world = ctx.program.num_ranks
+    tokens_MLR, dropped_MLR = world_tokens(ctx, layout_plan)
     busy, start, end = phase_times(ctx.program.ops, sched, L)
     gpu = {k: np.asarray(v, dtype=np.float64) for k, v in ctx.program.memory_bytes.items()}
     load_LE = expert_load(ctx)
     summary = summarize(ctx, sched, busy, gpu, oom, load_LE)
-    tokens_MLR = ctx.rows_MLP.reshape(*ctx.rows_MLP.shape[:2], ctx.world, -1).sum(axis=3)
-    extra, traffic = metrics.iteration_metrics(tokens_MLR, load_LE, ctx.program.ops, ctx.world,
+    view_tokens_MLR = ctx.rows_MLP.reshape(*ctx.rows_MLP.shape[:2], ctx.world, -1).sum(axis=3)
+    extra, traffic = metrics.iteration_metrics(view_tokens_MLR, load_LE, ctx.program.ops, world,
                                                ctx.cluster.gpus_per_node)
     summary.update(extra)
     timeline = None
@@ -257,8 +296,7 @@ def build_record(ctx: LoweringContext, sched: Schedule, it: int, oom: bool,
     return IterationRecord(
         iteration=it, summary=summary, busy_s_LFR=busy, start_s_LFR=start, end_s_LFR=end,
         expert_load_LE=load_LE,
-        rank_tokens_LR=ctx.rows_MLP.sum(axis=0).reshape(ctx.model.num_layers, ctx.world, -1)
-        .sum(axis=2), dropped_LR=ctx.dropped_MLR.sum(axis=0), memory_CR=gpu,
+        rank_tokens_LR=tokens_MLR.sum(axis=0), dropped_LR=dropped_MLR.sum(axis=0), memory_CR=gpu,
         timeline=timeline, traffic_FRR=traffic)
 
 
@@ -271,7 +309,8 @@ def phase_times(ops: list[Op], sched: Schedule, num_layers: int
     R, F = sched.start_OR.shape[1], len(PHASES)
     shape = ((num_layers + 1) * F, R)
     busy, start, end = np.zeros(shape), np.full(shape, np.nan), np.full(shape, np.nan)
-    dur_OR = np.nan_to_num(sched.end_OR - sched.start_OR)
+    dur_OR = sched.end_OR - sched.start_OR
+    np.copyto(dur_OR, 0.0, where=np.isnan(dur_OR))  # skipped ranks: no busy time
     for i, op in enumerate(ops):
         k = (op.layer if op.layer >= 0 else num_layers) * F + PHASE_INDEX[op.phase]
         busy[k] += dur_OR[i]
@@ -302,7 +341,7 @@ def summarize(ctx: LoweringContext, sched: Schedule, busy_LFR: np.ndarray,
     a2a_R = busy_FR[PHASE_INDEX["dispatch"]] + busy_FR[PHASE_INDEX["combine"]]
     expert_R = busy_FR[PHASE_INDEX["expert"]]
     mean = float(expert_R.mean())
-    R = ctx.world
+    R = ctx.program.num_ranks
     host = memory_model.peak_R(ctx.program.host_memory_bytes, R)
     return {
         "step_time_s": sched.makespan_s,
@@ -338,13 +377,16 @@ def op_bytes(op: Op) -> float:
 def _check_memory(ctx: LoweringContext, run: _Run, it: int) -> bool:
     """True when the plan does not fit; raises unless ``allow_oom``."""
     c = run.cluster
-    peak_R = memory_model.peak_R(ctx.program.memory_bytes, ctx.world)
+    peak_R = memory_model.peak_R(ctx.program.memory_bytes, ctx.program.num_ranks)
     r = int(np.argmax(peak_R))
     if peak_R[r] <= c.gpu_memory_bytes:
         return False
     if not run.allow_oom:
+        where = f"rank {r}"
+        if run.layout_plan is not None:
+            where += f" (pipeline stage {r // run.layout_plan.stage_ranks})"
         raise OutOfMemoryError(
-            f"iteration {it}: rank {r} needs {peak_R[r] / 2**30:.1f} GiB but a GPU of "
+            f"iteration {it}: {where} needs {peak_R[r] / 2**30:.1f} GiB but a GPU of "
             f"{c.name} has {c.gpu_memory_GiB:.1f} GiB; use more GPUs (--nodes), fewer slots "
             "or replicas, a smaller model, or pass allow_oom to record it anyway")
     return True

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from moesim.errors import MoesimError
+from moesim.layout import add_parallel_argument, parse_layout
 
 DEFAULT_MODEL = "smartmoe-gpt"
 DEFAULT_CLUSTER = "a100-4x8-ib800"
@@ -67,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="iterations to export as Chrome/Perfetto timelines")
     p.add_argument("--resume", action="store_true", help="continue an interrupted --out run")
     p.add_argument("--seed", type=int, default=None, help="seed of the policy's RNG (default: 0)")
+    add_parallel_argument(p)
     p.add_argument("--allow-oom", action="store_true",
                    help="record plans that do not fit in GPU memory instead of failing")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
@@ -141,7 +143,7 @@ def _trace_path(args: argparse.Namespace) -> tuple[Path, bool]:
 
 
 CONFIG_FLAGS = ("trace", "model", "cluster", "nodes", "gpus_per_node", "world_size", "policy",
-                "knob", "iterations", "seed")
+                "knob", "iterations", "seed", "parallel")
 
 
 def _inputs(args: argparse.Namespace) -> dict:
@@ -160,7 +162,8 @@ def _inputs(args: argparse.Namespace) -> dict:
         r = rerun_inputs(args.config)
         return {"trace": r.trace_path, "model": r.model, "cluster": r.cluster,
                 "policy": r.policy, "iterations": r.iterations, "rng_seed": r.rng_seed,
-                "allow_oom": r.allow_oom or args.allow_oom, "regroup": r.regroup}
+                "allow_oom": r.allow_oom or args.allow_oom, "regroup": r.regroup,
+                "layout": r.layout}
     trace, bundled = _trace_path(args)
     cluster = shape_cluster(load_cluster(args.cluster or DEFAULT_CLUSTER), args.nodes,
                             args.gpus_per_node, args.world_size,
@@ -171,7 +174,7 @@ def _inputs(args: argparse.Namespace) -> dict:
             "iterations": parse_iterations(args.iterations),
             "rng_seed": validation.seed(0 if args.seed is None else args.seed),
             "allow_oom": args.allow_oom,
-            "regroup": args.regroup}
+            "regroup": args.regroup, "layout": parse_layout(args.parallel)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -196,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
                     else summary.rows})
     else:
         print(line)
+        if summary.stage_table:  # a parallel layout: per-stage memory, the peak named
+            print(summary.stage_table)
     return 0
 
 

@@ -607,7 +607,7 @@ class Cluster:
 # preset files
 
 
-KINDS = ("models", "clusters", "hardware")
+KINDS = ("models", "clusters", "hardware", "parallel")
 
 
 def _check_kind(kind: str) -> None:

@@ -140,7 +140,7 @@ def plan_layout(layout: ParallelLayout, cluster: Cluster, model: ModelSpec,
     if L.pp_schedule == "interleaved" and micro_batches % L.pp:
         raise MoesimError(f"parallel layout: the interleaved schedule needs the micro-batches "
                           f"per iteration ({micro_batches}) to be a multiple of pp={L.pp}")
-    dense = int(getattr(model, "num_dense_layers", 0) or 0)
+    dense = model.num_dense_layers if L.whole_model else 0
     total = dense + model.num_layers
     chunks_total = L.pp * L.vpp
     if total < chunks_total:

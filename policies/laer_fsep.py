@@ -203,10 +203,13 @@ class LaerFsep(Policy):
         how many of the newest iterations the asynchronous planner has not seen yet (paper: 1,
         "applied one iteration later"; 0 = synchronous ablation). ``num_random_candidates``:
         random perturbations of the precise split. ``perturb_moves``: moves per perturbation.
-        ``recompute``: activation recomputation (cost weight 4 instead of 3 on compute).
+        ``recompute``: activation recomputation (cost weight 4 instead of 3 on compute); the
+        simulator sets it from ``--parallel recompute=full``, which also recomputes.
         ``capacity_factor``: per-(source, slot) capacity factor, ``None`` = dropless (paper).
         ``keep_candidates``: also keep every candidate's placement (copies ``[K, G, E]``) in
-        ``info`` — for tests and inspection; large at scale."""
+        ``info`` — for tests and inspection; large at scale. ``planner``: false turns the
+        planner off (LAER's "FSDP" baseline: FSEP's sharding with the plan it makes before any
+        counts are seen, every iteration)."""
 
         slots_per_rank: int = 2
         window: int = 5
@@ -216,12 +219,13 @@ class LaerFsep(Policy):
         recompute: bool = False
         capacity_factor: float | None = None
         keep_candidates: bool = False
+        planner: bool = True
 
         def __post_init__(self) -> None:
             check_ints("laer_fsep", self, {"slots_per_rank": 1, "window": 1,
                                            "lag_iterations": 0, "num_random_candidates": 0,
                                            "perturb_moves": 1})
-            check_bools("laer_fsep", self, "recompute", "keep_candidates")
+            check_bools("laer_fsep", self, "recompute", "keep_candidates", "planner")
             check_capacity_factor("laer_fsep", self.capacity_factor)
 
     def decide(self, history: History, model: ModelSpec, cluster: Cluster,
@@ -232,6 +236,8 @@ class LaerFsep(Policy):
         G, E, L = cluster.world_size, model.num_experts, model.num_layers
         check_slots_cover("laer_fsep", cfg.slots_per_rank, G, E)
         counts_LRE, seen = _visible_counts(history, cfg.window, cfg.lag_iterations, L, G, E)
+        if not cfg.planner:  # FSDP: the plan of an empty history, kept for the whole run
+            counts_LRE, seen = np.zeros_like(counts_LRE), -1
         rows, info = [], _empty_info(seen)
         for l in range(L):
             row, layer_info = plan_layer(counts_LRE[l], model, cluster, cfg, rng)

@@ -1,0 +1,124 @@
+"""A run under a parallel layout: what the simulator (and later the executor) sets up around it.
+
+:func:`prepare` checks the layout against the cluster, model, trace and policy before anything
+is written, and returns the :class:`~moesim.stages.LayoutPlan` and the *view* cluster — one
+pipeline stage's ranks, which is what a policy places experts over and what the trace's source
+ranks must match (a trace recorded at another scale must be regrouped first, explicitly:
+``moesim trace regroup --ranks N``). :func:`world_tokens` lifts a stage view's per-layer arrays
+to world ranks for the RunResult; :func:`config_entry` is what ``config.json`` records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from moesim.errors import MoesimError
+from moesim.layout import ParallelLayout
+from moesim.specs import Cluster, ModelSpec
+from moesim.stages import LayoutPlan, plan_layout, view_cluster
+
+
+def prepare(layout: ParallelLayout | None, model: ModelSpec, cluster: Cluster, policy: Any,
+            micro_batches: int) -> tuple[LayoutPlan | None, Cluster, Any]:
+    """``(plan, view cluster, policy)``; ``plan`` None for the default layout (the cluster is
+    then its own view). The policy comes back with its EP size set from the layout where it
+    has an ``ep_size`` knob; a policy that cannot run under the layout is refused."""
+    policy = _with_recompute(policy, layout)
+    if layout is None or layout.is_default:
+        return None, cluster, policy
+    if layout.etp > 1:
+        raise MoesimError(f"parallel layout: etp={layout.etp}: expert tensor parallelism is "
+                          "validated but not lowered yet; use etp=1")
+    n = cluster.world_size // layout.pp if cluster.world_size % layout.pp == 0 else 0
+    policy = _with_ep(policy, layout, n, model.num_experts)
+    ep = getattr(policy.config, "ep_size", None)
+    spans = ep is None or ep == n
+    plan = plan_layout(layout, cluster, model, micro_batches, policy_spans_stage=spans)
+    return plan, view_cluster(cluster, plan.stage_ranks), policy
+
+
+def _with_recompute(policy: Any, layout: ParallelLayout | None) -> Any:
+    """A policy whose planner weighs recomputation (LAER's ``recompute`` knob: compute weight
+    4 instead of 3) follows the layout's: set from ``recompute=full``, and refused when it
+    claims a recomputation the run does not do."""
+    if not (dataclasses.is_dataclass(policy.config) and hasattr(policy.config, "recompute")):
+        return policy
+    full = layout is not None and layout.recompute == "full"
+    if policy.config.recompute and not full:
+        raise MoesimError(f"{policy.name}: recompute=true weighs the planner for full "
+                          "activation recomputation, which this run does not do; pass "
+                          "--parallel recompute=full instead (it sets the knob and "
+                          "recomputes)")
+    if full and not policy.config.recompute:
+        return type(policy)(dataclasses.replace(policy.config, recompute=True))
+    return policy
+
+
+def _with_ep(policy: Any, layout: ParallelLayout, n: int, num_experts: int) -> Any:
+    """Give ``policy`` the layout's ``ep`` (its ``ep_size`` knob), or refuse the layout."""
+    fields = {f.name for f in dataclasses.fields(policy.config)} \
+        if dataclasses.is_dataclass(policy.config) else set()
+    if layout.ep is None or n == 0:
+        return policy
+    if "ep_size" in fields:
+        knob = policy.config.ep_size
+        if knob is not None and knob != layout.ep:
+            raise MoesimError(f"{policy.name}: --knob ep_size={knob} contradicts the layout's "
+                              f"ep={layout.ep}; give one of them")
+        return type(policy)(dataclasses.replace(policy.config, ep_size=layout.ep))
+    if layout.ep * layout.etp != n:
+        raise MoesimError(f"{policy.name} places experts over every rank of a pipeline stage "
+                          f"(ep = {n // layout.etp} here); it cannot run with ep={layout.ep}. "
+                          "Drop ep from --parallel, or use static_ep")
+    return policy
+
+
+def config_entry(plan: LayoutPlan) -> dict:
+    """The layout and what it resolved to, for RunResult's config."""
+    lay, W = plan.layout, plan.world
+    return {**lay.fields(), "world": W, "dp": lay.dp(W), "ranks_per_stage": plan.stage_ranks,
+            "stages": [{"ranks": [s.first_rank, s.first_rank + s.num_ranks],
+                        "layers": [list(c) for c in s.chunks]} for s in plan.stages]}
+
+
+def world_tokens(ctx: Any, plan: LayoutPlan | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens_MLR, dropped_MLR)`` over world ranks: tokens each rank's experts compute and
+    tokens each source dropped, per micro-batch and MoE layer (zero on the stages that do not
+    hold the layer)."""
+    S = ctx.placement.slots_per_rank
+    rows_MLR = ctx.rows_MLP.reshape(*ctx.rows_MLP.shape[:2], -1, S).sum(axis=3)
+    if plan is None or plan.layout.pp == 1:
+        return rows_MLR, ctx.dropped_MLR
+    M, L, n = rows_MLR.shape
+    tokens = np.zeros((M, L, plan.world), dtype=rows_MLR.dtype)
+    dropped = np.zeros((M, L, plan.world), dtype=ctx.dropped_MLR.dtype)
+    for st in plan.stages:
+        moe = list(st.moe_layers)
+        tokens[:, moe, st.first_rank:st.first_rank + n] = rows_MLR[:, moe]
+        dropped[:, moe, st.first_rank:st.first_rank + n] = ctx.dropped_MLR[:, moe]
+    return tokens, dropped
+
+
+def check_trace_ranks(trace_ranks: int, plan: LayoutPlan | None) -> None:
+    """A layout's stage has ``world / pp`` token sources; the trace must have as many."""
+    if plan is not None and trace_ranks != plan.stage_ranks:
+        raise MoesimError(f"the trace has {trace_ranks} source ranks but each pipeline stage "
+                          f"of this layout has {plan.stage_ranks} (world {plan.world} / pp "
+                          f"{plan.layout.pp}); pass --regroup, or regroup it first: moesim trace "
+                          f"regroup --ranks {plan.stage_ranks}")
+
+
+def executor_supports(text: str | None) -> None:
+    """The executor runs the default layout only (TP/PP/CP/ZeRO stages/recompute and the
+    all-to-all overlap are simulated; running them is the next step): refuse any other in one
+    line, before a rank starts."""
+    from moesim.layout import parse_layout
+
+    layout = parse_layout(text)
+    if not layout.is_default:
+        raise MoesimError(f"the executor does not run parallel layouts yet (got --parallel "
+                          f"{text}: {layout.describe()}); simulate it with moesim simulate "
+                          f"--parallel {text}, or run without --parallel")

@@ -1,0 +1,327 @@
+"""What a lowering context knows about its pipeline stage and layout (a mixin of
+:class:`~moesim.lowering.LoweringContext`).
+
+A context lowers one stage: its ranks are ``0..n−1`` (``n`` ranks per stage), its MoE layers
+``0..L_s−1``; :meth:`StageView.add` translates every op to world ranks and global MoE layer
+numbers as it appends it (nothing to translate when the stage is the whole world, so a run
+without pipeline parallelism builds exactly the ops it always did). The per-layer keyword sets
+(:meth:`layer_kw` …) price a layer's compute under TP/SP/CP: per rank, attention FLOPs are
+those of its ``T`` tokens (``T = s·b/(t·c)``), weights are read ``1/t`` each, and GEMM rows are
+the TP region's ``T·t`` tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from moesim.layer_ops import attention_flops, dense_ffn_params, kv_elements, layer_dense_params
+from moesim.layout import ParallelLayout
+from moesim.ops import (
+    AllToAll,
+    Compute,
+    GroupCollective,
+    HostCompute,
+    HostCopy,
+    Op,
+    ReduceScatter,
+    SendRecv,
+)
+
+DEFAULT_LAYOUT = ParallelLayout()
+
+
+def _frozen(arr: np.ndarray) -> np.ndarray:
+    arr.setflags(write=False)
+    return arr
+
+
+class StageView:
+    """Layout and stage facts and helpers; the attributes are set by the lowering
+    (:func:`moesim.layered.stage_contexts`): ``layout``, ``stage`` (None: one stage, the world),
+    ``num_dense``, ``local_moe`` (transformer layer → local MoE index), ``rank_offset``,
+    ``layer_ids`` (local MoE index → global, None: the same), ``first_stage`` / ``last_stage``."""
+
+    layout: ParallelLayout = DEFAULT_LAYOUT
+    stage: Any = None
+    num_dense: int = 0
+    rank_offset: int = 0
+    layer_ids: np.ndarray | None = None
+    first_stage: bool = True
+    last_stage: bool = True
+    last_op: int = -1
+
+    # -- op translation ---------------------------------------------------------------------
+    def add(self, op: Op) -> int:
+        """Append ``op`` (stage ranks and layers) to the program; returns its index."""
+        if self.rank_offset or self.layer_ids is not None or self.world != self.program.num_ranks:
+            op = self._translate(op)
+        self.last_op = self.program.add(op)
+        return self.last_op
+
+    def _translate(self, op: Op) -> Op:
+        off, n = self.rank_offset, self.world
+        ch: dict[str, Any] = {}
+        if op.layer >= 0 and self.layer_ids is not None:
+            ch["layer"] = int(self.layer_ids[op.layer])
+        if isinstance(op, GroupCollective):
+            ch["groups"] = tuple(np.asarray(g, np.int64) + off for g in op.groups)
+            if hasattr(op, "roots_G") and len(op.roots_G):
+                ch["roots_G"] = np.asarray(op.roots_G, np.int64) + off
+        elif isinstance(op, AllToAll):
+            ch["ranks"] = (np.arange(n) if op.ranks is None else np.asarray(op.ranks)) + off
+        elif isinstance(op, SendRecv):
+            ch["src_N"] = np.asarray(op.src_N, np.int64) + off
+            ch["dst_N"] = np.asarray(op.dst_N, np.int64) + off
+        elif isinstance(op, (Compute, HostCompute, HostCopy)):
+            if op.ranks is None:
+                ch["ranks"] = np.arange(off, off + n)
+            else:  # per-rank arrays are indexed by stage rank: keep the named ranks' rows
+                sub = np.asarray(op.ranks, np.int64)
+                ch["ranks"] = sub + off
+                for name in ("flops_R", "bytes_R", "gemm_tokens_RS"):
+                    arr = getattr(op, name, None)
+                    if arr is not None and np.ndim(arr) and len(arr) == n:
+                        ch[name] = np.asarray(arr)[sub]
+        return dataclasses.replace(op, **ch)
+
+    # -- sizes --------------------------------------------------------------------------------
+    @property
+    def plain(self) -> bool:
+        """No TP and no CP: layers lower exactly as they did before layouts."""
+        return self.layout.tp == 1 and self.layout.cp == 1
+
+    def _groups(self, key: str, build) -> tuple[np.ndarray, ...]:
+        if key not in self._consts:
+            self._consts[key] = tuple(build())
+        return self._consts[key]
+
+    @property
+    def tp_groups(self) -> tuple[np.ndarray, ...]:
+        t = self.layout.tp
+        return self._groups("tp_groups", lambda: (np.arange(g * t, (g + 1) * t)
+                                                  for g in range(self.world // t)))
+
+    @property
+    def dp_groups(self) -> tuple[np.ndarray, ...]:
+        """Ranks holding the same TP shard of the dense weights (DP × CP)."""
+        t = self.layout.tp
+        return self._groups("dp_groups", lambda: (np.arange(i, self.world, t)
+                                                  for i in range(t)))
+
+    @property
+    def dp_size(self) -> int:
+        return self.world // self.layout.tp
+
+    @property
+    def tp_bytes(self) -> float:
+        """One TP collective's size: the TP region's activation, ``T·t·H`` elements."""
+        m = self.model
+        return m.tokens_per_rank * self.layout.tp * m.hidden_size * m.bytes_activation
+
+    @property
+    def cp_ring_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(src_N, dst_N)`` of one ring step: each rank to the next of its CP ring."""
+        if "cp_pairs" not in self._consts:
+            t, c = self.layout.tp, self.layout.cp
+            src = np.arange(self.world)
+            pos = (src // t) % c
+            dst = src + t * (((pos + 1) % c) - pos)
+            self._consts["cp_pairs"] = (src, dst)
+        return self._consts["cp_pairs"]
+
+    @property
+    def cp_bytes(self) -> float:
+        """Bytes a rank passes per forward ring step: its K and V chunk, ``T·t`` tokens."""
+        m = self.model
+        return m.tokens_per_rank * self.layout.tp * kv_elements(m) * m.bytes_activation
+
+    # -- per-layer compute keyword sets --------------------------------------------------------
+    def layer_kw(self) -> tuple[dict, dict]:
+        """Keyword sets of an MoE layer's attention (``dense``) and router ops (forward)."""
+        if "layer_kw" not in self._consts:
+            m, T, t = self.model, self.model.tokens_per_rank, self.layout.tp
+            act = T * m.hidden_size * m.bytes_activation
+            dense = dict(kind="attention", gemm_rows=T * t,
+                         flops_R=self.const_R(m.attention_flops_per_token * T),
+                         bytes_R=self.const_R(m.dense_params * m.bytes_weight / t + 2 * act))
+            route = dict(kind="router", gemm_rows=T,
+                         flops_R=self.const_R(2.0 * m.hidden_size * m.num_experts * T),
+                         bytes_R=self.const_R(m.hidden_size * m.num_experts * m.bytes_weight
+                                              + act))
+            self._consts["layer_kw"] = (dense, route)
+        return self._consts["layer_kw"]
+
+    def backward_kw(self) -> dict:
+        """An MoE layer's attention backward (2× the forward FLOPs and bytes of attention and
+        router; the router's backward folded in)."""
+        if "backward_kw" not in self._consts:
+            dense, route = self.layer_kw()
+            self._consts["backward_kw"] = dict(
+                dense, flops_R=_frozen(2 * (dense["flops_R"] + route["flops_R"])),
+                bytes_R=_frozen(2 * (dense["bytes_R"] + route["bytes_R"])))
+        return self._consts["backward_kw"]
+
+    def dense_layer_kw(self, backward: bool = False) -> tuple[dict, dict]:
+        """A dense transformer layer's attention and FFN keyword sets (backward: 2×)."""
+        key = ("dense_layer_kw", backward)
+        if key not in self._consts:
+            m, T, t = self.model, self.model.tokens_per_rank, self.layout.tp
+            f = 2.0 if backward else 1.0
+            act = T * m.hidden_size * m.bytes_activation
+            ffn = dense_ffn_params(m)
+            attn_p = m.dense_layer_params - ffn
+            self._consts[key] = tuple(
+                dict(kind=kind, gemm_rows=T * t, flops_R=self.const_R(f * flops * T),
+                     bytes_R=self.const_R(f * (params * m.bytes_weight / t + 2 * act)))
+                for kind, flops, params in (("attention", attention_flops(m), attn_p),
+                                            ("other", 2.0 * ffn, ffn)))
+        return self._consts[key]
+
+    def bytes_MLRG(self, mb: int, layer: int) -> np.ndarray:
+        """Dispatch bytes ``[R, G]`` of one layer-pass (combine uses its transpose: the cost
+        model then costs the shared buffer once)."""
+        key = ("bytes", mb, layer)
+        cache = self._iter  # this iteration's tokens: not the per-decision cache
+        if key not in cache:
+            tb = self.model.token_bytes
+            tb = int(tb) if float(tb).is_integer() else float(tb)  # int64 bytes: exact, fast
+            cache[key] = self.tokens_MLRG[mb, layer] * tb
+        return cache[key]
+
+    def expert_op(self, mb: int, layer: int, direction: str, deps: tuple[int, ...],
+                  label: str = "") -> Compute:
+        """The expert FFN compute of one layer-pass: per-slot GEMM rows from the kept tokens."""
+        m, S = self.model, self.placement.slots_per_rank
+        rows_RS = self.rows_MLP[mb, layer].reshape(-1, S)
+        passes = 1 if direction == "fwd" else 2
+        active_R = (rows_RS > 0).sum(axis=1)
+        return Compute(phase="expert", direction=direction, layer=layer, micro_batch=mb,
+                       deps=deps, kind="expert_ffn", gemm_tokens_RS=rows_RS,
+                       gemm_passes=passes, label=label,
+                       flops_R=rows_RS.sum(axis=1) * (m.expert_flops_per_token * passes),
+                       bytes_R=active_R * (m.expert_weight_bytes * passes),
+                       weight_bytes=m.expert_weight_bytes,
+                       flops_per_token=m.expert_flops_per_token)
+
+    # -- recompute --------------------------------------------------------------------------
+    def recomputes(self, tlayer: int) -> frozenset:
+        """What is recomputed of transformer layer ``tlayer`` before its backward:
+        ``{"full"}``, the selective modules, or nothing."""
+        lay = self.layout
+        if lay.recompute == "none":
+            return frozenset()
+        if lay.recompute == "selective":
+            return frozenset(lay.recompute_modules)
+        if lay.recompute_num_layers is None:
+            return frozenset({"full"})
+        chunk = next(c for c in self.stage_chunks if tlayer in c)
+        return frozenset({"full"}) if chunk.index(tlayer) < lay.recompute_num_layers \
+            else frozenset()
+
+    def selective_kw(self, mb: int, layer: int, tlayer: int, modules: frozenset
+                     ) -> list[tuple[str, dict]]:
+        """Compute keyword sets of the selectively recomputed modules of one layer (``moe``
+        and ``mlp`` are handled by the caller: they re-run whole blocks). ``core_attn``: the
+        score and value products, ``4·s·H`` FLOPs per token; ``layernorm``: two norms'
+        elementwise passes; ``moe_act``: the expert activation over each rank's routed rows;
+        ``mla_up_proj``: MLA's query and key/value up-projections."""
+        m, T = self.model, self.model.tokens_per_rank
+        act = T * m.hidden_size * m.bytes_activation
+        out = []
+        if "core_attn" in modules:
+            out.append(("core_attn", dict(kind="attention", gemm_rows=T * self.layout.tp,
+                                          flops_R=self.const_R(4.0 * m.seq_len * m.hidden_size
+                                                               * T),
+                                          bytes_R=self.const_R(4 * act))))
+        if "layernorm" in modules:
+            out.append(("layernorm", dict(kind="other", flops_R=self.const_R(16.0 * T
+                                                                             * m.hidden_size),
+                                          bytes_R=self.const_R(4 * act))))
+        if "mla_up_proj" in modules and m.is_mla:
+            a = m.num_attention_heads
+            up = (m.q_lora_rank or m.hidden_size) * a * (m.qk_nope_head_dim + m.qk_rope_head_dim) \
+                + m.kv_lora_rank * a * (m.qk_nope_head_dim + m.v_head_dim)
+            out.append(("mla_up_proj", dict(kind="attention", gemm_rows=T * self.layout.tp,
+                                            flops_R=self.const_R(2.0 * up * T),
+                                            bytes_R=self.const_R(up * m.bytes_weight
+                                                                 / self.layout.tp + 2 * act))))
+        if "moe_act" in modules and layer >= 0:
+            rows_R = self.rows_MLP[mb, layer].reshape(self.world, -1).sum(axis=1)
+            per_row = (3 if m.gated else 2) * m.ffn_hidden_size * m.bytes_activation
+            out.append(("moe_act", dict(kind="other", flops_R=rows_R * 4.0 * m.ffn_hidden_size,
+                                        bytes_R=rows_R * per_row)))
+        return out
+
+    # -- dense parameters under the layout ----------------------------------------------------
+    def stage_dense_params(self) -> float:
+        """Non-expert parameters this stage's ranks hold whole (before TP): the MoE layers'
+        dense part, the dense layers, and the embedding / output head on the first / last
+        stage (where the model gives its vocabulary)."""
+        m = self.model
+        total = len(self.local_moe) * m.dense_params
+        dense_layers = sum(1 for tl in self.stage_layers if tl < self.num_dense)
+        if dense_layers:
+            total += dense_layers * m.dense_layer_params
+        if m.vocab_size and self.layout.whole_model:
+            total += (m.embedding_params if self.first_stage else 0.0) \
+                + (m.output_head_params + m.final_norm_params if self.last_stage else 0.0)
+        return total
+
+    def dense_shard_params_R(self) -> np.ndarray:
+        """Dense parameters whose optimizer state each rank updates: ``1/t`` of the stage's,
+        sharded over DP × CP unless ``zero=0``."""
+        shard = self.stage_dense_params() / self.layout.tp
+        return np.full(self.world, shard if self.layout.zero == 0 else shard / self.dp_size)
+
+    def head_kw(self, backward: bool = False) -> dict:
+        """The output head's GEMM on the last stage (``H × vocab``, split over TP; backward
+        2×), for models that give their vocabulary."""
+        m, T, t = self.model, self.model.tokens_per_rank, self.layout.tp
+        f = 2.0 if backward else 1.0
+        params = m.hidden_size * m.vocab_size
+        return dict(kind="other", gemm_rows=T * t, label="output_head",
+                    flops_R=self.const_R(f * 2.0 * params * T),
+                    bytes_R=self.const_R(f * params * m.bytes_weight / t))
+
+    def emit_dense_optimizer(self) -> list[int]:
+        """Adam over this rank's dense shard and the all-gather of updated dense weights (a
+        stage without MoE layers: nothing of the policy's runs there)."""
+        m = self.model
+        params_R = self.dense_shard_params_R()
+        per_param = 2 * m.bytes_optim + m.bytes_grad + m.bytes_weight
+        step = self.add(Compute(phase="optimizer", direction="step", kind="other",
+                                deps=self.optimizer_deps(), flops_R=params_R * 10.0,
+                                bytes_R=params_R * per_param, label="adam_dense"))
+        return [step] + self.emit_dense_param_allgather((step,))
+
+    def zero3_grad_scatter(self, layer: int, tlayer: int, deps: tuple[int, ...]) -> list[int]:
+        """ZeRO-3: reduce-scatter one layer's dense gradients over DP after its last backward."""
+        if self.layout.zero != 3 or self.dp_size < 2:
+            return []
+        nbytes = layer_dense_params(self.model, tlayer, self.num_dense) / self.layout.tp \
+            * self.model.bytes_grad
+        return [self.add(ReduceScatter(phase="grad_sync", direction="bwd", layer=layer,
+                                       deps=deps, groups=self.dp_groups,
+                                       bytes_G=np.full(len(self.dp_groups), nbytes),
+                                       label="zero3_grads"))]
+
+    @property
+    def stage_layers(self) -> tuple[int, ...]:
+        return tuple(tl for c in self.stage_chunks for tl in c)
+
+    @property
+    def stage_chunks(self) -> tuple[tuple[int, ...], ...]:
+        if self.stage is not None:
+            return self.stage.chunks
+        return (tuple(range(self.num_dense + self.model.num_layers)),)
+
+    @property
+    def local_moe(self) -> dict[int, int]:
+        """Transformer layer → this stage's MoE layer index."""
+        if "local_moe" not in self._consts:
+            moe = [tl for tl in self.stage_layers if tl >= self.num_dense]
+            self._consts["local_moe"] = {tl: i for i, tl in enumerate(moe)}
+        return self._consts["local_moe"]
