@@ -45,20 +45,21 @@ def plot_balance_vs_moved(runs: RunLike | Iterable[RunLike], out: str | os.PathL
                           "the policies first")
     ylabel, imb_I = balance_metric(runs)
     fig, (left, right) = new_figure(1, 2, width=12, height=4.8)
+    colours = _colours(len(runs))
     for k, label in enumerate(labels(runs)):
         moved = np.nan_to_num(moved_I[k]) / GiB
         imb = imb_I[k]
         if not imb.size:
             continue
         total, mean = float(moved.sum()), float(np.nanmean(imb))
-        left.scatter([total], [mean], s=60, color=f"C{k}", edgecolor="k", linewidth=0.4)
+        left.scatter([total], [mean], s=60, color=colours[k], edgecolor="k", linewidth=0.4)
         left.annotate(label, (total, mean), fontsize=8, xytext=(5, 4),
-                      textcoords="offset points", color=f"C{k}")
+                      textcoords="offset points", color=colours[k])
         n = min(len(moved), len(imb))
-        right.plot(np.cumsum(moved[:n]), imb[:n], marker=".", color=f"C{k}", label=label)
+        right.plot(np.cumsum(moved[:n]), imb[:n], marker=".", color=colours[k], label=label)
         replans = np.flatnonzero(moved[:n] > 0)
         right.scatter(np.cumsum(moved[:n])[replans], imb[:n][replans], s=30, marker="D",
-                      color=f"C{k}", edgecolor="k", linewidth=0.4)
+                      color=colours[k], edgecolor="k", linewidth=0.4)
     left.set(xlabel="GiB moved by re-layouts (whole run)", ylabel=f"mean {ylabel}",
              title="Balance vs bytes moved, per run")
     right.set(xlabel="GiB moved so far (◆: an iteration that re-laid out)", ylabel=ylabel,
@@ -71,3 +72,13 @@ def plot_balance_vs_moved(runs: RunLike | Iterable[RunLike], out: str | os.PathL
                         runs))
     mark_incomplete(fig, runs)
     return save_figure(fig, out)
+
+
+def _colours(n: int) -> list:
+    """Matplotlib's default cycle for up to 10 runs, ``tab20`` beyond (distinct up to 20)."""
+    if n <= 10:
+        return [f"C{k}" for k in range(n)]
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return [cmap(k % 20) for k in range(n)]

@@ -252,3 +252,17 @@ def test_balancing_mode_is_in_the_run_config(tmp_path) -> None:
     plain = simulate(trace, model, cluster, "static_ep", out_dir=tmp_path / "st",
                      progress=False)
     assert "resolved" not in json.loads((plain.out_dir / "config.json").read_text())["policy"]
+
+
+@pytest.mark.parametrize(("name", "knobs"), [
+    ("eplb", {"interval": 2, "window": 2}),
+    ("flexmoe", {"check_interval": 2, "threshold": 1.0}),
+    ("smartmoe", {"freq": 2}),
+    ("hecate", {"reshard_interval": 2, "overlap_degree": 1}),
+])
+def test_weight_zero_and_min_gain_off_change_nothing(name, knobs) -> None:
+    """The knobs at their defaults, spelled out, decide exactly as the policy without them."""
+    plain = _loop(name, knobs)[3]
+    spelled = _loop(name, dict(knobs, migration_weight=0.0, min_gain=None))[3]
+    for a, b in zip(plain, spelled, strict=True):
+        assert (a.placement.phy2log_LP == b.placement.phy2log_LP).all()
