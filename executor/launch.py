@@ -12,7 +12,9 @@ one machine — the children see the same ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RA
 - partial results are finished as ``incomplete`` (never left looking complete or running).
 
 Rank 0's stdout is passed through; every rank's stderr (and other ranks' stdout) goes to
-``<out>/logs/`` only when the run fails, else to a temporary directory that is removed.
+``<out>/.logs/`` while the run is live, which becomes ``<out>/logs/`` when the run fails and is
+removed when it succeeds. The launcher owns ``<out>`` (:mod:`moesim.dirlock`) and its ranks die
+with it (:mod:`moesim.supervise`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from moesim import dirlock, supervise
 from moesim.errors import MoesimError
 
 POLL_S = 0.2
+LIVE_LOGS = ".logs"  # the ranks' stderr and heartbeats while the run is live
 GRACE_S = 5.0
 
 
@@ -123,7 +125,9 @@ def _launch_owned(worker_args: list[str], world_size: int, out_dir: Path,
     """:func:`launch` while this process owns ``out_dir``: ranks are started in process
     groups of their own, die with this process (:mod:`moesim.supervise`), and write into
     ``out_dir`` under this process's lock."""
-    logs = Path(tempfile.mkdtemp(prefix="moesim-run-"))
+    logs = out_dir / LIVE_LOGS  # inside the run: a SIGKILLed launcher litters nothing else
+    shutil.rmtree(logs, ignore_errors=True)  # a killed earlier launcher's (we hold the lock)
+    logs.mkdir()
     port = free_port()
     procs: list[subprocess.Popen] = []
     files = []
@@ -177,12 +181,10 @@ def _terminate_as_interrupt():
 
 
 def _keep_logs(logs: Path, out_dir: Path) -> Path:
-    if out_dir.is_dir():
-        dest = out_dir / "logs"
-        shutil.copytree(logs, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("rank?"))
-        shutil.rmtree(logs, ignore_errors=True)
-        return dest
-    return logs
+    dest = out_dir / "logs"
+    shutil.copytree(logs, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("rank?"))
+    shutil.rmtree(logs, ignore_errors=True)
+    return dest
 
 
 def _watch(procs: list[subprocess.Popen], logs: Path, hang_timeout_s: float,

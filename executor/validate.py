@@ -341,7 +341,11 @@ def write_figure(results: list[ConfigResult], path: Path) -> Path:
     bx.set_ylabel("MAPE (%)")
     bx.set_title("per phase")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    from moesim.safeio import atomic_file, writing
+
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, suffix=path.suffix) as fh:
+            fig.savefig(fh, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

@@ -30,7 +30,8 @@ NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, Unico
 
 
 def _entries(out: Path) -> list[Path]:
-    return [p for p in out.iterdir() if p.name != LOCK_NAME]
+    """What ``out`` holds besides its lock file and a live launcher's ``.logs``."""
+    return [p for p in out.iterdir() if p.name not in (LOCK_NAME, ".logs")]
 
 
 def _ours(entry: Path) -> bool:

@@ -14,7 +14,8 @@ import re
 import stat
 from pathlib import Path
 
-from moesim.errors import TraceError
+from moesim import bounds
+from moesim.errors import MoesimError, TraceError
 
 MAX_JSON_BYTES = 1 << 30          # one JSON document (vLLM load_history, meta_info.json)
 MAX_META_BYTES = 1 << 20          # small side files (TensorRT-LLM meta_info.json)
@@ -58,7 +59,7 @@ def rank_files(directory: Path, pattern: re.Pattern, what: str, max_bytes: int
     if not found:
         raise TraceError(f"{directory} holds no {what} files ({pattern.pattern}); point at the "
                          "folder the engine wrote")
-    missing = sorted(set(range(max(found) + 1)) - set(found))
+    missing = gaps(found, 0)
     if missing:
         raise TraceError(f"{directory}: no {what} file for rank(s) {few(missing)}; every rank "
                          "0..R-1 needs one (copy all ranks' files)")
@@ -81,6 +82,10 @@ def check_cells(shape: tuple[int, ...], where: str) -> None:
         raise TraceError(f"{where}: the trace would be {list(shape)} (passes, layers, ranks, "
                          f"experts) = {math.prod(shape):,} cells, more than {MAX_TRACE_CELLS:,};"
                          " import fewer steps")
+    try:  # and it must fit in this machine's memory (moesim.bounds)
+        bounds.check_shape(shape, f"{where}: the trace", "import fewer steps or ranks")
+    except MoesimError as exc:
+        raise TraceError(str(exc)) from None
 
 
 def whole_int(value, what: str, lo: int = 0, hi: int = 1 << 40) -> int:
@@ -99,6 +104,21 @@ def stride_of(numbers: list[int], what: str) -> int:
         raise TraceError(f"{what} are not evenly spaced ({few(numbers)}); a step is missing "
                          "from some file, import a complete run")
     return gaps.pop()
+
+
+def gaps(present, start: int, step: int = 1, limit: int = 5) -> list[int]:
+    """Up to ``limit`` of ``start, start + step, ...`` below ``max(present)`` missing from
+    ``present``, without building that range (a file name can claim rank 10**10)."""
+    out: list[int] = []
+    expect = start
+    for value in sorted(set(present)):
+        while expect < value and len(out) < limit:
+            out.append(expect)
+            expect += step
+        if len(out) >= limit:
+            break
+        expect = value + step
+    return out
 
 
 def few(items, limit: int = 5) -> str:

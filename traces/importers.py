@@ -35,6 +35,7 @@ import numpy as np
 from moesim import bounds
 from moesim.errors import MoesimError, TraceError
 from moesim.traces.format import RoutingTrace, TraceMeta
+from moesim.traces.import_common import gaps as missing_values
 from moesim.traces.validate import validate
 
 SMARTMOE_NAME = re.compile(r"^table_iter(\d+)_rank(\d+)\.log$", re.ASCII)
@@ -193,7 +194,7 @@ def _smartmoe_stride(iterations: list[int]) -> int:
     gaps = np.diff(iterations)
     stride = int(np.gcd.reduce(gaps))
     if (gaps != stride).any():
-        missing = _missing(iterations, iterations[0], stride)
+        missing = missing_values(iterations, iterations[0], stride)
         raise TraceError(f"iterations are not evenly spaced (stride {stride}); missing "
                          f"table_iter{{N}} for N in {_few(missing)}; add them or remove the "
                          "files after the gap")
@@ -202,30 +203,14 @@ def _smartmoe_stride(iterations: list[int]) -> int:
 
 def _smartmoe_check_complete(files: dict, iterations: list[int], ranks: list[int]) -> None:
     if ranks != list(range(len(ranks))):
-        gaps = _missing(ranks, 0, 1)
-        raise TraceError(f"ranks must be 0..R-1 but no file has rank {_few(gaps)}; "
+        holes = missing_values(ranks, 0)
+        raise TraceError(f"ranks must be 0..R-1 but no file has rank {_few(holes)}; "
                          "the trace folder is incomplete")
     missing = [f"table_iter{i}_rank{r}.log" for i in iterations for r in ranks
                if (i, r) not in files]
     if missing:
         raise TraceError(f"{len(missing)} file(s) missing, e.g. {_few(missing)}; every "
                          "(iteration, rank) pair needs a file")
-
-
-def _missing(present: list[int], start: int, step: int, limit: int = 5) -> list[int]:
-    """Up to ``limit`` values of ``start, start + step, ...`` below ``max(present)`` that are
-    not in ``present``, without building the range: file names can claim iteration 10**12
-    or rank 10**10."""
-    out: list[int] = []
-    expect = start
-    for value in sorted(set(present)):
-        while expect < value and len(out) < limit:
-            out.append(expect)
-            expect += step
-        if len(out) >= limit:
-            break
-        expect = value + step
-    return out
 
 
 def _parse_smartmoe_file(path: Path) -> np.ndarray:

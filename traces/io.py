@@ -33,7 +33,7 @@ import numpy as np
 
 from moesim import bounds
 from moesim.errors import MoesimError, TraceError
-from moesim.safeio import atomic_file, dir_mode, file_mode, writing
+from moesim.safeio import atomic_file, check_input_kind, dir_mode, file_mode, writing
 from moesim.traces.format import RoutingTrace, TraceMeta
 from moesim.traces.validate import (
     check_chunk,
@@ -91,6 +91,12 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
         from moesim.traces.bundled import named_trace_path
 
         path = named_trace_path(path)
+    try:
+        check_input_kind(path, "trace")  # a FIFO or device would block forever
+    except TraceError:
+        raise
+    except MoesimError as exc:
+        raise TraceError(str(exc)) from None
     if path.is_dir():
         return validate_in_chunks(_load_dir(path))       # bounded memory: see the docstring
     if path.exists():

@@ -45,6 +45,11 @@ def test_killed_launcher_takes_its_ranks_and_the_run_never_reads_complete(tmp_pa
              what="the ranks to die with their launcher")
     time.sleep(4.5)  # past the moment a surviving rank 0 would have written `complete`
     assert json.loads((out / "manifest.json").read_text())["status"] != "complete"
+    if sig == signal.SIGKILL:  # the live logs stay inside the (incomplete) run, not in /tmp
+        assert (out / ".logs" / "rank0.err").is_file()
+    else:  # SIGTERM is handled like Ctrl-C: ranks killed, run marked, logs removed
+        assert json.loads((out / "manifest.json").read_text())["status"] == "incomplete"
+        assert not (out / ".logs").exists()
 
 
 @linux_only
