@@ -29,6 +29,11 @@ def check_configs(configs: Sequence[dict], where: str | Path = "spec") -> None:
     seen: set[tuple] = set()
     for config in configs:
         label = f"{where}: configuration {describe(config)}"
+        for axis in ("trace", "model", "cluster"):
+            value = config.get(axis)
+            if value is not None and not isinstance(value, str):
+                raise MoesimError(f"{label}: {axis} = {value!r}; give {axis}s as names or "
+                                  "paths in quotes")
         checks = [("policy", (config["policy"], _frozen(config.get("knobs"))),
                    lambda c=config: make_policy(c["policy"], dict(c.get("knobs") or {}))),
                   ("iterations", config.get("iterations"),

@@ -108,7 +108,7 @@ def one_line_error(capsys, *argv) -> str:
     (("validate", "--world-sizes", "abc", "--out", "{tmp}/v"), "--world-sizes 'abc'"),
     (("run", *RUN, "--warmup", "-1", "--out", "{tmp}/r"), "--warmup -1"),
     (("run", *RUN, "--hang-timeout-s", "-1", "--out", "{tmp}/r"), "--hang-timeout-s"),
-    (("calibrate", "--reps", "0", "--out", "{tmp}/c.toml"), "--reps 0"),
+    (("calibrate", "--reps", "0", "--out", "{tmp}/c.toml"), "--repeats 0"),
     (("search", "--limit", "-1", "-o", "{tmp}/s"), "--limit -1"),
     (("search", "--top", "-1", "-o", "{tmp}/s"), "--top -1"),
     (("search", "--max-drop-frac", "5", "-o", "{tmp}/s"), "--max-drop-frac 5"),
