@@ -44,6 +44,7 @@ test: $(STAMP) $(RAY_STAMP)
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/sim_speed.py
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/planner_speed.py
+	$(PYTHON) benchmarks/trace_speed.py --iterations 10 --ranks 256
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/regroup_speed.py
 	$(PYTHON) benchmarks/policies.py --quick
 	$(PYTHON) benchmarks/memory_layouts.py

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/trace_speed.py [--iterations 100] [--ranks 256 2048] [--dir /tmp/moesim-traces]
+    python benchmarks/trace_speed.py [--iterations 100] [--ranks 256 2048] [--dir DIR]
     python benchmarks/trace_speed.py --iterations 10 --ranks 256 512     # a quick look
 
 DeepSeek-V3-shaped synthetic traces (58 MoE layers, 256 experts, top-8, 4096 tokens per rank,
@@ -20,7 +20,8 @@ CPU time and peak resident memory (``ru_maxrss`` of that process):
   (the simulator releases each iteration's mapped pages), only at ranks ≤ ``--sim-max-ranks``.
 
 Rates are counts (cells of ``[T, L, R, E]``) per second of wall time. The traces are deleted at
-the end unless ``--keep``.
+the end unless ``--keep``. ``--dir /dev/shm/...`` (RAM-backed) takes the disk out of the
+figures: the streamed writer's int64 output (8 bytes per count) is disk-bound otherwise.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="run the in-memory generator only where its array fits in this")
     ap.add_argument("--sim-iterations", type=int, default=3)
     ap.add_argument("--sim-max-ranks", type=int, default=256)
+    ap.add_argument("--cases", nargs="+", choices=tuple(NAMES), default=tuple(NAMES),
+                    help="which cases to run (default: all)")
     ap.add_argument("--keep", action="store_true", help="keep the generated traces")
     args = ap.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             cells = 58 * ranks * 256 * args.iterations
             cases = ["old"] if cells * 8 / 1e9 <= args.max_memory_GB else []
             cases += ["new", "info"] + (["sim"] if ranks <= args.sim_max_ranks else [])
-            for case in cases:
+            for case in (c for c in cases if c in args.cases):
                 path = args.dir / f"{'old' if case == 'old' else 'new'}-{ranks}"
                 extra = (str(args.sim_iterations),) if case == "sim" else ()
                 r = run_case(case, ranks, args.iterations, path, *extra)
