@@ -47,16 +47,15 @@ def incremental_path(phy2log_P: np.ndarray, load_E: np.ndarray, slots_per_rank: 
     filled = row >= 0
     np.add.at(on_GE, (rank_P[filled], row[filled]), 1)
     cnt = on_GE.sum(axis=0)
+    gl = on_GE @ (load / np.maximum(cnt, 1))
     path = [row.copy()]
     for _ in range(max_moves):
-        pc = load / np.maximum(cnt, 1)
-        gl = on_GE @ pc
         if imbalance_ratio(gl) <= target_imbalance:
             break
-        move = _best_move(row, on_GE, cnt, load, pc, gl, S)
+        move = _best_move(row, on_GE, cnt, load, load / np.maximum(cnt, 1), gl, S)
         if move is None:
             break
-        p, b = move
+        p, b, gl = move
         a, r = int(row[p]), int(rank_P[p])
         if a >= 0:
             on_GE[r, a] -= 1
@@ -69,8 +68,10 @@ def incremental_path(phy2log_P: np.ndarray, load_E: np.ndarray, slots_per_rank: 
 
 
 def _best_move(row: np.ndarray, on_GE: np.ndarray, cnt: np.ndarray, load: np.ndarray,
-               pc: np.ndarray, gl: np.ndarray, S: int) -> tuple[int, int] | None:
-    """``(slot, new expert)`` of the best improving move, or None."""
+               pc: np.ndarray, gl: np.ndarray, S: int
+               ) -> tuple[int, int, np.ndarray] | None:
+    """``(slot, new expert, GPU loads after the move)`` of the best improving move, or
+    None."""
     best, best_key = None, (float(gl.max()), float(gl @ gl))
     hot = int(np.argmax(gl))
     experts = np.flatnonzero(on_GE[hot])
@@ -91,5 +92,5 @@ def _best_move(row: np.ndarray, on_GE: np.ndarray, cnt: np.ndarray, load: np.nda
                     new[r] -= pc_a
                 key = (float(new.max()), float(new @ new))
                 if key < best_key:
-                    best, best_key = (p, b), key
+                    best, best_key = (p, b, new), key
     return best

@@ -223,14 +223,15 @@ def rank_permutation(new_GE: np.ndarray, old_GE: np.ndarray, gpus_per_node: int,
         blocks = [(np.arange(G), np.arange(G))]
     else:
         N = G // g
-        node_new = new_GE.reshape(N, g, -1).sum(axis=1)
-        node_old = old_GE.reshape(N, g, -1).sum(axis=1)
-        rows, cols = linear_sum_assignment(-(node_new @ node_old.T).astype(np.float64))
+        node_new = new_GE.reshape(N, g, -1).sum(axis=1).astype(np.float64)
+        node_old = old_GE.reshape(N, g, -1).sum(axis=1).astype(np.float64)
+        rows, cols = linear_sum_assignment(-(node_new @ node_old.T))
         blocks = [(np.arange(n * g, (n + 1) * g), np.arange(m * g, (m + 1) * g))
                   for n, m in zip(rows, cols, strict=True)]
     perm = np.empty(G, dtype=np.int64)
+    new_f, old_f = new_GE.astype(np.float64), old_GE.astype(np.float64)   # BLAS, not int
     for src, dst in blocks:
-        score = (new_GE[src] @ old_GE[dst].T).astype(np.float64)
+        score = new_f[src] @ old_f[dst].T
         r, c = linear_sum_assignment(-score)
         perm[src[r]] = dst[c]
     return perm
