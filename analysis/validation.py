@@ -7,10 +7,16 @@ trace slice and policy, matches their iterations, and reports
 - per phase: the phase's time per iteration — max over ranks of the rank's busy time in that
   phase summed over layers (``times.npz`` ``busy_s[I, L+1, F, R]``) — predicted and measured;
 
-each summarised as MAPE (mean of ``|pred − meas| / meas``, in percent) and max relative error
-(percent, signed by its direction in ``worst_sign``: +1 over-prediction). Phases that are (close
-to) zero in both runs are left out (``min_phase_s``). Both backends count a collective's wait
-for stragglers as idle, so busy times mean the same thing on both sides.
+and ``routing_gaps``: for each load / traffic metric of :mod:`moesim.metrics` (the overload
+factor, imbalance, hottest link, …), the largest relative difference between the backends over
+the matched iterations. Both compute them from the same routing and program, so every gap
+should be 0; a gap means the two backends did not route alike.
+
+Step and phase times are each summarised as MAPE (mean of ``|pred − meas| / meas``, in
+percent) and max relative error (percent, signed by its direction in ``worst_sign``: +1
+over-prediction). Phases that are (close to) zero in both runs are left out (``min_phase_s``).
+Both backends count a collective's wait for stragglers as idle, so busy times mean the same
+thing on both sides.
 
 ``measured`` may be several executor runs of the same configuration (repeats): each measured
 quantity is then the median over the repeats, iteration by iteration, so one run's preemption
@@ -63,6 +69,7 @@ class Comparison:
     iterations: np.ndarray
     step: ErrorStats
     phases: dict[str, ErrorStats] = field(default_factory=dict)
+    routing_gaps: dict[str, float] = field(default_factory=dict)
 
     def rows(self) -> list[dict]:
         """Table rows: ``quantity, predicted_s, measured_s, mape_pct, max_pct`` (means over
@@ -106,7 +113,32 @@ def compare_runs(predicted: RunResult, measured: RunResult | Sequence[RunResult]
         if max(p_IF[:, f].mean(), m_IF[:, f].mean()) < min_phase_s:
             continue
         comp.phases[phase] = ErrorStats(p_IF[:, f], m_IF[:, f])
+    comp.routing_gaps = routing_gaps(predicted, runs[0], common)
     return comp
+
+
+def routing_gaps(predicted: RunResult, measured: RunResult, iterations: np.ndarray
+                 ) -> dict[str, float]:
+    """Largest ``|pred − meas| / max(|meas|, 1)`` of each :data:`moesim.metrics.COLUMNS`
+    column both runs hold, over ``iterations``."""
+    from moesim.metrics import COLUMNS
+
+    out = {}
+    for name in COLUMNS:
+        if name in predicted.summary and name in measured.summary:
+            p, m = _column(predicted, name, iterations), _column(measured, name, iterations)
+            out[name] = float(np.max(np.abs(p - m) / np.maximum(np.abs(m), 1.0)))
+    return out
+
+
+def routing_gap_line(comp: Comparison, tolerance: float = 1e-9) -> str:
+    """One line: the metrics identical in both backends, or the ones that differ."""
+    bad = {k: v for k, v in comp.routing_gaps.items() if not v <= tolerance}
+    if not comp.routing_gaps:
+        return "load/traffic metrics: not recorded by both runs"
+    if not bad:
+        return f"load/traffic metrics: identical in both backends ({len(comp.routing_gaps)})"
+    return "load/traffic metrics DIFFER: " + ", ".join(f"{k} {v:.2e}" for k, v in bad.items())
 
 
 def _column(run: RunResult, name: str, iterations: np.ndarray) -> np.ndarray:

@@ -259,7 +259,7 @@ def run_config(trace_path: Path, trace_name: str, spec: str, world: int, args,
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from moesim.analysis.validation import format_table
+    from moesim.analysis.validation import format_table, routing_gap_line
     from moesim.layout_run import executor_supports
     from moesim.specs import load_model
     from moesim.traces.io import save_trace
@@ -282,6 +282,7 @@ def run_validate(args: argparse.Namespace) -> int:
                 cfg = f"{tag}-{spec.replace(':', '_').replace('=', '')}-w{world}"
                 res = run_config(Path(tpath), tag, spec, world, args, out / cfg)
                 print(format_table(res.comparison.rows(), title=f"== {cfg}"), flush=True)
+                print(routing_gap_line(res.comparison), flush=True)
                 results.append(res)
     write_csv(results, out / "validation.csv")
     print(summary_table(results))

@@ -114,3 +114,20 @@ def test_trace_info_expert_load(capsys):
     assert main(["trace", "info"]) == 0
     out = capsys.readouterr().out
     assert "expert load per layer" in out and "balance (max/mean per layer) across layers" in out
+
+
+def test_validation_reports_routing_metric_gaps(tmp_path):
+    from moesim.analysis.validation import Comparison, routing_gap_line, routing_gaps
+    from moesim.results import RunResult
+
+    def run(overload):
+        summary = {"iteration": np.array([0.0, 1.0]), "overload_mean": np.array(overload),
+                   "imbalance": np.array([0.5, 0.5])}
+        return RunResult(tmp_path, {}, {}, summary)
+
+    gaps = routing_gaps(run([2.0, 3.0]), run([2.0, 2.0]), np.array([0, 1]))
+    assert gaps == {"overload_mean": 0.5, "imbalance": 0.0}
+    comp = Comparison(np.array([0, 1]), None, routing_gaps=gaps)
+    assert routing_gap_line(comp) == "load/traffic metrics DIFFER: overload_mean 5.00e-01"
+    comp.routing_gaps = {"imbalance": 0.0}
+    assert "identical in both backends (1)" in routing_gap_line(comp)

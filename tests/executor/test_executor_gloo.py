@@ -142,7 +142,9 @@ def test_validate_runs_both_backends_and_compares(tmp_path, capsys):
     np.testing.assert_array_equal(measured["traffic_bytes"], predicted["traffic_bytes"])
     assert (out / "synth-static_ep-w2" / "measured" / "timeline_iter0.json").is_file()
     assert (out / "validation.csv").is_file() and (out / "predicted_vs_measured.png").is_file()
-    assert "step MAPE" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "step MAPE" in printed
+    assert "load/traffic metrics: identical in both backends" in printed
 
 
 def _fault_launch(tmp_path: Path, monkeypatch, fault: str, hang_s: float) -> tuple[str, float]:
