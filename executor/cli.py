@@ -65,10 +65,12 @@ def _run(args: argparse.Namespace) -> int:
 
     executor_supports(args.parallel)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise MoesimError(f"output directory {out} is not empty; choose a new --out")
-    launch(worker_argv(args), args.world_size, out, hang_timeout_s=args.hang_timeout_s,
-           backend=args.backend)
+    from moesim import dirlock, rundir
+
+    with dirlock.DirLock(out, "run directory"):  # held through launch (re-entrant)
+        rundir.prepare(out, {}, resume=False, can_resume=False)  # unfinished: replaced
+        launch(worker_argv(args), args.world_size, out, hang_timeout_s=args.hang_timeout_s,
+               backend=args.backend)
     print(run_summary(out))
     return 0
 

@@ -45,8 +45,9 @@ def comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("started_at", "argv", "iterations")}
 
 
-def prepare(out: Path, config: dict, resume: bool) -> None:
-    """Make ``out`` ready for a RunWriter (the caller holds its lock), or raise."""
+def prepare(out: Path, config: dict, resume: bool, can_resume: bool = True) -> None:
+    """Make ``out`` ready for a RunWriter (the caller holds its lock), or raise.
+    ``can_resume``: whether the command has ``--resume`` (its error message offers it)."""
     entries = _entries(out)
     if not entries:
         return
@@ -61,8 +62,8 @@ def prepare(out: Path, config: dict, resume: bool) -> None:
         _clear(entries)  # nothing finished there: an earlier attempt failed at the start
         return
     if not resume:
-        raise MoesimError(f"output directory {out} is not empty; pass --resume to continue "
-                          "that run, or choose a new --out")
+        offer = "pass --resume to continue that run, or " if can_resume else ""
+        raise MoesimError(f"output directory {out} is not empty; {offer}choose a new --out")
     raise MoesimError(f"cannot resume {out}: its config differs from this run's; use the "
                       "same options or a new --out")
 
