@@ -43,11 +43,13 @@ test: $(STAMP) $(RAY_STAMP)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/sim_speed.py
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/sim_speed.py --layout --micro-batches 16
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/planner_speed.py
 	$(PYTHON) benchmarks/trace_speed.py --iterations 10 --ranks 256
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/regroup_speed.py
 	$(PYTHON) benchmarks/policies.py --quick
 	$(PYTHON) benchmarks/memory_layouts.py
+	$(PYTHON) benchmarks/paper_layouts.py
 	$(PYTHON) benchmarks/collective_context.py
 	$(PYTHON) benchmarks/accuracy.py --out runs/accuracy
 

@@ -8,7 +8,7 @@ Run on one core::
 
 ``--layout``: DeepSeek-V3 (3 dense + 58 MoE layers) on ``h800-256x8`` (2048 GPUs) under the
 ``deepseek-v3`` layout preset (PP 16, EP 64, ZeRO-1, all-to-all overlap), 10 iterations of
-``--micro-batches`` (default 32) micro-batches of one 4096-token sequence per rank; the trace
+``--micro-batches`` (default 16 = pp) micro-batches of one 4096-token sequence per rank; the trace
 has the 128 token sources of one stage. It prints the time and the per-stage memory table of
 the last iteration (target: under 60 s on one core).
 
@@ -136,7 +136,8 @@ def main() -> None:
     p.add_argument("--generator", choices=("synth", "dirichlet"), default="synth")
     p.add_argument("--layout", action="store_true",
                    help="only DeepSeek-V3's own layout on 2048 GPUs (PP 16, EP 64, ZeRO-1)")
-    p.add_argument("--micro-batches", type=int, default=32, help="with --layout")
+    p.add_argument("--micro-batches", type=int, default=16,
+                   help="with --layout: micro-batches per iteration (16 = pp)")
     args = p.parse_args()
     if args.layout:
         row = measure_layout(10, args.micro_batches)
