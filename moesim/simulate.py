@@ -286,7 +286,8 @@ def build_record(ctx: LoweringContext, sched: Schedule, it: int, oom: bool,
     summary = summarize(ctx, sched, busy, gpu, oom, load_LE)
     view_tokens_MLR = ctx.rows_MLP.reshape(*ctx.rows_MLP.shape[:2], ctx.world, -1).sum(axis=3)
     extra, traffic = metrics.iteration_metrics(view_tokens_MLR, load_LE, ctx.program.ops, world,
-                                               ctx.cluster.gpus_per_node)
+                                               ctx.cluster.gpus_per_node,
+                                               ep_groups(ctx) if layout_plan else None)
     summary.update(extra)
     timeline = None
     if with_timeline:
@@ -298,6 +299,15 @@ def build_record(ctx: LoweringContext, sched: Schedule, it: int, oom: bool,
         expert_load_LE=load_LE,
         rank_tokens_LR=tokens_MLR.sum(axis=0), dropped_LR=dropped_MLR.sum(axis=0), memory_CR=gpu,
         timeline=timeline, traffic_FRR=traffic)
+
+
+def ep_groups(ctx: LoweringContext) -> list[np.ndarray]:
+    """A stage's EP groups (consecutive ranks of the policy's EP size; every rank of the stage
+    when the policy spans it), over which the overload factor is taken under a layout."""
+    n = ctx.world
+    ep = int(ctx.decision.info.get("ep_size") or n)
+    return [np.arange(g * ep, (g + 1) * ep) for g in range(n // ep)] if n % ep == 0 \
+        else [np.arange(n)]
 
 
 def phase_times(ops: list[Op], sched: Schedule, num_layers: int

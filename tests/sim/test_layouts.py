@@ -308,3 +308,19 @@ def test_search_specs_take_layouts(tmp_path) -> None:
         normalize({"policy": "static_ep", "parallel": "bogus=1"})
     summaries = [simulate_summary(c) for c in configs]
     assert all(np.isfinite(s["mean_step_s"]) for s in summaries)
+
+
+def test_overload_is_taken_per_ep_group_under_a_layout() -> None:
+    """Static EP with ep_size 2 on 4 ranks: two EP groups; a layout's overload factor is the
+    hottest rank of each group over that group's balanced count."""
+    counts = np.zeros((1, 1, 4, 4), dtype=np.int64)
+    counts[0, 0, :, 0] = 16  # every token to expert 0, held by rank 0 and its replica rank 2
+    from .simtoys import make_trace
+
+    trace = make_trace(counts, 1)
+    model = uniform_model(1, 4, tokens=16, top_k=1, micro_batches=1)
+    s = simulate(trace, model, free_comm_cluster(1, 4), "static_ep", progress=False,
+                 layout=parse_layout("ep=2,whole_model=false"))
+    # each group routes its own 32 tokens to its copy of expert 0: 32 / 16 = 2 (one group of
+    # four ranks would read 32 / 16 too, but a hot rank in an idle group could not hide)
+    assert s.rows[0]["overload_max"] == pytest.approx(2.0)
