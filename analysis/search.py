@@ -241,15 +241,25 @@ def load_search(out_dir: str | Path, *, max_memory_GiB: float | None = None,
     return SearchOutcome(records, rows, ranking.pareto_front(rows), {}, sort_by)
 
 
-def print_outcome(outcome: SearchOutcome, stream=None, limit: int = 20) -> None:
-    """Print the ranking and the Pareto front as tables, and the failed configs."""
+def print_outcome(outcome: SearchOutcome, stream=None, limit: int = 20,
+                  max_drop_frac: float | None = None) -> None:
+    """Print the ranking and the Pareto front as tables, and the failed configs. With
+    ``max_drop_frac`` the title states the drop bound, and the finished configs that break a
+    bound follow the ranking, unranked, each with the bound it breaks."""
     stream = stream or sys.stdout
     feasible = [r for r in outcome.rows if r["feasible"]]
     by = outcome.sort_by.replace("_", " ") if outcome.sort_by != "mean_step_s" \
         else "mean step time"
-    print(ranking.text_table(feasible, f"Ranking by {by} ({len(feasible)} of "
+    bound = ("no drop bound" if max_drop_frac is None else
+             f"drop bound {max_drop_frac * 100:g}% of token assignments, --max-drop-frac")
+    print(ranking.text_table(feasible, f"Ranking by {by} ({bound}; {len(feasible)} of "
                              f"{len(outcome.rows)} configs meet the constraints)", limit,
                              outcome.rows), file=stream)
+    over = [r for r in outcome.rows if not r["feasible"] and r["status"] == "ok"]
+    if over:
+        print(file=stream)
+        print(ranking.text_table(over, f"Over a bound, not ranked ({len(over)} configs; "
+                                 "the note says which)", limit, outcome.rows), file=stream)
     print(file=stream)
     print(ranking.text_table(outcome.front, "Pareto front over (step time, peak memory, "
                              "dropped tokens, bytes moved)", limit, outcome.rows), file=stream)
