@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import sys
 import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -164,9 +165,11 @@ def _num(x: float) -> str:
     return "-" if not math.isfinite(x) else f"{x:.2f}"
 
 
-def classify(inputs: Sequence[str | Path]) -> tuple[list[Path], list[RunResult]]:
-    """Split inputs into search directories and runs (MoesimError for anything else)."""
-    searches, runs = [], []
+def classify(inputs: Sequence[str | Path]) -> tuple[list[Path], list[RunResult], list[str]]:
+    """Split inputs into search directories and runs; anything else (``runs/demo/*`` also
+    matches ``figures/`` and the report itself) is skipped, with a note why. MoesimError when
+    nothing is left."""
+    searches, runs, skipped = [], [], []
     for item in inputs:
         path = Path(item)
         if (path / RESULTS).is_file():
@@ -174,18 +177,22 @@ def classify(inputs: Sequence[str | Path]) -> tuple[list[Path], list[RunResult]]
         elif (path / "manifest.json").is_file():
             runs.append(as_run(path))
         else:
-            raise MoesimError(f"{path} is neither a run directory (manifest.json) nor a search "
-                              f"directory ({RESULTS}); pass directories written by moesim")
+            skipped.append(f"{path}: neither a run directory (manifest.json) nor a search "
+                           f"directory ({RESULTS})")
     if not searches and not runs:
-        raise MoesimError("nothing to report; pass run or search directories")
-    return searches, runs
+        detail = f" ({skipped[0]})" if len(skipped) == 1 else ""
+        raise MoesimError(f"nothing to report{detail}; pass run or search directories written "
+                          "by moesim")
+    return searches, runs, skipped
 
 
 def build_report(inputs: Sequence[str | Path], out: str | Path, *,
                  max_memory_GiB: float | None = None,
                  max_drop_frac: float | None = None) -> Path:
     """Write the HTML report of ``inputs`` to ``out`` atomically; returns its path."""
-    searches, runs = classify(inputs)
+    searches, runs, skipped = classify(inputs)
+    for note in skipped:
+        print(f"moesim: skipped {note}", file=sys.stderr)
     constraints = {"max_memory_GiB": max_memory_GiB, "max_drop_frac": max_drop_frac}
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [f"<h1>moesim report</h1><p>Generated {stamp} from "

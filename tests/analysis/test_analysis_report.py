@@ -74,3 +74,16 @@ def test_report_bad_input(tmp_path, capsys):
         build_report([tmp_path / "x"], tmp_path / "r.html")
     assert main(["report", str(tmp_path / "x"), "-o", str(tmp_path / "r.html")]) == 2
     assert not (tmp_path / "r.html").exists()
+
+
+def test_report_skips_what_is_not_a_run(runs, tmp_path, capsys):
+    """`moesim report runs/demo/* -o ...` after `make demo`: the glob also matches figures/
+    and an earlier report; they are skipped with a note."""
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "old.html").write_text("x")
+    out = tmp_path / "r.html"
+    assert main(["report", *map(str, runs), str(tmp_path / "figures"),
+                 str(tmp_path / "old.html"), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped" in err and "figures" in err and "old.html" in err
+    assert out.is_file()
