@@ -183,7 +183,7 @@ def _register_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", type=int, help="rank_load: one layer (default: all layers)")
     p.add_argument("--iteration", type=int, help="timeline: which iteration (default: the "
                    "first recorded timeline)")
-    p.add_argument("--ranks", help="timeline: comma-separated ranks (default: up to 8)")
+    p.add_argument("--ranks", help="timeline: comma-separated ranks (default: the first 8)")
     p.add_argument("--format", choices=[f[1:] for f in FORMATS], default="png",
                    help="plot all: file format (default png)")
     p.set_defaults(func=_run_plot)

@@ -17,7 +17,10 @@ from .runs import RunLike, as_runs, labels, pair_runs
 KINDS: dict[str, tuple[str, bool, str]] = {
     "step_time": ("plots:plot_step_time", False, "per-iteration step time per policy"),
     "speedup": ("plots:plot_speedup", False, "speedup vs static EP (or --baseline)"),
-    "load_heatmap": ("plots:plot_load_heatmap", True, "expert load, layer × expert over time"),
+    "load_heatmap": ("plots:plot_load_heatmap", True, "expert load, layer × expert over time "
+                     "(the trace's: drawn once for runs of one trace in `plot all`)"),
+    "gpu_load_heatmap": ("gpu_load_plot:plot_gpu_load_heatmap", True,
+                         "tokens each GPU computed per layer (the policy's GPU load)"),
     "rank_load": ("plots:plot_rank_load", False, "per-GPU load and imbalance"),
     "timeline": ("timeline:plot_timeline", True, "one-iteration Gantt per rank and stream"),
     "memory": ("plots:plot_memory", False, "peak memory breakdown per policy"),
@@ -69,11 +72,26 @@ def plot_all(runs: Sequence[RunLike], out_dir: str | Path, *, fmt: str = "png",
             skipped.append(f"{kind}: {reason}")
             continue
         opts = {"baseline": baseline} if kind == "speedup" else {}
+        targets = loaded
+        if kind == "load_heatmap" and len(loaded) > 1 and len(_traces(loaded)) == 1:
+            targets = loaded[:1]  # the trace's expert load: no policy changes it
         try:
-            written += plot_kind(kind, loaded, out_dir / f"{kind}.{fmt}", **opts)
+            written += plot_kind(kind, targets, out_dir / f"{kind}.{fmt}", **opts)
         except MoesimError as exc:
             skipped.append(f"{kind}: {exc}")
     return written, skipped
+
+
+def _traces(runs: list[RunResult]) -> set[str]:
+    """What the runs replayed (trace path and iteration range): one element when they all
+    saw the same expert loads."""
+    import json
+
+    def trace_of(run: RunResult):
+        trace = run.config.get("trace")
+        return trace.get("path") if isinstance(trace, dict) else trace
+
+    return {json.dumps([trace_of(r), r.config.get("iterations")], default=str) for r in runs}
 
 
 def _not_applicable(kind: str, runs: list[RunResult], baseline: RunLike | None) -> str:

@@ -188,8 +188,15 @@ def plot_drops(runs: RunLike | Iterable[RunLike], out: str | os.PathLike) -> Pat
     """Dropped-token fraction per iteration, one line per run."""
     runs = as_runs(runs)
     fig, ax = new_figure()
-    for run, label in zip(runs, labels(runs), strict=True):
-        its, pct = _drop_pct(run)
+    drops = [_drop_pct(run) for run in runs]
+    if all(not np.nansum(pct) for _, pct in drops):  # dropless: say so, not an empty plot
+        ax.text(0.5, 0.5, f"no drops: {', '.join(labels(runs))} dropped 0 tokens",
+                ha="center", va="center", transform=ax.transAxes, wrap=True)
+        ax.set_axis_off()
+        ax.set_title(titled("Dropped tokens per iteration", runs))
+        mark_incomplete(fig, runs)
+        return save_figure(fig, out)
+    for (its, pct), label in zip(drops, labels(runs), strict=True):
         ax.plot(its, pct, label=f"{label}  (mean {np.nanmean(pct):.2f}%)")
     iteration_axis(ax)
     ax.set(ylabel="dropped tokens (% of routed)",

@@ -23,7 +23,7 @@ from . import plots, ranking
 from .compare import mape, max_error, points
 from .figures import plot_all
 from .fileio import atomic_write
-from .runs import GiB, as_run, layout_text, pair_runs, policy_name, summarize
+from .runs import GiB, as_run, layout_text, pair_runs, policy_knobs, policy_name, summarize
 from .search import RESULTS, load_search
 from .search_plots import plot_pareto
 from .traffic import metrics_section
@@ -114,17 +114,20 @@ def _constraints_text(max_memory_GiB: float | None = None,
 
 def runs_section(runs: list[RunResult], tmp: Path) -> str:
     """Summary table and every applicable figure of a set of runs."""
-    head = ["run", "policy", "layout", "backend", "status", "iterations", "mean ms", "p95 ms",
+    head = ["run", "policy", "knobs", "layout", "backend", "status", "iterations", "mean ms",
+            "p95 ms",
             "peak GiB", "drop %", "a2a ms"]
-    cells = []
+    cells, summaries = [], []
     for run in runs:
         s = summarize(run)
-        cells.append([run.path.name, policy_name(run), layout_text(run), run.backend,
-                      s["status"],
-                      s["iterations"], _ms(s["mean_step_s"]), _ms(s["p95_step_s"]),
-                      _num(s["peak_memory_bytes"] / GiB), _num(100 * s["dropped_frac"]),
-                      _ms(s["a2a_s"])])
-    parts = ["<h2>Runs</h2>", html_table(head, cells), metrics_section(runs, html_table)]
+        summaries.append(s)
+        cells.append([run.path.name, policy_name(run), knobs_text(run), layout_text(run),
+                      run.backend, s["status"], s["iterations"], _ms(s["mean_step_s"]),
+                      _ms(s["p95_step_s"]), _num(s["peak_memory_bytes"] / GiB),
+                      _num(100 * s["dropped_frac"]), _ms(s["a2a_s"])])
+    best = best_run_line(runs, summaries)
+    parts = ["<h2>Runs</h2>", f"<p><b>{html.escape(best)}</b></p>" if best else "",
+             html_table(head, cells), metrics_section(runs, html_table)]
     bad = [r for r in runs if not r.complete]
     if bad:
         parts.append('<p class="warn">Incomplete runs (plotted, marked on each figure): '
@@ -134,6 +137,34 @@ def runs_section(runs: list[RunResult], tmp: Path) -> str:
     if skipped:
         parts.append("<p>Figures not drawn: " + html.escape("; ".join(skipped)) + "</p>")
     return "\n".join(parts)
+
+
+def knobs_text(run: RunResult) -> str:
+    """Every knob of the run's policy, ``name=value`` (``none`` for None), as configured."""
+    from moesim.policies.catalog import format_default
+
+    return ", ".join(f"{k}={format_default(v)}" for k, v in policy_knobs(run).items()) or "-"
+
+
+def best_run_line(runs: list[RunResult], summaries: list[dict]) -> str:
+    """Which run is fastest (mean step time) and by how much, per backend ('' with fewer than
+    two runs of one backend): ``Best (simulator): eplb, 1918.28 ms mean step: 1.25x faster
+    than static_ep (2401.08 ms), the slowest; 1.00x than swiftmoe, the next.``"""
+    lines = []
+    for backend in dict.fromkeys(r.backend for r in runs):
+        timed = sorted(((s["mean_step_s"], r.path.name, s["dropped_frac"])
+                        for r, s in zip(runs, summaries, strict=True)
+                        if r.backend == backend and math.isfinite(s["mean_step_s"])))
+        if len(timed) < 2:
+            continue
+        (t0, name, drop), (t1, nxt, _), (tn, slow, _) = timed[0], timed[1], timed[-1]
+        note = f" (it drops {100 * drop:.2f}% of tokens)" if drop > 0 else ""
+        text = (f"Best ({backend}): {name}, {t0 * 1e3:.2f} ms mean step{note}: "
+                f"{t1 / t0:.2f}x faster than the next, {nxt} ({t1 * 1e3:.2f} ms)")
+        if len(timed) > 2:
+            text += f", and {tn / t0:.2f}x faster than the slowest, {slow} ({tn * 1e3:.2f} ms)"
+        lines.append(text + ".")
+    return " ".join(lines)
 
 
 def validation_section(runs: list[RunResult]) -> str:

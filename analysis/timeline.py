@@ -119,7 +119,8 @@ def plot_timeline(run: RunLike, out: str | os.PathLike, iteration: int | None = 
                   ranks: Sequence[int] | None = None) -> Path:
     """Gantt chart of one iteration, one row per (rank, stream), bars coloured by phase.
 
-    ``ranks``: which ranks to draw (default: all up to 8, else ranks 0–3; the title says so).
+    ``ranks``: which ranks to draw (default: the first 8; the title says when some are left
+    out).
     """
     run = as_run(run)
     files = timeline_files(run)
@@ -146,7 +147,7 @@ def _select_ranks(bars: list[Bar], ranks: Sequence[int] | None) -> tuple[list[Ba
     """The bars of the chosen ranks, and a title note when some ranks are left out."""
     present = sorted({b.rank for b in bars})
     if ranks is None:
-        ranks = present if len(present) <= MAX_DEFAULT_RANKS else present[:4]
+        ranks = present[:MAX_DEFAULT_RANKS]
     missing = sorted(set(ranks) - set(present))
     if missing:
         raise MoesimError(f"rank(s) {missing} not in the timeline; it has ranks "

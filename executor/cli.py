@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--hang-timeout-s", type=float, default=120.0,
                      help="end the run when no rank makes progress for this long")
     add_backend_argument(run)
+    from moesim.clihelp import add_json_flag
+
+    add_json_flag(run, "the measured summary and every iteration's row")
     run.set_defaults(func=_run)
 
     from moesim.executor.calibrate import add_arguments as add_calibrate
@@ -71,8 +74,42 @@ def _run(args: argparse.Namespace) -> int:
         rundir.prepare(out, {}, resume=False, can_resume=False)  # unfinished: replaced
         launch(worker_argv(args), args.world_size, out, hang_timeout_s=args.hang_timeout_s,
                backend=args.backend)
-    print(run_summary(out))
+    if args.json:
+        import sys
+
+        from moesim.clihelp import print_json
+
+        print(run_summary(out), file=sys.stderr)
+        print_json(run_json(out))
+    else:
+        print(run_summary(out))
     return 0
+
+
+def run_json(out) -> dict:
+    """``run --json``: the measured run's summary figures and its iterations.csv rows (the
+    schema of ``simulate --json``, plus backend and status; docs/cli.md)."""
+    from moesim.results import load_run
+    from moesim.simulate_cli import iteration_rows
+
+    run = load_run(out)
+    cfg, col = run.config, run.summary
+    summary = {"policy": cfg.get("policy", {}).get("name"),
+               "knobs": cfg.get("policy", {}).get("knobs"),
+               "cluster": cfg.get("cluster", {}).get("name"), "out_dir": str(out),
+               "backend": run.manifest.get("backend"), "status": run.manifest.get("status"),
+               "iterations": len(col.get("step_time_s", []))}
+    if summary["iterations"]:
+        step = float(col["step_time_s"].mean())
+        summary.update({
+            "mean_step_time_s": step,
+            "moe_fraction": float(col["moe_time_s"].mean()) / step if step > 0 else None,
+            "mean_a2a_time_s": float(col["a2a_time_s"].mean()),
+            "mean_straggler_ratio": float(col["straggler_ratio"].mean()),
+            "dropped_fraction": float(col["tokens_dropped"].sum())
+            / max(float(col["tokens_total"].sum()), 1.0),
+            "peak_memory_bytes": float(col["peak_memory_bytes"].max())})
+    return {"summary": summary, "iterations": iteration_rows(out)}
 
 
 def run_summary(out) -> str:

@@ -72,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from moesim.executor.run_args import add_backend_argument
 
     add_backend_argument(p)
+    from moesim.clihelp import add_json_flag
+
+    add_json_flag(p, "every configuration's prediction errors")
     p.set_defaults(func=run_validate)
 
 
@@ -268,6 +271,7 @@ def run_validate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise MoesimError(f"output directory {out} is not empty; choose a new --out")
+    text = sys.stderr if getattr(args, "json", False) else sys.stdout  # --json: tables aside
     model = load_model(args.model)
     worlds = validation.int_list(args.world_sizes, "--world-sizes", minimum=1)
     stop = int(str(args.iterations).partition(":")[2] or 4)
@@ -281,14 +285,28 @@ def run_validate(args: argparse.Namespace) -> int:
             for spec in [p for p in args.policies.split(",") if p]:
                 cfg = f"{tag}-{spec.replace(':', '_').replace('=', '')}-w{world}"
                 res = run_config(Path(tpath), tag, spec, world, args, out / cfg)
-                print(format_table(res.comparison.rows(), title=f"== {cfg}"), flush=True)
-                print(routing_gap_line(res.comparison), flush=True)
+                print(format_table(res.comparison.rows(), title=f"== {cfg}"), flush=True,
+                      file=text)
+                print(routing_gap_line(res.comparison), flush=True, file=text)
                 results.append(res)
     write_csv(results, out / "validation.csv")
-    print(summary_table(results))
+    print(summary_table(results), file=text)
     fig = write_figure(results, out / "predicted_vs_measured.png")
-    print(f"wrote {out / 'validation.csv'} and {fig}")
+    print(f"wrote {out / 'validation.csv'} and {fig}", file=text)
+    if getattr(args, "json", False):
+        from moesim.clihelp import print_json
+
+        print_json(validation_json(results, out))
     return 0
+
+
+def validation_json(results: list[ConfigResult], out: Path) -> dict:
+    """``validate --json``: per configuration, its step-time errors and the per-quantity rows
+    of validation.csv (schema in docs/cli.md)."""
+    return {"out_dir": str(out), "configs": [
+        {"name": r.name, "trace": r.trace, "policy": r.policy, "world_size": r.world,
+         "step_mape_pct": r.comparison.step.mape_pct, "step_max_pct": r.comparison.step.max_pct,
+         "rows": r.comparison.rows()} for r in results]}
 
 
 def summary_table(results: list[ConfigResult]) -> str:

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "moesim.policies_cli",     # moesim policies
     "moesim.executor.cli",     # moesim run / calibrate / validate
     "moesim.analysis.cli",     # moesim search / plot / report
+    "moesim.completion_cli",   # moesim completion
 )
 
 
