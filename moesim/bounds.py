@@ -18,8 +18,6 @@ import zipfile
 import zlib
 from typing import IO
 
-import numpy as np
-
 from moesim.errors import MoesimError
 
 MAX_ENV = "MOESIM_MAX_BYTES"
@@ -76,10 +74,12 @@ def check_shape(shape: tuple[int, ...] | list[int], what: str, bound_by: str,
                 bound_by)
 
 
-def check_npy_header(fh: IO[bytes], data_bytes: int, where: str) -> tuple[tuple, np.dtype]:
+def check_npy_header(fh: IO[bytes], data_bytes: int, where: str) -> tuple[tuple, object]:
     """Read a ``.npy`` header from ``fh``; refuse a malformed header or one whose shape needs
     more bytes than the ``data_bytes`` the file holds. Returns ``(shape, dtype)``; ``fh`` is
     left just past the header."""
+    import numpy as np  # here, not at import: the CLI's start-up stays numpy-free
+
     try:
         start = fh.tell()
         version = np.lib.format.read_magic(fh)
@@ -103,7 +103,7 @@ def check_npy_header(fh: IO[bytes], data_bytes: int, where: str) -> tuple[tuple,
     return tuple(shape), dtype
 
 
-def check_npy_file(path: str | os.PathLike) -> tuple[tuple, np.dtype]:
+def check_npy_file(path: str | os.PathLike) -> tuple[tuple, object]:
     """:func:`check_npy_header` for a ``.npy`` file on disk."""
     with open(path, "rb") as fh:
         return check_npy_header(fh, os.fstat(fh.fileno()).st_size, str(path))
