@@ -189,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
                        resume=args.resume, progress=sys.stderr.isatty(),
                        on_iteration=_RowPrinter() if rows else None)
     label = policy_label(policy)
+    layout = inputs.get("layout")
+    if layout is not None and not layout.is_default:  # the run's layout beside its policy
+        label += f" [{layout.describe()}]"
     line = summary_line(summary.whole_run(), label, cluster.name)
     if args.json:
         from moesim.clihelp import print_json
