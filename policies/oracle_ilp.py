@@ -34,15 +34,16 @@ Two measured faults this design fixes (issue 15: 99 s for 2 iterations of the bu
 a straggler ratio of 6.8 against static EP's 2.2). *Time*: with 2 slots per GPU and 32 experts
 on 16 GPUs nothing can be replicated, each layer's optimum is the hottest expert's load, and the
 seed reaches it; yet CBC could not prove it (the bound is combinatorial, not from the LP
-relaxation) and ran to its time limit on most layers. Skewed iterations are now proven by the
-seed at once; near-balanced ones (no expert dominates, e.g. the trace's first iteration) still
-run to ``time_limit_s`` and keep the seed when the solver finds nothing better. *Straggler*: the
-symmetry breaking put the heaviest GPU first in every layer, so GPU 0 held every layer's hottest
-expert, its activations and its compute: per-layer loads were optimal, but one rank's busy time
-and memory piled up across layers. GPUs are now relabelled per layer
-(``relabel_gpus_for_layer``, node to node, as SmartMoE / LAER / Hecate here do) for the
-``max_load`` objective, whose GPUs are interchangeable; ``layer_time`` depends on which GPU
-holds the local tokens and keeps its labels.
+relaxation) and ran to its time limit on most layers. That shape (2 slots per GPU, ``E = 2·G``)
+is now solved exactly without a solver: the heaviest expert paired with the lightest, and so on
+(:func:`pair_sorted`). With room for replicas, skewed layers are proven by the seed at once,
+while near-balanced ones (no expert dominates) may still run to ``time_limit_s``, keeping the
+seed when the solver finds nothing better. *Straggler*: the symmetry breaking put the heaviest
+GPU first in every layer, so GPU 0 held every layer's hottest expert, its activations and its
+compute: per-layer loads were optimal, but one rank's busy time and memory piled up across
+layers. GPUs are now relabelled per layer (``relabel_gpus_for_layer``, node to node, as SmartMoE
+/ LAER / Hecate here do) for the ``max_load`` objective, whose GPUs are interchangeable;
+``layer_time`` depends on which GPU holds the local tokens and keeps its labels.
 
 Solver: ``solver="auto"`` (the default) is HiGHS when ``highspy`` is installed, else PuLP's
 bundled CBC (``pulp`` is pinned to a range that still bundles it). HiGHS prints its banner when
@@ -126,6 +127,17 @@ def resolve_solver(name: str) -> str:
     if name != "auto":
         return name
     return "highs" if _highs_available() else "cbc"
+
+
+def pair_sorted(load_E: np.ndarray, num_ranks: int) -> np.ndarray:
+    """Copies ``[G, E]`` placing ``E = 2·G`` experts two per GPU: GPU ``g`` gets the ``g``-th
+    heaviest and the ``g``-th lightest expert."""
+    order = np.argsort(-np.asarray(load_E, dtype=np.float64), kind="stable")
+    copies = np.zeros((num_ranks, len(order)), dtype=np.int64)
+    g = np.arange(num_ranks)
+    copies[g, order[g]] = 1
+    copies[g, order[len(order) - 1 - g]] = 1
+    return copies
 
 
 def max_load_lower_bound(load_E: np.ndarray, num_ranks: int, slots_per_rank: int) -> float:
@@ -325,6 +337,8 @@ class OracleIlp(Policy):
         link = cluster.inter if cluster.num_nodes > 1 else cluster.intra
         comp_s = scale * model.expert_flops_per_token / cluster.hardware.peak_flops
         comm_s = scale * model.token_bytes / (link.bw_GBps * 1e9)
+        if cfg.objective == "max_load" and S == 2 and G * S == E:
+            return self._paired_layer(load, G)
         layer = _build(load_n, counts_n, S, cfg.objective, comp_s, comm_s)
         seed = _warm_start(layer, load_n, S, cluster.gpus_per_node, cfg.objective == "max_load")
         seed_y = seed * (load_n / np.maximum(seed.sum(0), 1))[None, :]
@@ -353,6 +367,20 @@ class OracleIlp(Policy):
                      "gap": float((found - lb_obj) / found) if found > 0 else 0.0,
                      "objective_value": float(found * unit),
                      "even_split_max_load": float(gpu_load(row, load, S).max())}
+
+    @staticmethod
+    def _paired_layer(load_E: np.ndarray, G: int) -> tuple[np.ndarray, dict]:
+        """``max_load`` with 2 slots per GPU and ``2·G`` experts: no slot is left for a replica,
+        so each GPU holds exactly two experts, and the heaviest paired with the lightest, the
+        second with the second lightest, ... minimises the largest pair sum (exchange
+        argument: swapping partners in any other pairing never lowers the maximum). Exact,
+        with no solver."""
+        x_GE = pair_sorted(load_E, G)
+        found = float((x_GE * load_E[None, :]).sum(1).max())
+        row = copies_to_phy2log(x_GE, 2)
+        return row, {"status": "optimal", "max_load": found, "load_bound": found, "gap": 0.0,
+                     "objective_value": found,
+                     "even_split_max_load": float(gpu_load(row, load_E, 2).max())}
 
     def _bounds(self, status: str, found: float, load_E: np.ndarray, G: int,
                 comp_s: float) -> tuple[float, float]:

@@ -92,3 +92,24 @@ def test_hottest_gpu_rotates_over_layers(inputs):
     pl = d.placement
     busiest = [int(np.argmax(gpu_load(pl.layer(l), load_LE[l], 2))) for l in range(LAYERS)]
     assert len(set(busiest)) == LAYERS, busiest
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_sorted_pairing_is_the_optimum(seed):
+    """Against brute force over every pairing of 8 experts on 4 GPUs."""
+
+    from moesim.policies.oracle_ilp import pair_sorted
+
+    rng = np.random.default_rng(seed)
+    load = rng.gamma(0.7, 100.0, size=8)
+
+    def best(items):
+        if not items:
+            return 0.0
+        a, rest = items[0], items[1:]
+        return min(max(load[a] + load[b], best([r for r in rest if r != b])) for b in rest)
+
+    exact = best(list(range(8)))
+    got = (pair_sorted(load, 4) * load[None, :]).sum(1).max()
+    assert got == pytest.approx(exact)
+    assert (pair_sorted(load, 4).sum(0) == 1).all() and (pair_sorted(load, 4).sum(1) == 2).all()
