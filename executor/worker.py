@@ -37,7 +37,7 @@ from moesim.executor.run_args import (  # noqa: F401  (re-exported)
     add_run_arguments,
 )
 from moesim.safeio import guard_arguments
-from moesim.validation import check_flags, flag_names
+from moesim.validation import check_flags, flag_names, plan_size
 
 
 class Heartbeat:
@@ -128,6 +128,7 @@ def _planned(args: argparse.Namespace, world: int, cuda: bool):
     trace, model = fit_inputs(trace, load_model(args.model), cluster, args.seed)
     knobs = parse_knobs(args.knob)
     policy = make_policy(args.policy, knobs)
+    plan_size(policy, model.num_layers, world, model.num_experts)  # the simulator's bound
     start, stop = parse_iterations(args.iterations, trace.num_iterations)
     config = _config(args, trace, model, cluster, policy, world, start, stop)
     items = iteration_programs(trace.counts_TLRE, trace.meta.micro_batches_per_iteration,
