@@ -104,7 +104,8 @@ def test_stats_stream_in_chunks_and_match(tmp_path, monkeypatch):
 def test_cli_synth_to_a_directory_streams(tmp_path, capsys):
     out = tmp_path / "big"
     assert main(["trace", "synth", "-o", str(out), "--layers", "2", "--ranks", "8",
-                 "--experts", "16", "--top-k", "2", "--tokens-per-rank", "64", "--iterations", "3"]) == 0
+                 "--experts", "16", "--top-k", "2", "--tokens-per-rank", "64",
+                 "--iterations", "3"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert load_trace(out).meta.extra["sampler"] == "stream"
     assert main(["trace", "info", str(out)]) == 0
