@@ -31,11 +31,12 @@ demo: $(STAMP)
 	$(PYTHON) -m moesim report $(DEMO_RUNS) -o runs/demo/report.html
 	@echo; echo "demo done: runs/demo/figures/*.png, runs/demo/report.html"
 
-# The test suite also covers `moesim search --ray` against a local Ray head: the ray extra
-# (~80 MB wheel, ~20 s to install) goes in for `make test` only.
+# The test suite also covers `moesim search --ray` against a local Ray head, oracle_ilp on HiGHS
+# and shell completion: the ray (~80 MB wheel, ~20 s to install), highs and completion extras
+# go in for `make test` only.
 RAY_STAMP := .venv-ray-stamp
 $(RAY_STAMP): $(STAMP)
-	$(PYTHON) -m pip install -q -e '.[dev,ray]'
+	$(PYTHON) -m pip install -q -e '.[dev,ray,highs,completion]'
 	@touch $(RAY_STAMP)
 
 test: $(STAMP) $(RAY_STAMP)
