@@ -48,19 +48,25 @@ from typing import Any
 import numpy as np
 
 from moesim import memory as memory_model
-from moesim import metrics, validation
+from moesim import validation
 from moesim.costmodel import CostModel
-from moesim.engine import Schedule, schedule
+from moesim.engine import schedule
 from moesim.errors import MoesimError, OutOfMemoryError
 from moesim.lowering import LoweringContext, lower_iteration_ctx, route_plan
-from moesim.ops import PHASES, AllToAll, GroupCollective, HostCopy, Op, SendRecv
 from moesim.placement import Decision, Placement
+from moesim.records import (  # noqa: F401  (re-exported: the executor's seam uses them)
+    MOE_PHASES,
+    PHASE_INDEX,
+    build_record,
+    ep_groups,
+    expert_load,
+    op_bytes,
+    phase_times,
+    summarize,
+)
 from moesim.results import IterationRecord, RunWriter
 from moesim.specs import Cluster, ModelSpec, spec_to_dict
 from moesim.traces.format import RoutingTrace
-
-PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
-MOE_PHASES = ("route", "dispatch", "expert", "combine")
 
 
 @dataclass
@@ -265,123 +271,6 @@ def _plan(run: _Run, decision: Decision) -> Any:
         run.cache = {}
     run.plan_for = decision
     return run.plan
-
-
-# --------------------------------------------------------------------------------------------
-# records
-
-
-def build_record(ctx: LoweringContext, sched: Schedule, it: int, oom: bool,
-                 with_timeline: bool, layout_plan: Any = None) -> IterationRecord:
-    """The iteration's :class:`IterationRecord` from its lowering and schedule (world-rank
-    arrays; under a pipeline layout the stages' views are placed at their ranks)."""
-    from moesim.layout_run import world_tokens
-
-    L = ctx.model.num_layers
-    world = ctx.program.num_ranks
-    tokens_MLR, dropped_MLR = world_tokens(ctx, layout_plan)
-    busy, start, end = phase_times(ctx.program.ops, sched, L)
-    gpu = {k: np.asarray(v, dtype=np.float64) for k, v in ctx.program.memory_bytes.items()}
-    load_LE = expert_load(ctx)
-    summary = summarize(ctx, sched, busy, gpu, oom, load_LE)
-    view_tokens_MLR = ctx.rows_MLP.reshape(*ctx.rows_MLP.shape[:2], ctx.world, -1).sum(axis=3)
-    extra, traffic = metrics.iteration_metrics(view_tokens_MLR, load_LE, ctx.program.ops, world,
-                                               ctx.cluster.gpus_per_node,
-                                               ep_groups(ctx) if layout_plan else None)
-    summary.update(extra)
-    timeline = None
-    if with_timeline:
-        from moesim.timeline import chrome_events
-
-        timeline = chrome_events(ctx.program.ops, sched, iteration=it)
-    return IterationRecord(
-        iteration=it, summary=summary, busy_s_LFR=busy, start_s_LFR=start, end_s_LFR=end,
-        expert_load_LE=load_LE,
-        rank_tokens_LR=tokens_MLR.sum(axis=0), dropped_LR=dropped_MLR.sum(axis=0), memory_CR=gpu,
-        timeline=timeline, traffic_FRR=traffic)
-
-
-def ep_groups(ctx: LoweringContext) -> list[np.ndarray]:
-    """A stage's EP groups (consecutive ranks of the policy's EP size; every rank of the stage
-    when the policy spans it), over which the overload factor is taken under a layout."""
-    n = ctx.world
-    ep = int(ctx.decision.info.get("ep_size") or n)
-    return [np.arange(g * ep, (g + 1) * ep) for g in range(n // ep)] if n % ep == 0 \
-        else [np.arange(n)]
-
-
-def phase_times(ops: list[Op], sched: Schedule, num_layers: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(busy_s, start_s, end_s)`` each ``[L+1, F, R]``: summed durations, first start and
-    last end of each (layer, phase) per rank (per-iteration ops go to index ``L``).
-
-    One row update per op (``[R]`` arrays) beats ``reduceat`` over ``[O, R]`` here."""
-    R, F = sched.start_OR.shape[1], len(PHASES)
-    shape = ((num_layers + 1) * F, R)
-    busy, start, end = np.zeros(shape), np.full(shape, np.nan), np.full(shape, np.nan)
-    dur_OR = sched.end_OR - sched.start_OR
-    np.copyto(dur_OR, 0.0, where=np.isnan(dur_OR))  # skipped ranks: no busy time
-    for i, op in enumerate(ops):
-        k = (op.layer if op.layer >= 0 else num_layers) * F + PHASE_INDEX[op.phase]
-        busy[k] += dur_OR[i]
-        np.fmin(start[k], sched.start_OR[i], out=start[k])
-        np.fmax(end[k], sched.end_OR[i], out=end[k])
-    return tuple(a.reshape(num_layers + 1, F, R) for a in (busy, start, end))
-
-
-def expert_load(ctx: LoweringContext) -> np.ndarray:
-    """Tokens routed to each expert before drops, ``[L, E]``; from the per-slot rows when
-    nothing was dropped (avoids another pass over the counts)."""
-    if ctx.decision.slot_capacity is not None:
-        return ctx.counts_MLRE.sum(axis=(0, 2))
-    phy = ctx.placement.phy2log_LP
-    L, E = phy.shape[0], ctx.placement.num_experts
-    rows_LP = ctx.rows_MLP.sum(axis=0)
-    out = np.zeros((L, E), dtype=np.int64)
-    l_idx, p_idx = np.nonzero(phy >= 0)
-    np.add.at(out, (l_idx, phy[l_idx, p_idx]), rows_LP[l_idx, p_idx])
-    return out
-
-
-def summarize(ctx: LoweringContext, sched: Schedule, busy_LFR: np.ndarray,
-              gpu: dict[str, np.ndarray], oom: bool, load_LE: np.ndarray) -> dict[str, float]:
-    """The summary columns (see the module docstring)."""
-    busy_FR = busy_LFR.sum(axis=0)
-    moe_R = sum(busy_FR[PHASE_INDEX[p]] for p in MOE_PHASES)
-    a2a_R = busy_FR[PHASE_INDEX["dispatch"]] + busy_FR[PHASE_INDEX["combine"]]
-    expert_R = busy_FR[PHASE_INDEX["expert"]]
-    mean = float(expert_R.mean())
-    R = ctx.program.num_ranks
-    host = memory_model.peak_R(ctx.program.host_memory_bytes, R)
-    return {
-        "step_time_s": sched.makespan_s,
-        "moe_time_s": float(moe_R.max()),
-        "a2a_time_s": float(a2a_R.max()),
-        "straggler_ratio": float(expert_R.max() / mean) if mean > 0 else 1.0,
-        "tokens_total": int(load_LE.sum()),
-        "tokens_dropped": int(ctx.dropped_MLR.sum()),
-        "peak_memory_bytes": float(memory_model.peak_R(gpu, R).max()),
-        "relayout_bytes": float(sum(op_bytes(op) for op in ctx.program.ops
-                                    if op.phase == "relayout")),
-        "planner_time_s": float(ctx.decision.planner_time_s),
-        "peak_host_bytes": float(host.max()),
-        "oom": int(oom),
-    }
-
-
-def op_bytes(op: Op) -> float:
-    """Bytes an op moves between devices (self-traffic excluded); 0 for compute."""
-    if isinstance(op, SendRecv):
-        keep = np.asarray(op.src_N) != np.asarray(op.dst_N)
-        return float(np.asarray(op.bytes_N, dtype=float)[keep].sum())
-    if isinstance(op, AllToAll):
-        B = np.asarray(op.bytes_RR, dtype=float)
-        return float(B.sum() - np.trace(B))
-    if isinstance(op, GroupCollective):
-        return float(np.asarray(op.bytes_G, dtype=float)[op.group_sizes > 1].sum())
-    if isinstance(op, HostCopy):
-        return float(np.asarray(op.bytes_R, dtype=float).sum())
-    return 0.0
 
 
 def _check_memory(ctx: LoweringContext, run: _Run, it: int) -> bool:
