@@ -29,6 +29,10 @@ def prepare(layout: ParallelLayout | None, model: ModelSpec, cluster: Cluster, p
     policy = _with_recompute(policy, layout)
     if layout is None or layout.is_default:
         return None, cluster, policy
+    if (layout.recompute == "selective" and "mla_up_proj" in layout.recompute_modules
+            and not model.is_mla):
+        raise MoesimError(f"parallel layout: recompute_modules=mla_up_proj needs an MLA model "
+                          f"(kv_lora_rank > 0); {model.name} has none, drop it")
     if layout.etp > 1:
         raise MoesimError(f"parallel layout: etp={layout.etp}: expert tensor parallelism is "
                           "validated but not lowered yet; use etp=1")

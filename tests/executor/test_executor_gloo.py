@@ -25,6 +25,7 @@ from moesim.ops import PHASES
 from moesim.policies import available_policies, policy_class
 from moesim.results import load_run
 from moesim.specs import load_model
+from tests.policies.policytoys import solver_missing
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -43,24 +44,12 @@ def _tiny_trace(path: Path, world: int) -> Path:
     return save_trace(synthesize(cfg, rng=world), path)
 
 
-def _solver_missing(name: str) -> str | None:
-    """Why an oracle policy cannot run here (``None`` if it can)."""
-    if not policy_class(name).oracle:
-        return None
-    try:
-        import pulp
-
-        return None if pulp.listSolvers(onlyAvailable=True) else "no PuLP solver installed"
-    except ImportError:
-        return "PuLP is not installed"
-
-
 def _policy_specs(world: int, num_experts: int = 8) -> str:
     """``name:knob=value`` specs: one spare slot per rank where a policy has slots (so experts
     get replicas), and capacity factor 1 (drops) at world size 4, dropless at 2."""
     specs = []
     for name in available_policies():
-        if _solver_missing(name):
+        if solver_missing(name):
             continue
         fields = {f.name: f.default for f in dataclasses.fields(policy_class(name).Config)}
         knobs = []
@@ -111,7 +100,7 @@ def test_handmade_program_matches_reference(reports, world):
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("policy", available_policies())
 def test_policy_matches_reference(reports, world, policy):
-    reason = _solver_missing(policy)
+    reason = solver_missing(policy)
     if reason:
         pytest.skip(f"{policy}: {reason}")
     _assert_ok(reports[world][policy])

@@ -9,7 +9,7 @@ from moesim.costmodel import CostModel
 from moesim.engine import schedule
 from moesim.lowering import lower_iteration_ctx
 from moesim.placement import Decision
-from moesim.policies import History, make_policy
+from moesim.policies import History, make_policy, policy_class
 from moesim.specs import Cluster, HardwareProfile, LinkLevel, ModelSpec
 
 
@@ -79,3 +79,16 @@ def lower_run(name: str, knobs: dict, iterations: int = 4, micro_batches: int = 
         prev = d
         decisions.append(d)
     return model, cluster, decisions, ctx, sched
+
+
+def solver_missing(name: str) -> str | None:
+    """Why policy ``name`` cannot run here (``None`` if it can): an oracle needs a PuLP
+    solver."""
+    if not policy_class(name).oracle:
+        return None
+    try:
+        import pulp
+
+        return None if pulp.listSolvers(onlyAvailable=True) else "no PuLP solver installed"
+    except ImportError:
+        return "PuLP is not installed"

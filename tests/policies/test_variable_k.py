@@ -8,25 +8,15 @@ import numpy as np
 import pytest
 
 from moesim.metrics import PHASE_INDEX
-from moesim.policies import available_policies, policy_class
+from moesim.policies import available_policies
 from moesim.traces.routing_limits import RoutingOptions
 from moesim.traces.workloads import WorkloadConfig, synthesize_workload
 
+from .policytoys import solver_missing
 from .test_invariants import make_cluster, make_model
 
 SHAPE = dict(num_layers=2, num_ranks=4, num_experts=8, top_k=2, tokens_per_rank=64,
              micro_batches_per_iteration=2, num_iterations=3)
-
-
-def _solver_missing(name: str) -> str | None:
-    if not policy_class(name).oracle:
-        return None
-    try:
-        import pulp
-
-        return None if pulp.listSolvers(onlyAvailable=True) else "no PuLP solver installed"
-    except ImportError:
-        return "PuLP is not installed"
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +39,7 @@ def test_the_variable_trace_has_fewer_assignments(traces):
 def test_policy_runs_variable_k(traces, name):
     from moesim.simulate import simulate
 
-    reason = _solver_missing(name)
+    reason = solver_missing(name)
     if reason:
         pytest.skip(f"{name}: {reason}")
     fixed, variable = traces

@@ -324,3 +324,10 @@ def test_overload_is_taken_per_ep_group_under_a_layout() -> None:
     # each group routes its own 32 tokens to its copy of expert 0: 32 / 16 = 2 (one group of
     # four ranks would read 32 / 16 too, but a hot rank in an idle group could not hide)
     assert s.rows[0]["overload_max"] == pytest.approx(2.0)
+
+
+def test_mla_up_proj_recompute_needs_mla() -> None:
+    model, trace = uniform_model(2, 4, micro_batches=1), uniform_trace(4, 2, 4, micro_batches=1)
+    with pytest.raises(MoesimError, match="needs an MLA model"):
+        simulate(trace, model, free_comm_cluster(1, 4), "static_ep", progress=False,
+                 layout=parse_layout("recompute=selective,recompute_modules=mla_up_proj"))
