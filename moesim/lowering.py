@@ -354,12 +354,12 @@ def lower_iteration_ctx(policy: Any, decision: Decision, previous: Decision | No
     if cache is not None:
         ctx._consts = cache
     if layout_plan is None:
-        _fill_routes(ctx)
         layered.emit_program(ctx, None)
         attach_memory(ctx)
     else:
         layered.emit_program(ctx, layout_plan)
         layered.attach_layout_memory(ctx, layout_plan)
+    _fill_routes(ctx)
     return ctx
 
 
@@ -402,7 +402,9 @@ def _column_sums(x_MLRP: np.ndarray) -> np.ndarray:
 
 
 def _fill_routes(ctx: LoweringContext) -> None:
-    """``Program.routes[(mb, layer)]`` for the executor."""
+    """``Program.routes[(mb, layer)]`` for the executor, by global MoE layer. Under pipeline
+    stages a route's rows are the token sources of the stage holding the layer, in stage-rank
+    order (its dispatch ``AllToAll``'s ``ranks`` are their world ranks)."""
     S = ctx.placement.slots_per_rank
     M, L = ctx.kept_MLRP.shape[:2]
     for mb in range(M):
