@@ -64,9 +64,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.world_size < 1:
         raise MoesimError("--world-size must be >= 1")
-    from moesim.layout_run import executor_supports
+    from moesim.executor.capabilities import check_layout
 
-    executor_supports(args.parallel)
+    check_layout(args.parallel)
     out = Path(args.out)
     from moesim import dirlock, rundir
 

@@ -263,11 +263,11 @@ def run_config(trace_path: Path, trace_name: str, spec: str, world: int, args,
 
 def run_validate(args: argparse.Namespace) -> int:
     from moesim.analysis.validation import format_table, routing_gap_line
-    from moesim.layout_run import executor_supports
+    from moesim.executor.capabilities import check_layout
     from moesim.specs import load_model
     from moesim.traces.io import save_trace
 
-    executor_supports(getattr(args, "parallel", None))
+    check_layout(getattr(args, "parallel", None))
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise MoesimError(f"output directory {out} is not empty; choose a new --out")

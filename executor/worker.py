@@ -307,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         guard_arguments(args)
         check_flags(args, flag_names(parser))
-        from moesim.layout_run import executor_supports
+        from moesim.executor.capabilities import check_layout
 
-        executor_supports(args.parallel)
+        check_layout(args.parallel)
     except MoesimError as exc:  # the same on every rank: rank 0 says it
         if os.environ["RANK"] == "0":
             print(f"moesim: error: {exc}", file=sys.stderr)

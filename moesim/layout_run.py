@@ -1,4 +1,4 @@
-"""A run under a parallel layout: what the simulator (and later the executor) sets up around it.
+"""A run under a parallel layout: what the simulator (and the executor) sets up around it.
 
 :func:`prepare` checks the layout against the cluster, model, trace and policy before anything
 is written, and returns the :class:`~moesim.stages.LayoutPlan` and the *view* cluster — one
@@ -113,16 +113,3 @@ def check_trace_ranks(trace_ranks: int, plan: LayoutPlan | None) -> None:
                           f"of this layout has {plan.stage_ranks} (world {plan.world} / pp "
                           f"{plan.layout.pp}); pass --regroup, or regroup it first: moesim trace "
                           f"regroup --ranks {plan.stage_ranks}")
-
-
-def executor_supports(text: str | None) -> None:
-    """The executor runs the default layout only (TP/PP/CP/ZeRO stages/recompute and the
-    all-to-all overlap are simulated; running them is the next step): refuse any other in one
-    line, before a rank starts."""
-    from moesim.layout import parse_layout
-
-    layout = parse_layout(text)
-    if not layout.is_default:
-        raise MoesimError(f"the executor does not run parallel layouts yet (got --parallel "
-                          f"{text}: {layout.describe()}); simulate it with moesim simulate "
-                          f"--parallel {text}, or run without --parallel")
