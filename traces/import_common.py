@@ -1,4 +1,4 @@
-"""Input checks shared by the engine importers (Megatron-Core, TensorRT-LLM, vLLM).
+"""Input checks and count handling shared by every importer.
 
 Every importer reads files other programs wrote, so each file is checked before it is opened:
 it must be a regular file (not a directory, device or FIFO) of bounded size, and a bad one gives
@@ -14,8 +14,12 @@ import re
 import stat
 from pathlib import Path
 
+import numpy as np
+
 from moesim import bounds
 from moesim.errors import MoesimError, TraceError
+from moesim.traces.format import RoutingTrace, TraceMeta
+from moesim.traces.validate import validate
 
 MAX_JSON_BYTES = 1 << 30          # one JSON document (vLLM load_history, meta_info.json)
 MAX_META_BYTES = 1 << 20          # small side files (TensorRT-LLM meta_info.json)
@@ -132,3 +136,111 @@ def short(value, limit: int = 80) -> str:
     """``value`` as one short line."""
     text = " ".join(str(value).split())
     return text[:limit] + ("..." if len(text) > limit else "")
+
+
+# -- counts into a trace (every importer) ----------------------------------------------------
+def token_budget(sums: np.ndarray, top_k: int, allow_uneven: bool, what: str
+                  ) -> tuple[int, bool]:
+    """``(tokens_per_rank, variable_k)`` from row sums ``[...]`` of top-k-expanded counts."""
+    if top_k < 1:
+        raise TraceError(f"top_k = {top_k} must be >= 1; pass the model's --top-k")
+    biggest = int(sums.max()) if sums.size else 0
+    even = sums.size and bool((sums == biggest).all()) and biggest % top_k == 0 and biggest > 0
+    if even:
+        return biggest // top_k, False
+    if not allow_uneven:
+        lo = int(sums.min())
+        raise TraceError(f"{what}: rows sum to between {lo} and {biggest} (top_k = {top_k}), "
+                         "so tokens x top_k is not fixed; check --top-k, or pass "
+                         "--allow-uneven to import as a variable-k trace")
+    return max(1, math.ceil(biggest / top_k)), True
+
+
+def as_counts(values: np.ndarray, what: str) -> np.ndarray:
+    """Float or int array → int64 counts; TraceError on NaN, negative or fractional values."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "iuf":
+        raise TraceError(f"{what} holds {values.dtype} values; expected numeric counts")
+    if values.dtype.kind == "f":
+        if not np.isfinite(values).all():
+            raise TraceError(f"{what} contains NaN or infinity; the recorder lost data, "
+                             "re-record or drop those entries")
+        if (values != np.rint(values)).any():
+            bad = values[values != np.rint(values)].flat[0]
+            raise TraceError(f"{what} contains the non-integer count {float(bad):g}; counts "
+                             "must be whole numbers of token assignments")
+    if values.size and values.min() < 0:
+        raise TraceError(f"{what} contains the negative count {values.min():g}; counts must be "
+                         ">= 0")
+    if values.size and values.max() >= 2**62:
+        raise TraceError(f"{what} contains a count too large to be real ({values.max()}); "
+                         "the file is corrupt")
+    if values.size and float(np.abs(values).astype(np.float64).sum()) >= 2**62:
+        raise TraceError(f"{what}: the counts sum to more than 2**62 token assignments, too "
+                         "large to be real (sums would overflow int64); the file is corrupt")
+    return values.astype(np.int64)
+
+
+def license_from(directory: Path) -> str:
+    """The license named by a LICENSE/COPYING file in ``directory`` ("" when none)."""
+    for name in ("LICENSE", "LICENSE.txt", "LICENSE.md", "COPYING"):
+        path = directory / name
+        if path.is_file():
+            head = path.read_text(errors="replace")[:2000]
+            for pattern, spdx in ((r"GNU GENERAL PUBLIC LICENSE\s+Version 3", "GPL-3.0"),
+                                  (r"GNU GENERAL PUBLIC LICENSE\s+Version 2", "GPL-2.0"),
+                                  (r"Apache License,?\s+Version 2\.0", "Apache-2.0"),
+                                  (r"MIT License", "MIT"), (r"BSD", "BSD")):
+                if re.search(pattern, head, re.IGNORECASE):
+                    return spdx
+            return f"see {path}"
+    return ""
+
+
+def rank_aggregated(counts_TLE: np.ndarray, top_k: int, source: str, license_: str = "",
+                     extra: dict | None = None, micro_batches: int = 1) -> RoutingTrace:
+    """Totals over ranks ``[T, L, E]`` → a validated trace with ``R = 1``."""
+    counts = as_counts(counts_TLE, source)[:, :, None, :]
+    tokens, variable = token_budget(counts.sum(-1), top_k, True, source)
+    if counts.shape[0] % micro_batches:
+        raise TraceError(f"{source}: {counts.shape[0]} passes is not a multiple of "
+                         f"--micro-batches {micro_batches}; fix --micro-batches")
+    meta = TraceMeta(num_layers=counts.shape[1], num_ranks=1, num_experts=counts.shape[3],
+                     top_k=top_k, tokens_per_rank=tokens, variable_k=variable,
+                     rank_resolved=False, micro_batches_per_iteration=micro_batches,
+                     source=source, license=license_, extra=extra or {})
+    return validate(RoutingTrace(counts, meta))
+
+
+def to_numpy(value, what: str) -> np.ndarray:
+    """A numeric array from a list, numpy array or torch tensor; TraceError when ragged or
+    non-numeric."""
+    if hasattr(value, "detach"):
+        value = _dense_tensor(value.detach().cpu(), what).numpy()
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        raise TraceError(f"{what} is ragged or not numeric; expected a rectangular array") from None
+    if array.dtype.kind not in "iuf":
+        raise TraceError(f"{what} has non-numeric dtype {array.dtype}; expected counts")
+    return array
+
+
+def _dense_tensor(tensor, what: str):
+    """A strided tensor numpy can take: sparse layouts densified (after a size check),
+    bfloat16/float16 widened to float64 (the stored values, exactly)."""
+    import torch
+
+    if tensor.layout != torch.strided:
+        try:
+            bounds.check_shape(tuple(tensor.shape), f"{what}: a sparse tensor of shape",
+                               "the dump is corrupt or not a count table",
+                               tensor.element_size())
+        except MoesimError as exc:
+            raise TraceError(str(exc)) from None
+        tensor = tensor.to_dense()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.to(torch.float64)
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TraceError(f"{what} has dtype {tensor.dtype}; expected counts")
+    return tensor

@@ -43,10 +43,10 @@ from moesim.traces.import_common import (
     read_json,
     regular_file,
     short,
+    token_budget,
     trace_dir,
     whole_int,
 )
-from moesim.traces.importers import _token_budget
 from moesim.traces.validate import validate
 
 COUNTS_FILE = re.compile(r"^rank(\d+)\.safetensors$")
@@ -151,7 +151,7 @@ def _check_token_files(directory: Path, files: dict[int, Path], per_rank: dict, 
 
 def _trace(counts: np.ndarray, k: int, iters: list[int], layers: list[int], directory: Path,
            checked: int) -> RoutingTrace:
-    tokens, variable = _token_budget(counts.sum(-1), k, True, str(directory))
+    tokens, variable = token_budget(counts.sum(-1), k, True, str(directory))
     gaps = set(np.diff(iters).tolist())
     R = counts.shape[2]
     identical = R > 1 and bool((counts == counts[:, :, :1]).all())

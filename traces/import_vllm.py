@@ -41,12 +41,14 @@ from moesim.traces.format import RoutingTrace
 from moesim.traces.import_common import (
     MAX_JSON_BYTES,
     MAX_TENSOR_FILE_BYTES,
+    as_counts,
     check_cells,
+    rank_aggregated,
     read_json,
     regular_file,
     short,
+    to_numpy,
 )
-from moesim.traces.importers import _as_counts, _rank_aggregated, _to_numpy
 
 WINDOW_KEYS = ("expert_load_window", "global_expert_load_window")
 MAP_KEY = "physical_to_logical_map"
@@ -78,7 +80,7 @@ def import_vllm(path: str | os.PathLike, top_k: int = 2, *, naive_dp_size: int =
     if (~keep).any():
         extra["dropped_empty_passes"] = int((~keep).sum())
     extra["naive_dp_size"] = naive_dp_size
-    return _rank_aggregated(counts_TLE[keep], top_k, f"vLLM EPLB load: {path.name}",
+    return rank_aggregated(counts_TLE[keep], top_k, f"vLLM EPLB load: {path.name}",
                             extra=extra, micro_batches=micro_batches)
 
 
@@ -105,14 +107,14 @@ def _history(history, path: Path) -> np.ndarray:
     for n, entry in enumerate(history):
         if not isinstance(entry, dict) or "logical_expert_load" not in entry:
             raise TraceError(f"{path}: load_history[{n}] has no logical_expert_load")
-        rows.append(_to_numpy(entry["logical_expert_load"],
+        rows.append(to_numpy(entry["logical_expert_load"],
                               f"{path}: load_history[{n}].logical_expert_load"))
     shapes = {r.shape for r in rows}
     if len(shapes) != 1 or rows[0].ndim != 2 or 0 in rows[0].shape:
         raise TraceError(f"{path}: load_history entries have shapes {sorted(shapes)[:3]}; each "
                          "must be the same [layers, experts]")
     check_cells((len(rows), *rows[0].shape, 1), str(path))
-    return _as_counts(np.stack(rows), f"{path}: load_history")
+    return as_counts(np.stack(rows), f"{path}: load_history")
 
 
 def _window(data: dict, path: Path) -> tuple[np.ndarray, dict]:
@@ -120,8 +122,8 @@ def _window(data: dict, path: Path) -> tuple[np.ndarray, dict]:
     if key is None or MAP_KEY not in data:
         raise TraceError(f"{path} lacks {WINDOW_KEYS[0]} or {MAP_KEY}; save both from vLLM's "
                          "EplbModelState (or a JSON load_history)")
-    window_WLP = _as_counts(_to_numpy(data[key], f"{path}: {key}"), f"{path}: {key}")
-    map_LP = _to_numpy(data[MAP_KEY], f"{path}: {MAP_KEY}")
+    window_WLP = as_counts(to_numpy(data[key], f"{path}: {key}"), f"{path}: {key}")
+    map_LP = to_numpy(data[MAP_KEY], f"{path}: {MAP_KEY}")
     if window_WLP.ndim != 3 or 0 in window_WLP.shape:
         raise TraceError(f"{path}: {key} has shape {list(window_WLP.shape)}; expected "
                          "[window, layers, physical experts]")
