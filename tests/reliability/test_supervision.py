@@ -41,7 +41,7 @@ def test_killed_launcher_takes_its_ranks_and_the_run_never_reads_complete(tmp_pa
     ranks = children(launcher.pid)
     launcher.send_signal(sig)
     launcher.wait(timeout=30)
-    wait_for(lambda: not any(alive(r) for r in ranks), timeout_s=5,
+    wait_for(lambda: not any(alive(r) for r in ranks), timeout_s=30,
              what="the ranks to die with their launcher")
     time.sleep(4.5)  # past the moment a surviving rank 0 would have written `complete`
     assert json.loads((out / "manifest.json").read_text())["status"] != "complete"
@@ -68,5 +68,5 @@ def test_sigkilled_search_leaves_no_pool_worker_behind(tmp_path):
     workers = children(search.pid)
     search.kill()
     search.wait(timeout=30)
-    wait_for(lambda: not any(alive(w) for w in workers), timeout_s=5,
+    wait_for(lambda: not any(alive(w) for w in workers), timeout_s=30,
              what="the pool workers to die with the search")
