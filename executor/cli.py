@@ -45,14 +45,15 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
     """The worker's command line for a parsed ``moesim run``."""
     argv = ["--trace", str(args.trace), "--model", str(args.model), "--policy", args.policy,
             "--out", str(args.out), "--seed", str(args.seed), "--timeline", args.timeline,
-            "--timeout-s", str(args.timeout_s)]
+            "--timeout-s", str(args.timeout_s), "--warmup", str(args.warmup)]
     for knob in args.knob:
         argv += ["--knob", knob]
     for name in ("cluster", "iterations", "parallel"):
         if getattr(args, name):
             argv += [f"--{name}", str(getattr(args, name))]
-    if args.check:
-        argv.append("--check")
+    for flag in ("check", "regroup"):
+        if getattr(args, flag, False):
+            argv.append(f"--{flag}")
     return argv
 
 
@@ -113,14 +114,18 @@ def run_json(out) -> dict:
 
 
 def run_summary(out) -> str:
-    """One line about a finished executor run: iterations, step time, drops."""
+    """One line about a finished executor run: iterations, step time, drops, and the overload
+    factor and imbalance as ``moesim simulate``'s summary line gives them."""
     from moesim.results import load_run
+    from moesim.simulate import SimSummary
+    from moesim.simulate_cli import iteration_rows, overload_text
 
     run = load_run(out)
     step = run.summary.get("step_time_s")
     if step is None or not len(step):
         return f"wrote {out} ({run.manifest.get('status')}, no iterations)"
     dropped, total = run.summary["tokens_dropped"].sum(), run.summary["tokens_total"].sum()
+    overload = overload_text(SimSummary(rows=iteration_rows(out), config=run.config))
     return (f"wrote {out}: {len(step)} iterations, step time mean {step.mean() * 1e3:.2f} ms "
             f"(min {step.min() * 1e3:.2f}, max {step.max() * 1e3:.2f}), "
-            f"{dropped / max(total, 1) * 100:.1f}% of token assignments dropped")
+            f"{dropped / max(total, 1) * 100:.1f}% of token assignments dropped, {overload}")

@@ -5,8 +5,11 @@
 :func:`moesim.simulate.decide_iteration` (``History`` of earlier passes only, plus the current
 iteration's for oracles; generator ``default_rng([seed, iteration])``), carrying the previous
 decision from ``start`` on (``None`` at ``start``) — and lowers every iteration in
-``[start, stop)`` with :func:`moesim.lowering.lower_iteration`, so both backends run the same
-programs. :func:`fit_run_inputs` fits the trace and model as the simulator does
+``[start, stop)`` with :func:`moesim.lowering.lower_iteration_ctx`, so both backends run the
+same programs. Under a parallel layout it does what the simulator does: the policy decides on
+the *view* cluster (one pipeline stage's ranks) and the lowering gets the
+:class:`~moesim.stages.LayoutPlan` (both from :func:`moesim.simulate.prepare_inputs`).
+:func:`fit_run_inputs` fits the trace and model as the simulator does
 (:func:`moesim.simulate.fit_inputs`).
 
 Shape legend: ``T`` passes, ``L`` layers, ``R`` ranks, ``E`` experts, ``M`` passes per iteration.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,13 +33,17 @@ from moesim.traces.format import RoutingTrace
 
 @dataclass
 class PlannedIteration:
-    """One iteration to execute: its index, the policy's decision, the lowered program and
-    its routing counts ``counts_MLRE``."""
+    """One iteration to execute: its index, the policy's decision, the lowered program, its
+    routing counts ``counts_MLRE``, (rank 0 only, never broadcast) the whole
+    :class:`~moesim.lowering.LoweringContext` the iteration's record is built from, and the
+    run's :class:`~moesim.stages.LayoutPlan` (None: the default layout)."""
 
     iteration: int
     decision: Decision
     program: Program
     counts_MLRE: np.ndarray
+    context: Any = None
+    layout_plan: Any = None
 
 
 def parse_iterations(text: str | None, available: int) -> tuple[int, int]:
@@ -64,15 +72,20 @@ def fit_run_inputs(trace: RoutingTrace, model: ModelSpec, cluster: Cluster, seed
 
 def iteration_programs(counts_TLRE: np.ndarray, passes_per_iteration: int, policy: Policy,
                        model: ModelSpec, cluster: Cluster, start: int, stop: int,
-                       seed: int = 0) -> Iterator[PlannedIteration]:
-    """Decide and lower iterations ``start..stop-1`` (see the module docstring)."""
-    from moesim.lowering import lower_iteration
+                       seed: int = 0, *, layout_plan: Any = None,
+                       view: Cluster | None = None) -> Iterator[PlannedIteration]:
+    """Decide and lower iterations ``start..stop-1`` (see the module docstring); ``view``:
+    the cluster the policy decides on and the lowering routes over (default ``cluster``)."""
+    from moesim.lowering import lower_iteration_ctx
     from moesim.simulate import decide_iteration
 
+    view = view or cluster
     previous: Decision | None = None
     for it in range(start, stop):
         decision, current = decide_iteration(policy, counts_TLRE, passes_per_iteration, it,
-                                             previous, model, cluster, seed)
-        program = lower_iteration(policy, decision, previous, current, model, cluster)
-        yield PlannedIteration(it, decision, program, np.asarray(current))
+                                             previous, model, view, seed)
+        ctx = lower_iteration_ctx(policy, decision, previous, current, model, view,
+                                  layout_plan=layout_plan)
+        yield PlannedIteration(it, decision, ctx.program, np.asarray(current), ctx,
+                               layout_plan)
         previous = decision

@@ -19,6 +19,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", default=None, help="cluster preset or .toml (default: "
                    "cpu-gloo-4 on CPU, h100-4x8-ib400x8 on GPU, reshaped to 1 node x N ranks)")
     p.add_argument("--iterations", default=None, metavar="A:B", help="trace iterations to run")
+    p.add_argument("--regroup", action="store_true", help="when the trace's rank count differs "
+                   "from the ranks a pipeline stage has (the world size without --parallel), "
+                   "regroup its ranks to them (as 'moesim trace regroup'; written into the "
+                   "run's config)")
     p.add_argument("-o", "--out", "--output", dest="out", required=True,
                    help="run directory to write (must be new)")
     p.add_argument("--seed", type=int, default=0, help="policy RNG seed")

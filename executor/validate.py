@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="small-cpu", help="model preset (default: small-cpu, "
                    "GEMM-bound on CPU)")
     p.add_argument("--iterations", default="0:4", metavar="A:B")
+    p.add_argument("--micro-batches", type=int, default=None, help="micro-batches per "
+                   "iteration of the traces made for the grid (default: the model's; a "
+                   "pipeline layout wants several, e.g. 4 with --parallel pp=2)")
     p.add_argument("-o", "--out", "--output", dest="out", required=True,
                    help="directory for runs, table and figure")
     p.add_argument("--repeats", type=int, default=1, help="executor runs per configuration; "
@@ -200,13 +203,19 @@ def wait_for_quiet(max_wait_s: float, busy_limit: float = 0.35, window_s: float 
 
 @dataclass
 class ConfigResult:
-    """One grid point: its name, where its runs are, and the comparison."""
+    """One grid point: its name, where its runs are, the comparison and, under a pipeline
+    layout, the per-stage rows (:func:`moesim.executor.validate_stages.stage_rows`)."""
 
     name: str
     trace: str
     policy: str
     world: int
     comparison: object
+    stage_rows: list = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        """The step, per-phase and per-stage rows (the validation.csv rows of this config)."""
+        return [*self.comparison.rows(), *self.stage_rows]
 
 
 def _policy(spec: str):
@@ -222,11 +231,15 @@ def run_config(trace_path: Path, trace_name: str, spec: str, world: int, args,
     """Executor + simulator for one (trace, policy, world) and their comparison.
     ``after_runs`` (optional) is called between the executor's runs and the simulator's,
     which reads ``args.profile`` only then (``benchmarks/accuracy.py`` re-measures the
-    calibration workload there, so that the profile brackets the runs in time)."""
+    calibration workload there, so that the profile brackets the runs in time).
+    ``args.parallel`` (optional): the layout both backends run (the trace's source ranks are
+    one pipeline stage's)."""
     from moesim.analysis.validation import compare_runs
     from moesim.executor.launch import launch
     from moesim.executor.plan import parse_iterations
+    from moesim.executor.validate_stages import stage_rows
     from moesim.executor.worker import resolve_cluster
+    from moesim.layout import parse_layout
     from moesim.results import load_run
     from moesim.simulate import simulate
     from moesim.specs import load_model
@@ -246,6 +259,8 @@ def run_config(trace_path: Path, trace_name: str, spec: str, world: int, args,
                 "--warmup", str(getattr(args, "warmup", 2))]
         for k in knobs:
             argv += ["--knob", k]
+        if getattr(args, "parallel", None):
+            argv += ["--parallel", args.parallel]
         wait_for_quiet(float(getattr(args, "quiet_wait_s", 0.0)))
         launch(argv, world, run_dir, hang_timeout_s=args.hang_timeout_s,
                backend=getattr(args, "backend", None))
@@ -253,9 +268,12 @@ def run_config(trace_path: Path, trace_name: str, spec: str, world: int, args,
         after_runs()
     cluster = resolve_cluster(args.profile, world, cuda=False)  # as the executor's ranks do
     simulate(trace_path, load_model(args.model), cluster, policy, iterations=(start, stop),
-             out_dir=predicted, timeline_iterations=[start], progress=False)
-    comp = compare_runs(load_run(predicted), [load_run(m) for m in measured])
-    return ConfigResult(out.name, trace_name, spec, world, comp)
+             out_dir=predicted, timeline_iterations=[start], progress=False,
+             layout=parse_layout(getattr(args, "parallel", None)))
+    pred, meas = load_run(predicted), [load_run(m) for m in measured]
+    comp = compare_runs(pred, meas)
+    return ConfigResult(out.name, trace_name, spec, world, comp,
+                        stage_rows(pred, meas, comp.iterations))
 
 
 # -- the grid --------------------------------------------------------------------------------
@@ -267,26 +285,27 @@ def run_validate(args: argparse.Namespace) -> int:
     from moesim.specs import load_model
     from moesim.traces.io import save_trace
 
-    check_layout(getattr(args, "parallel", None))
+    layout = check_layout(getattr(args, "parallel", None))
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise MoesimError(f"output directory {out} is not empty; choose a new --out")
     text = sys.stderr if getattr(args, "json", False) else sys.stdout  # --json: tables aside
-    model = load_model(args.model)
+    model = trace_model(load_model(args.model), getattr(args, "micro_batches", None))
     worlds = validation.int_list(args.world_sizes, "--world-sizes", minimum=1)
+    sources = {w: stage_sources(w, layout) for w in worlds}  # a bad layout fails before runs
+    lay_tag = layout_tag(getattr(args, "parallel", None))
     stop = int(str(args.iterations).partition(":")[2] or 4)
     results = []
     for tname in [t for t in args.traces.split(",") if t]:
         for world in worlds:
             tag = Path(tname.partition("=")[0]).stem
             (out / "traces").mkdir(parents=True, exist_ok=True)
-            tpath = save_trace(load_named_trace(tname, world, model, stop),
+            tpath = save_trace(load_named_trace(tname, sources[world], model, stop),
                                out / "traces" / f"{tag}-w{world}.npz")
             for spec in [p for p in args.policies.split(",") if p]:
-                cfg = f"{tag}-{spec.replace(':', '_').replace('=', '')}-w{world}"
+                cfg = f"{tag}-{spec.replace(':', '_').replace('=', '')}-w{world}{lay_tag}"
                 res = run_config(Path(tpath), tag, spec, world, args, out / cfg)
-                print(format_table(res.comparison.rows(), title=f"== {cfg}"), flush=True,
-                      file=text)
+                print(format_table(res.rows(), title=f"== {cfg}"), flush=True, file=text)
                 print(routing_gap_line(res.comparison), flush=True, file=text)
                 results.append(res)
     write_csv(results, out / "validation.csv")
@@ -300,13 +319,37 @@ def run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def trace_model(model: ModelSpec, micro_batches: int | None) -> ModelSpec:
+    """The model the grid's traces are shaped for (``--micro-batches`` overrides its own)."""
+    if micro_batches is None:
+        return model
+    if micro_batches < 1:
+        raise MoesimError(f"--micro-batches {micro_batches}: give at least 1")
+    return model.replace(micro_batches=micro_batches)
+
+
+def stage_sources(world: int, layout) -> int:
+    """Token sources of one pipeline stage at ``world`` ranks (the trace's ranks): world / pp."""
+    if world % layout.pp:
+        raise MoesimError(f"--world-sizes {world} is not a multiple of the layout's pp "
+                          f"{layout.pp}; choose world sizes divisible by it")
+    return world // layout.pp
+
+
+def layout_tag(parallel: str | None) -> str:
+    """The suffix a configuration's name gets from ``--parallel`` (``-tp2_sptrue``)."""
+    if not parallel:
+        return ""
+    return "-" + "".join(c for c in parallel.replace(",", "_") if c.isalnum() or c in "_-.")
+
+
 def validation_json(results: list[ConfigResult], out: Path) -> dict:
     """``validate --json``: per configuration, its step-time errors and the per-quantity rows
     of validation.csv (schema in docs/cli.md)."""
     return {"out_dir": str(out), "configs": [
         {"name": r.name, "trace": r.trace, "policy": r.policy, "world_size": r.world,
          "step_mape_pct": r.comparison.step.mape_pct, "step_max_pct": r.comparison.step.max_pct,
-         "rows": r.comparison.rows()} for r in results]}
+         "rows": r.rows()} for r in results]}
 
 
 def summary_table(results: list[ConfigResult]) -> str:
@@ -326,7 +369,7 @@ def write_csv(results: list[ConfigResult], path: Path) -> None:
     w.writerow(["config", "trace", "policy", "world_size", "quantity", "predicted_s",
                 "measured_s", "mape_pct", "max_pct"])
     for r in results:
-        for row in r.comparison.rows():
+        for row in r.rows():
             w.writerow([r.name, r.trace, r.policy, r.world, row["quantity"],
                         row["predicted_s"], row["measured_s"], row["mape_pct"], row["max_pct"]])
     atomic_write_bytes(path, buf.getvalue().encode())

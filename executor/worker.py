@@ -93,13 +93,15 @@ def _timeline_iters(text: str, first: int) -> set[int] | str:
 
 
 def _config(args: argparse.Namespace, trace, model, cluster, policy, world: int,
-            start: int, stop: int) -> dict:
-    """The simulator's config (:func:`moesim.simulate.run_config`, so a simulator run and an
-    executor run of the same set-up pair up in ``analysis``) plus the executor's own facts."""
-    from moesim.simulate import run_config
+            start: int, stop: int, layout_plan=None) -> dict:
+    """The simulator's config (:func:`moesim.simulate.run_config` with the layout and regroup
+    option of :func:`moesim.simulate.layout_config`, so a simulator run and an executor run of
+    the same set-up pair up in ``analysis``) plus the executor's own facts."""
+    from moesim.simulate import layout_config, run_config
 
-    config = run_config(trace, str(args.trace), model, cluster, policy,
-                        list(range(start, stop)), args.seed, False)
+    config = layout_config(run_config(trace, str(args.trace), model, cluster, policy,
+                                      list(range(start, stop)), args.seed, False),
+                           layout_plan, bool(getattr(args, "regroup", False)))
     config.update(backend="executor", argv=sys.argv,
                   started_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   executor={"world_size": world, "dist_backend": dist.get_backend(),
@@ -111,28 +113,36 @@ def _config(args: argparse.Namespace, trace, model, cluster, policy, world: int,
 
 
 def _planned(args: argparse.Namespace, world: int, cuda: bool):
-    """Rank 0's side of a run: model, cluster, config and the iterator of planned iterations."""
+    """Rank 0's side of a run: model, config and the iterator of planned iterations (each
+    with the layout plan, None for the default layout). The set-up is the simulator's
+    (:func:`moesim.simulate.prepare_inputs`): the same layout plan, view cluster, regrouping,
+    trace-rank check and fitted trace and model."""
     from moesim.executor.plan import iteration_programs, parse_iterations
+    from moesim.layout import parse_layout
     from moesim.policies import make_policy
-    from moesim.simulate import fit_inputs
+    from moesim.simulate import prepare_inputs
     from moesim.specs import load_model
     from moesim.traces.io import load_trace
 
     cluster = resolve_cluster(args.cluster, world, cuda)
     trace = load_trace(args.trace)
-    if trace.meta.rank_resolved and trace.meta.num_ranks != world:
+    layout = parse_layout(getattr(args, "parallel", None))
+    regroup = bool(getattr(args, "regroup", False))
+    if (layout.is_default and not regroup and trace.meta.rank_resolved
+            and trace.meta.num_ranks != world):
         raise MoesimError(f"trace {args.trace} has {trace.meta.num_ranks} ranks but the run has "
-                          f"{world}; change --world-size or regroup the trace "
-                          "(moesim.executor.validate.prepare_trace)")
-    # the simulator's own fitting, so both backends see the same tokens per rank and passes
-    trace, model = fit_inputs(trace, load_model(args.model), cluster, args.seed)
-    knobs = parse_knobs(args.knob)
-    policy = make_policy(args.policy, knobs)
-    plan_size(policy, model.num_layers, world, model.num_experts)  # the simulator's bound
+                          f"{world}; change --world-size or pass --regroup (or regroup it "
+                          f"first: moesim trace regroup --ranks {world})")
     start, stop = parse_iterations(args.iterations, trace.num_iterations)
-    config = _config(args, trace, model, cluster, policy, world, start, stop)
+    policy = make_policy(args.policy, parse_knobs(args.knob))
+    inputs = prepare_inputs(trace, load_model(args.model), cluster, policy, layout,
+                            regroup=regroup, stop=stop, rng_seed=args.seed)
+    trace, model, policy = inputs.trace, inputs.model, inputs.policy
+    plan_size(policy, model.num_layers, world, model.num_experts)  # the simulator's bound
+    config = _config(args, trace, model, cluster, policy, world, start, stop, inputs.layout_plan)
     items = iteration_programs(trace.counts_TLRE, trace.meta.micro_batches_per_iteration,
-                               policy, model, cluster, start, stop, args.seed)
+                               policy, model, cluster, start, stop, args.seed,
+                               layout_plan=inputs.layout_plan, view=inputs.view)
     return model, config, items
 
 
@@ -162,9 +172,10 @@ def stream(model, items, rank: int, world: int, device: torch.device, hb: Heartb
     ex = RankExecutor(box[0], rank, world, device)
     first = True
     while True:
-        box = [_next_item(items) if rank == 0 else None]
+        item = _next_item(items) if rank == 0 else None
+        box = [_without_context(item)]  # the lowering context stays on rank 0
         dist.broadcast_object_list(box, src=0)
-        item = box[0]
+        item = item if rank == 0 else box[0]
         if item is None:
             return
         if isinstance(item, Exception):
@@ -184,6 +195,15 @@ def stream(model, items, rank: int, world: int, device: torch.device, hb: Heartb
         report = check_iteration(ex, item.program, item.iteration) if check else None
         hb.beat(force=True)
         yield item, gathered, report, peak
+
+
+def _without_context(item: object) -> object:
+    """A planned iteration as the other ranks get it: without its lowering context."""
+    if getattr(item, "context", None) is None:
+        return item
+    import dataclasses
+
+    return dataclasses.replace(item, context=None)
 
 
 def _echoed(exc: Exception, rank: int) -> Exception:
@@ -215,9 +235,8 @@ def run_rank(args: argparse.Namespace, rank: int, world: int, hb: Heartbeat) -> 
             if rank != 0:
                 continue
             want_tl = timeline == "all" or (timeline != "none" and item.iteration in timeline)
-            rec = build_record(item.iteration, item.program, item.decision, item.counts_MLRE,
-                               gathered, want_tl, peak,
-                               gpus_per_node=config["cluster"]["gpus_per_node"])
+            rec = build_record(item.context, gathered, item.iteration, want_tl, peak,
+                               item.layout_plan)
             if report is not None:
                 rec.summary.update({f"check_{k}": float(v) for k, v in report.items()
                                     if k != "iteration"})

@@ -7,10 +7,10 @@ decision with this iteration's counts (:mod:`moesim.lowering`), cost every op
 :class:`~moesim.results.IterationRecord` (backend ``simulator``).
 
 The seam the executor shares (public and stable; ``moesim.executor.plan`` and the worker use
-it, so both backends fit, decide and record alike): :func:`fit_inputs` (= :func:`fit_trace` +
-:func:`fit_model`), :func:`build_history` and :func:`decide_iteration` (the policy loop's
-inputs: History and the per-iteration generator), :func:`run_config`, :func:`phase_times`,
-:func:`op_bytes`.
+it, so both backends fit, decide and record alike): :func:`prepare_inputs` (a layout's set-up,
+then :func:`fit_inputs` = :func:`fit_trace` + :func:`fit_model`), :func:`layout_config`,
+:func:`build_history` and :func:`decide_iteration` (the policy loop's inputs: History and the
+per-iteration generator), :func:`run_config`, :func:`phase_times`, :func:`op_bytes`.
 
 Shape legend: ``M`` passes of the iteration, ``L`` layers, ``F`` phases, ``R`` ranks, ``E``
 experts, ``O`` ops, ``P`` physical slots, ``G`` destination ranks.
@@ -136,37 +136,72 @@ def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluste
     ``layout``: a :class:`~moesim.layout.ParallelLayout` (None: the default, every rank one
     stage with the policy's own EP and optimizer scheme).
     """
+    trace_path = None if isinstance(trace, RoutingTrace) else str(trace)
+    stop = int(iterations[1]) if isinstance(iterations, tuple) and len(iterations) == 2 \
+        else None   # a regrouped trace needs no later iterations
+    inputs = prepare_inputs(_load(trace), model, cluster, _policy(policy), layout,
+                            regroup=regroup, stop=stop, rng_seed=rng_seed)
+    trace, model, policy, lplan = inputs.trace, inputs.model, inputs.policy, inputs.layout_plan
+    its = _iterations(iterations, trace.num_iterations)
+    validation.timeline_within([int(i) for i in timeline_iterations], its)
+    validation.plan_size(policy, model.num_layers, cluster.world_size, model.num_experts)
+    config = layout_config(run_config(trace, trace_path, model, cluster, policy, its, rng_seed,
+                                      allow_oom), lplan, regroup)
+    run = _Run(trace, model, cluster, policy, rng_seed, allow_oom, CostModel(cluster),
+               timeline_iterations=frozenset(int(i) for i in timeline_iterations),
+               view=inputs.view, layout_plan=lplan)
+    writer = RunWriter(out_dir, config, "simulator", resume=resume) if out_dir else None
+    if writer is not None and resume:
+        its = _skip_done(run, writer, its)
+    return _loop(run, its, writer, config, progress, on_iteration)
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What :func:`prepare_inputs` fits for a run: the trace and model as the run sees them,
+    the policy (EP size and recompute knob set from the layout), the layout plan (None: the
+    default layout) and the view cluster the policy decides on (one pipeline stage's ranks)."""
+
+    trace: RoutingTrace
+    model: ModelSpec
+    policy: Any
+    layout_plan: Any
+    view: Cluster
+
+
+def prepare_inputs(trace: RoutingTrace, model: ModelSpec, cluster: Cluster, policy: Any,
+                   layout: Any = None, *, regroup: bool = False, stop: int | None = None,
+                   rng_seed: int = 0) -> RunInputs:
+    """A run's set-up under ``layout`` (both backends call this): the layout checked and
+    planned (:func:`moesim.layout_run.prepare`), the trace regrouped to the view's ranks when
+    ``regroup`` (only its first ``stop`` iterations, when given), its source ranks checked
+    against one stage's, then fitted (:func:`fit_inputs`)."""
     from moesim import layout_run
 
-    trace_path = None if isinstance(trace, RoutingTrace) else str(trace)
-    trace = _load(trace)
-    policy = _policy(policy)
     lplan, view, policy = layout_run.prepare(layout, model, cluster, policy,
                                              trace.meta.micro_batches_per_iteration)
     if regroup and trace.meta.rank_resolved and trace.meta.num_ranks != view.world_size:
         from moesim.traces.regroup import regroup_ranks
 
-        if isinstance(iterations, tuple) and len(iterations) == 2:   # later ones are never read
-            trace = trace.select_iterations(0, min(int(iterations[1]), trace.num_iterations))
+        if stop is not None:
+            trace = trace.select_iterations(0, min(stop, trace.num_iterations))
         trace = regroup_ranks(trace, view.world_size, rng_seed)
     if lplan is not None and trace.meta.rank_resolved:
         layout_run.check_trace_ranks(trace.meta.num_ranks, lplan)
     trace, model = fit_inputs(trace, model, view, rng_seed)
-    its = _iterations(iterations, trace.num_iterations)
-    validation.timeline_within([int(i) for i in timeline_iterations], its)
-    validation.plan_size(policy, model.num_layers, cluster.world_size, model.num_experts)
-    config = run_config(trace, trace_path, model, cluster, policy, its, rng_seed, allow_oom)
+    return RunInputs(trace=trace, model=model, policy=policy, layout_plan=lplan, view=view)
+
+
+def layout_config(config: dict, layout_plan: Any, regroup: bool) -> dict:
+    """``config`` (of :func:`run_config`) with the run's regroup option and its layout
+    (:func:`moesim.layout_run.config_entry`), as ``config.json`` records them."""
+    from moesim import layout_run
+
     if regroup:
         config["options"]["regroup"] = True
-    if lplan is not None:
-        config["parallel"] = _json_normal(layout_run.config_entry(lplan))
-    run = _Run(trace, model, cluster, policy, rng_seed, allow_oom, CostModel(cluster),
-               timeline_iterations=frozenset(int(i) for i in timeline_iterations),
-               view=view, layout_plan=lplan)
-    writer = RunWriter(out_dir, config, "simulator", resume=resume) if out_dir else None
-    if writer is not None and resume:
-        its = _skip_done(run, writer, its)
-    return _loop(run, its, writer, config, progress, on_iteration)
+    if layout_plan is not None:
+        config["parallel"] = _json_normal(layout_run.config_entry(layout_plan))
+    return config
 
 
 def _loop(run: _Run, its: list[int], writer: RunWriter | None, config: dict, progress: bool,

@@ -27,9 +27,42 @@ def test_run_json(tiny2, tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["run", "--trace", str(tiny2), "--model", "tiny-cpu", "--world-size", "2",
                  "--iterations", "0:1", "--out", str(out), "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    doc = json.loads(printed.out)
     s = doc["summary"]
     assert s["backend"] == "executor" and s["status"] == "complete" and s["iterations"] == 1
     assert s["policy"] == "static_ep" and s["mean_step_time_s"] > 0
     rows = list(csv.DictReader(open(out / "iterations.csv")))
     assert [r["iteration"] for r in doc["iterations"]] == [int(r["iteration"]) for r in rows]
+    # the summary line (stderr under --json) names the overload as simulate's does
+    line = printed.err.strip().splitlines()[-1]
+    assert line.startswith(f"wrote {out}: 1 iterations")
+    mean = sum(r["overload_mean"] for r in doc["iterations"]) / len(doc["iterations"])
+    assert f"overload {mean:.2f} (max " in line and ", imbalance " in line
+
+
+@pytest.mark.slow
+def test_validate_json(tiny2, tmp_path, capsys):
+    """``validate --json`` prints the schema of docs/cli.md on stdout, the tables on stderr,
+    and its rows are validation.csv's."""
+    capsys.readouterr()
+    out = tmp_path / "v"
+    assert main(["validate", "--traces", str(tiny2), "--policies", "static_ep",
+                 "--world-sizes", "2", "--iterations", "0:1", "--model", "tiny-cpu",
+                 "--warmup", "0", "--out", str(out), "--json"]) == 0
+    printed = capsys.readouterr()
+    doc = json.loads(printed.out)
+    assert "step MAPE" in printed.err and "step MAPE" not in printed.out
+    assert doc["out_dir"] == str(out) and len(doc["configs"]) == 1
+    cfg = doc["configs"][0]
+    assert {k: cfg[k] for k in ("name", "trace", "policy", "world_size")} == {
+        "name": "tiny2-static_ep-w2", "trace": "tiny2", "policy": "static_ep", "world_size": 2}
+    assert cfg["rows"][0]["quantity"] == "step"
+    assert cfg["step_mape_pct"] == pytest.approx(cfg["rows"][0]["mape_pct"])
+    assert cfg["step_max_pct"] >= cfg["step_mape_pct"] >= 0
+    assert {"expert", "dispatch", "combine"} <= {r["quantity"] for r in cfg["rows"]}
+    csv_rows = list(csv.DictReader(open(out / "validation.csv")))
+    assert [r["quantity"] for r in csv_rows] == [r["quantity"] for r in cfg["rows"]]
+    for row, rec in zip(cfg["rows"], csv_rows, strict=True):
+        assert float(rec["mape_pct"]) == pytest.approx(row["mape_pct"])
+        assert set(row) == {"quantity", "predicted_s", "measured_s", "mape_pct", "max_pct"}
