@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from moesim.blockmatrix import BlockDiag, block_io
 from moesim.ops import (
     AllGather,
     AllReduce,
@@ -274,9 +275,12 @@ class CostModel:
         """Per-member transfer seconds (no latency) ``[K]``, and whether any bytes cross
         nodes (which picks the inter-node latency; intra-node-only traffic pays NVLink's)."""
         c = self.cluster
-        B = np.asarray(bytes_KK)  # int64 or float: summed as is (no conversion pass)
-        io = [np.asarray(x, dtype=np.float64) for x in _intra_inter_io(
-            B, None if ranks is None else self.node_R[np.asarray(ranks)], c.gpus_per_node)]
+        raw = _block_io(bytes_KK, ranks, c.gpus_per_node)
+        if raw is None:
+            B = np.asarray(bytes_KK)  # int64 or float: summed as is (no conversion pass)
+            raw = _intra_inter_io(B, None if ranks is None else self.node_R[np.asarray(ranks)],
+                                  c.gpus_per_node)
+        io = [np.asarray(x, dtype=np.float64) for x in raw]
         bw = self._links["all_to_all"][0]
         intra = np.maximum(io[0], io[1]) / bw[0]
         inter = np.maximum(io[2], io[3]) / bw[1]
@@ -322,6 +326,21 @@ def _intra_inter_io(B: np.ndarray, nodes_K: np.ndarray | None, gpus_per_node: in
     return intra_out, intra_in, out_all - intra_out, in_all - intra_in
 
 
+def _block_io(B: object, ranks: np.ndarray | None, gpus_per_node: int
+              ) -> tuple[np.ndarray, ...] | None:
+    """:func:`~moesim.blockmatrix.block_io` of a :class:`BlockDiag` all-to-all among
+    contiguous ranks (None otherwise: the caller uses the dense matrix)."""
+    if not isinstance(B, BlockDiag):
+        return None
+    first = 0
+    if ranks is not None:
+        r = np.asarray(ranks)
+        if len(r) and (r[-1] - r[0] != len(r) - 1 or np.any(np.diff(r) != 1)):
+            return None
+        first = int(r[0]) if len(r) else 0
+    return block_io(B, gpus_per_node, first)
+
+
 def _memo_key(op: Op) -> tuple | None:
     """A key under which ``op``'s duration may be shared within one program (every op is
     alive during the call, so ``id`` values are unique): all-to-alls by buffer
@@ -345,6 +364,9 @@ def _matrix_key(B: np.ndarray, ranks: np.ndarray | None) -> tuple | None:
     """Identity of an all-to-all's buffer that its transposed view shares: the owning array
     (``B`` itself, or the base ``B`` is the transpose of) and the member ranks; ``None`` (no
     sharing) for any other kind of view."""
+    if isinstance(B, BlockDiag):  # its transpose shares the blocks
+        return (id(B.local_RK), B.kr, B.scale,
+                None if ranks is None else np.asarray(ranks).tobytes())
     if not isinstance(B, np.ndarray):
         return None
     base = B.base

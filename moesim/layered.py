@@ -88,7 +88,7 @@ def stage_context(g: Any, plan: LayoutPlan, stage: Stage) -> Any:
         counts_MLRE=g.counts_MLRE[:, rows], kept_MLRP=g.kept_MLRP[:, rows],
         dropped_MLRP=g.dropped_MLRP[:, rows], tokens_MLRG=g.tokens_MLRG[:, rows],
         program=g.program, rows_MLP=g.rows_MLP[:, rows], dropped_MLR=g.dropped_MLR[:, rows],
-        layer_bwd_done=[-1] * len(moe), _consts=cache)
+        layer_bwd_done=[-1] * len(moe), block=g.block, _consts=cache)
     c.layout, c.stage, c.num_dense = plan.layout, stage, plan.num_dense_layers
     c.rank_offset, c.layer_ids = stage.first_rank, moe
     c.first_stage, c.last_stage = stage.index == 0, stage.index == len(plan.stages) - 1

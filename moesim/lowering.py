@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from moesim import memory as memory_model
+from moesim.blockmatrix import BlockDiag
 from moesim.ops import (
     AllGather,
     AllReduce,
@@ -44,6 +45,7 @@ from moesim.ops import (
 )
 from moesim.placement import Decision, Placement
 from moesim.routing import RoutePlan, rank_matrix
+from moesim.routing_blocks import BlockRoutePlan, block_column_sums, plan_routes
 from moesim.specs import Cluster, ModelSpec
 from moesim.stage_context import StageView
 
@@ -53,9 +55,13 @@ class LoweringContext(StageView):
     """Everything a policy's lowering hook may read, plus where it appends ops.
 
     Routed tokens (after the routing rule and capacity): ``kept_MLRP`` / ``dropped_MLRP``
-    int64, ``tokens_MLRG`` (source → destination rank). Anchors: ``gather_anchor`` (op whose end
-    frees the gather buffer, -1 if none), ``layer_bwd_done[l]`` (last expert-backward op of layer
-    ``l``), ``backward_done`` (last op of the backward; per-iteration ops wait for it).
+    (the trace's integer dtype), ``tokens_MLRG`` (source → destination rank). ``block`` > 0:
+    sources send only inside blocks of ``block`` consecutive ranks, and these three hold the
+    in-block part (``P``: the block's ``block·S`` slots, ``G``: its ranks; see
+    :mod:`moesim.routing_blocks`); ``rows_MLP`` is over every slot either way. Anchors:
+    ``gather_anchor`` (op whose end frees the gather buffer, -1 if none), ``layer_bwd_done[l]``
+    (last expert-backward op of layer ``l``), ``backward_done`` (last op of the backward;
+    per-iteration ops wait for it).
     """
 
     policy: Any
@@ -75,6 +81,7 @@ class LoweringContext(StageView):
     layer_grad_ops: list[int] = field(default_factory=list)
     backward_done: int = -1
     grad_sync_ops: list[int] = field(default_factory=list)
+    block: int = 0
     _consts: dict = field(default_factory=dict)
     _iter: dict = field(default_factory=dict)  # this iteration's cached arrays
 
@@ -311,18 +318,22 @@ def _moves(prev_P: np.ndarray, new_P: np.ndarray, slots_per_rank: int, gpus_per_
 
 
 def route_iteration(decision: Decision, counts_MLRE: np.ndarray, cluster: Cluster,
-                    plan: RoutePlan | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Route all passes and layers: ``(kept_MLRP, dropped_MLRP, tokens_MLRG)``."""
+                    plan: RoutePlan | BlockRoutePlan | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Route all passes and layers: ``(kept_MLRP, dropped_MLRP, tokens_MLRG)``; with a
+    :class:`~moesim.routing_blocks.BlockRoutePlan` in block coordinates (``P``: the block's
+    slots, ``G``: its ranks)."""
     if plan is None:
         plan = route_plan(decision, cluster)
     kept, dropped = plan.route(counts_MLRE, decision.slot_capacity)
     return kept, dropped, rank_matrix(kept, decision.placement.slots_per_rank)
 
 
-def route_plan(decision: Decision, cluster: Cluster) -> RoutePlan:
-    """The decision's :class:`RoutePlan` (build once per decision and pass it around)."""
-    return RoutePlan.build(decision.placement, decision.routing, cluster.gpus_per_node,
-                           decision.info.get("ep_size"))
+def route_plan(decision: Decision, cluster: Cluster) -> RoutePlan | BlockRoutePlan:
+    """The decision's routing plan (build once per decision and pass it around): in blocks
+    of the EP size where routing stays inside them (:func:`~moesim.routing_blocks.plan_routes`)."""
+    return plan_routes(decision.placement, decision.routing, cluster.gpus_per_node,
+                       decision.info.get("ep_size"))
 
 
 def lower_iteration(policy: Any, decision: Decision, previous: Decision | None,
@@ -365,18 +376,21 @@ def lower_iteration_ctx(policy: Any, decision: Decision, previous: Decision | No
 
 def _routed_context(policy: Any, decision: Decision, previous: Decision | None,
                     counts_MLRE: np.ndarray, model: ModelSpec, cluster: Cluster,
-                    plan: RoutePlan | None) -> LoweringContext:
+                    plan: RoutePlan | BlockRoutePlan | None) -> LoweringContext:
     """Route every pass and layer, and wrap the result in a fresh context."""
+    if plan is None:
+        plan = route_plan(decision, cluster)
     kept, dropped, tokens = route_iteration(decision, counts_MLRE, cluster, plan)
     M, L, R, _ = kept.shape
     dropped_MLR = (np.zeros((M, L, R), dtype=np.int64) if decision.slot_capacity is None
                    else dropped.sum(axis=3))
+    block = getattr(plan, "block", 0)
     return LoweringContext(policy=policy, decision=decision, previous=previous, model=model,
                            cluster=cluster, counts_MLRE=counts_MLRE, kept_MLRP=kept,
                            dropped_MLRP=dropped, tokens_MLRG=tokens,
                            program=Program(num_ranks=cluster.world_size),
-                           rows_MLP=_column_sums(kept), dropped_MLR=dropped_MLR,
-                           layer_bwd_done=[-1] * model.num_layers)
+                           rows_MLP=block_column_sums(kept, block), dropped_MLR=dropped_MLR,
+                           layer_bwd_done=[-1] * model.num_layers, block=block)
 
 
 def attach_memory(ctx: LoweringContext) -> None:
@@ -390,25 +404,18 @@ def attach_memory(ctx: LoweringContext) -> None:
     ctx.program.host_memory_bytes = dict(host)
 
 
-def _column_sums(x_MLRP: np.ndarray) -> np.ndarray:
-    """``x.sum(axis=2)`` one (mb, layer) at a time: ``[M, L, P]`` (much faster than one big
-    strided reduction, which numpy runs out of cache)."""
-    M, L = x_MLRP.shape[:2]
-    out = np.empty((M, L, x_MLRP.shape[3]), dtype=x_MLRP.dtype)
-    for m in range(M):
-        for l in range(L):
-            np.sum(x_MLRP[m, l], axis=0, out=out[m, l])
-    return out
-
-
 def _fill_routes(ctx: LoweringContext) -> None:
     """``Program.routes[(mb, layer)]`` for the executor, by global MoE layer. Under pipeline
     stages a route's rows are the token sources of the stage holding the layer, in stage-rank
-    order (its dispatch ``AllToAll``'s ``ranks`` are their world ranks)."""
+    order (its dispatch ``AllToAll``'s ``ranks`` are their world ranks). Routed in blocks,
+    ``kept_RP`` is a :class:`~moesim.blockmatrix.BlockDiag` (dense on demand)."""
     S = ctx.placement.slots_per_rank
     M, L = ctx.kept_MLRP.shape[:2]
     for mb in range(M):
         for l in range(L):
+            kept = ctx.kept_MLRP[mb, l]
+            if ctx.block and ctx.block < kept.shape[0]:
+                kept = BlockDiag(kept, 1, ctx.block)
             ctx.program.routes[(mb, l)] = LayerRoute(
-                kept_RP=ctx.kept_MLRP[mb, l], dropped_R=ctx.dropped_MLR[mb, l],
+                kept_RP=kept, dropped_R=ctx.dropped_MLR[mb, l],
                 phy2log_P=ctx.placement.layer(l), slots_per_rank=S)

@@ -44,10 +44,12 @@ Host copies are not GPU-to-GPU traffic and are left out.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
+from moesim.blockmatrix import BlockDiag
 from moesim.ops import (
     PHASES,
     AllGather,
@@ -239,11 +241,65 @@ def add_op_traffic(out_RR: np.ndarray, op: Op) -> None:
 
 
 def traffic_FRR(ops: Sequence[Op], world: int) -> np.ndarray:
-    """Bytes each GPU sends each GPU per phase over the iteration, float64 ``[F, R, R]``."""
+    """Bytes each GPU sends each GPU per phase over the iteration, float64 ``[F, R, R]``.
+
+    All-to-alls held as blocks (:class:`~moesim.blockmatrix.BlockDiag`) are summed block-wise
+    first: the matrices that the same phases use alike (every layer's dispatch and combine,
+    forward and backward) are added up once, in integers, then placed once per use."""
     out = np.zeros((len(PHASES), world, world))
+    uses: dict[tuple, list] = {}
     for op in ops:
-        add_op_traffic(out[PHASE_INDEX[op.phase]], op)
+        k = PHASE_INDEX[op.phase]
+        B = getattr(op, "bytes_RR", None)
+        first = _first_rank(op.ranks) if isinstance(B, BlockDiag) else None
+        if first is None:
+            add_op_traffic(out[k], op)
+            continue
+        entry = uses.setdefault((id(B.local_RK), B.kr, B.scale, first), [B, first, []])
+        entry[2].append((k, B.transposed))
+    groups: dict[tuple, list[BlockDiag]] = {}
+    for B, first, used in uses.values():
+        sig = (tuple(sorted(Counter(used).items())), B.local_RK.shape, B.kr, B.scale, first)
+        groups.setdefault(sig, []).append(B)
+    for (used, _, kr, scale, first), mats in groups.items():
+        total = BlockDiag(_sum_blocks([B.local_RK for B in mats]), scale, kr)
+        for (k, transposed), n in used:
+            _add_blocks(out[k], total.T if transposed else total, first, n)
     return out
+
+
+def _first_rank(ranks: np.ndarray | None) -> int | None:
+    """The first of contiguous ``ranks`` (0 for all ranks), None if they are not."""
+    if ranks is None:
+        return 0
+    r = np.asarray(ranks)
+    if len(r) == 0 or r[-1] - r[0] != len(r) - 1 or np.any(np.diff(r) != 1):
+        return None
+    return int(r[0])
+
+
+def _sum_blocks(mats: list[np.ndarray]) -> np.ndarray:
+    """Sum of same-shape matrices (int64 for integers: exact)."""
+    acc = np.array(mats[0], dtype=np.int64 if mats[0].dtype.kind in "iub" else np.float64)
+    for m in mats[1:]:
+        acc += m
+    return acc
+
+
+def _add_blocks(out_RR: np.ndarray, B: BlockDiag, first: int, times: int) -> None:
+    """``out_RR[first…, first…] += times · B`` block by block, self traffic left out."""
+    blocks = B.blocks()  # [N, Kr, Kc] of the untransposed matrix
+    kr, kc = B.kr, B.kc
+    for b in range(B.num_blocks):
+        blk = blocks[b].T if B.transposed else blocks[b]
+        r0 = first + b * (kc if B.transposed else kr)
+        c0 = first + b * (kr if B.transposed else kc)
+        sub = out_RR[r0:r0 + blk.shape[0], c0:c0 + blk.shape[1]]
+        val = blk * times if times != 1 else blk
+        sub += val
+        if r0 == c0:
+            n = min(blk.shape)
+            sub[np.arange(n), np.arange(n)] -= np.diagonal(val)[:n]
 
 
 def hottest_links(traffic_RR: np.ndarray, most: int = 5) -> list[tuple[int, int, float]]:

@@ -18,6 +18,7 @@ import numpy as np
 
 from moesim import memory as memory_model
 from moesim import metrics
+from moesim.blockmatrix import BlockDiag
 from moesim.engine import Schedule
 from moesim.lowering import LoweringContext
 from moesim.ops import PHASES, AllToAll, GroupCollective, HostCopy, Op, SendRecv
@@ -131,6 +132,8 @@ def op_bytes(op: Op) -> float:
         keep = np.asarray(op.src_N) != np.asarray(op.dst_N)
         return float(np.asarray(op.bytes_N, dtype=float)[keep].sum())
     if isinstance(op, AllToAll):
+        if isinstance(op.bytes_RR, BlockDiag):
+            return float(op.bytes_RR.sum() - op.bytes_RR.diagonal().sum())
         B = np.asarray(op.bytes_RR, dtype=float)
         return float(B.sum() - np.trace(B))
     if isinstance(op, GroupCollective):

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from moesim.blockmatrix import BlockDiag
 from moesim.layer_ops import attention_flops, dense_ffn_params, kv_elements, layer_dense_params
 from moesim.layout import ParallelLayout
 from moesim.ops import (
@@ -180,15 +181,17 @@ class StageView:
                                             ("other", 2.0 * ffn, ffn)))
         return self._consts[key]
 
-    def bytes_MLRG(self, mb: int, layer: int) -> np.ndarray:
-        """Dispatch bytes ``[R, G]`` of one layer-pass (combine uses its transpose: the cost
-        model then costs the shared buffer once)."""
+    def bytes_MLRG(self, mb: int, layer: int) -> BlockDiag:
+        """Dispatch bytes ``[R, G]`` of one layer-pass, held as its routed tokens' blocks
+        times the token bytes (:class:`~moesim.blockmatrix.BlockDiag`; one block without
+        block routing); combine uses its transpose: the cost model then costs the shared
+        buffer once."""
         key = ("bytes", mb, layer)
         cache = self._iter  # this iteration's tokens: not the per-decision cache
         if key not in cache:
             tb = self.model.token_bytes
             tb = int(tb) if float(tb).is_integer() else float(tb)  # int64 bytes: exact, fast
-            cache[key] = self.tokens_MLRG[mb, layer] * tb
+            cache[key] = BlockDiag(self.tokens_MLRG[mb, layer], tb, self.block or None)
         return cache[key]
 
     def expert_op(self, mb: int, layer: int, direction: str, deps: tuple[int, ...],

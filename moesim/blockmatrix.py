@@ -1,0 +1,198 @@
+"""A block-diagonal matrix kept by its blocks: what an all-to-all's bytes or a layer's routed
+tokens look like when ranks exchange tokens only inside groups of consecutive ranks.
+
+Shape legend: ``R`` rows, ``C`` columns of the whole matrix, ``B`` diagonal blocks, ``Kr`` /
+``Kc`` rows / columns per block (``R = B·Kr``, ``C = B·Kc``), ``RK``: one row's entries inside
+its own block (``local_RK[r, k]`` is entry ``(r, (r // Kr)·Kc + k)``).
+
+Static EP with EDP replicas routes every source to its own EP group only (``ep_group``), so
+one layer's ``[R, R]`` token matrix at 2048 GPUs with EP 256 is 8 blocks of ``256 × 256``:
+an eighth of the dense matrix. :class:`BlockDiag` stores ``local_RK`` (the routed counts as
+they are, no copy) and a ``scale`` (token bytes), and is a drop-in array for readers that
+want a dense one (``np.asarray``, ufuncs, numpy functions, indexing, ``.T``, ``.sum``): they
+get the dense matrix, materialised on demand. The cost model and the traffic metrics read the
+blocks directly (:meth:`row_sums`, :meth:`col_sums`, :meth:`diagonal`, :meth:`blocks`), so
+their cost grows with the blocks, not with ``R·C``. One block (``Kr = R``) is simply the dense
+matrix, held lazily (the byte matrix is never multiplied out).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.lib.mixins import NDArrayOperatorsMixin
+
+
+class BlockDiag(NDArrayOperatorsMixin):
+    """``scale · blockdiag(local_RK)`` (or its transpose): see the module docstring.
+
+    ``local_RK`` is ``[R, Kc]``; ``rows_per_block`` is ``Kr`` (``R`` when omitted: one block).
+    Integer ``local_RK`` with an integer ``scale`` stays integer (int64) when materialised,
+    as ``tokens * token_bytes`` does."""
+
+    __array_priority__ = 100
+
+    def __init__(self, local_RK: np.ndarray, scale: float | int = 1,
+                 rows_per_block: int | None = None, transposed: bool = False) -> None:
+        self.local_RK = local_RK
+        self.scale = scale
+        self.kr = local_RK.shape[0] if rows_per_block is None else int(rows_per_block)
+        self.transposed = transposed
+        R, kc = local_RK.shape
+        assert self.kr > 0 and R % self.kr == 0, (R, self.kr)
+        self.num_blocks = R // self.kr
+        self.kc = kc
+
+    # -- array protocol ---------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        s = (self.num_blocks * self.kr, self.num_blocks * self.kc)
+        return s[::-1] if self.transposed else s
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._value_dtype()
+
+    @property
+    def T(self) -> BlockDiag:  # noqa: N802 (numpy's name)
+        return BlockDiag(self.local_RK, self.scale, self.kr, not self.transposed)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return (f"BlockDiag({self.num_blocks} blocks of {self.kr}x{self.kc}, scale={self.scale}"
+                f"{', transposed' if self.transposed else ''})")
+
+    def _value_dtype(self) -> np.dtype:
+        d = self.local_RK.dtype
+        if d.kind in "iub" and isinstance(self.scale, (int, np.integer)):
+            return np.dtype(np.int64)
+        return np.result_type(d, np.float64)
+
+    def dense(self, dtype: Any = None) -> np.ndarray:
+        """The whole matrix (a new array)."""
+        vt = self._value_dtype()
+        out = np.zeros((self.num_blocks * self.kr, self.num_blocks * self.kc), dtype=vt)
+        loc = self.local_RK.astype(vt, copy=False)
+        for b in range(self.num_blocks):
+            rows = slice(b * self.kr, (b + 1) * self.kr)
+            out[rows, b * self.kc:(b + 1) * self.kc] = loc[rows] * self.scale
+        if self.transposed:
+            out = np.ascontiguousarray(out.T)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.dense(dtype)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = tuple(np.asarray(x) if isinstance(x, BlockDiag) else x for x in inputs)
+        if "out" in kwargs:
+            kwargs["out"] = tuple(np.asarray(x) if isinstance(x, BlockDiag) else x
+                                  for x in kwargs["out"])
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        return func(*_densify(args), **_densify(kwargs))
+
+    def __getitem__(self, index):
+        return self.dense()[index]
+
+    def __iter__(self):
+        return iter(self.dense())
+
+    def astype(self, dtype: Any, copy: bool = True) -> np.ndarray:
+        return self.dense(dtype)
+
+    def copy(self) -> np.ndarray:
+        return self.dense()
+
+    def tolist(self) -> list:
+        return self.dense().tolist()
+
+    def sum(self, axis: int | None = None, dtype: Any = None) -> Any:
+        """Like ``ndarray.sum`` (from the blocks)."""
+        if axis is None:
+            return self._scaled(self.local_RK.sum(dtype=self._acc()))
+        axis = axis % 2
+        return self.row_sums() if axis == 1 else self.col_sums()
+
+    # -- block-wise reductions (what the cost model and the metrics use) --------------------
+    def _acc(self) -> np.dtype:
+        return np.dtype(np.int64) if self.local_RK.dtype.kind in "iub" else np.dtype(np.float64)
+
+    def _scaled(self, x: Any) -> Any:
+        return x * self.scale if self.scale != 1 else x
+
+    def _out_in(self) -> tuple[np.ndarray, np.ndarray]:
+        """Unscaled sums over each row / column of the untransposed matrix."""
+        loc = self.local_RK
+        out = loc.sum(axis=1, dtype=self._acc())
+        inn = loc.reshape(self.num_blocks, self.kr, self.kc).sum(axis=1, dtype=self._acc())
+        return out, inn.reshape(-1)
+
+    def row_sums(self) -> np.ndarray:
+        out, inn = self._out_in()
+        return self._scaled(inn if self.transposed else out)
+
+    def col_sums(self) -> np.ndarray:
+        out, inn = self._out_in()
+        return self._scaled(out if self.transposed else inn)
+
+    def diagonal(self) -> np.ndarray:
+        """The main diagonal (square matrices with square blocks only)."""
+        assert self.kr == self.kc, "diagonal of non-square blocks"
+        r = np.arange(self.local_RK.shape[0])
+        return self._scaled(self.local_RK[r, r % self.kr].astype(self._acc(), copy=False))
+
+    def blocks(self) -> np.ndarray:
+        """The scaled blocks ``[B, Kr, Kc]`` of the untransposed matrix (a view when the scale
+        is 1)."""
+        return self._scaled(self.local_RK.reshape(self.num_blocks, self.kr, self.kc))
+
+
+def _densify(obj: Any) -> Any:
+    if isinstance(obj, BlockDiag):
+        return obj.dense()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_densify(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _densify(v) for k, v in obj.items()}
+    return obj
+
+
+def block_io(B: BlockDiag, gpus_per_node: int, first_rank: int
+             ) -> tuple[np.ndarray, ...] | None:
+    """``(intra_out, intra_in, inter_out, inter_in)`` per member of a square all-to-all
+    matrix held as blocks, self traffic excluded (the cost model's
+    :func:`~moesim.costmodel._intra_inter_io`), or None when nodes and blocks do not line up
+    (the caller then materialises). Members are ranks ``first_rank …`` in order."""
+    if B.kr != B.kc or first_rank % gpus_per_node:
+        return None
+    K, g = B.kr, gpus_per_node
+    out_all, in_all = B._out_in()
+    diag = B.local_RK[np.arange(B.local_RK.shape[0]), np.arange(B.local_RK.shape[0]) % K]
+    diag = diag.astype(out_all.dtype, copy=False)
+    out_all, in_all = out_all - diag, in_all - diag
+    if K % g == 0:  # blocks of whole nodes: the intra-node pairs are the blocks' node blocks
+        n = K // g
+        b5 = B.local_RK.reshape(B.num_blocks, n, g, n, g)
+        intra_out = np.einsum("xaiaj->xai", b5).reshape(-1).astype(out_all.dtype) - diag
+        intra_in = np.einsum("xaiaj->xaj", b5).reshape(-1).astype(out_all.dtype) - diag
+    elif g % K == 0:  # blocks inside nodes: every pair is intra-node
+        intra_out, intra_in = out_all, in_all
+    else:
+        return None
+    io = (intra_out, intra_in, out_all - intra_out, in_all - intra_in)
+    if B.transposed:
+        io = (io[1], io[0], io[3], io[2])
+    return tuple(B._scaled(x) for x in io)
