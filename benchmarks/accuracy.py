@@ -28,6 +28,12 @@ Policies: static EP dropless and with capacity factors 1.0 and 2.0 (drops), Swif
 default cf 1.0, one spare slot per rank, re-placed every iteration): 2 world sizes × 2 traces ×
 4 = 16 configurations.
 
+Parallel layouts (``--layouts``, at world size 2 only; static EP dropless; both traces): ``tp2``
+— ``--parallel tp=2,sp=true`` (TP 2 with sequence parallelism, EP 2 over the same ranks); ``pp2``
+— ``--parallel pp=2,pp_schedule=1f1b`` with 4 micro-batches per iteration (each stage one rank,
+its trace one source rank: the SmartMoE sample's 16 ranks summed into one). Their tables add
+per-stage rows (``s0 expert``, …) for PP. ``--layouts-only`` runs just these.
+
 Model: ``small-cpu`` (H 256, 8 experts of F 512), whose steps (~0.2 s at world size 2) are
 GEMM-bound; with ``--model tiny-cpu`` (~30 ms steps) about 60 % of a step is gloo's per-message
 latency (~0.3 ms per collective on loopback TCP) and interpreter time, which vary ±25 % from run
@@ -63,6 +69,10 @@ from moesim.errors import MoesimError
 
 POLICIES = ("static_ep", "static_ep:capacity_factor=1.0", "static_ep:capacity_factor=2.0",
             "swiftmoe:slots_per_rank={spr}:capacity_factor=1.0")
+# name -> (--parallel, micro-batches per iteration of its trace; None: the model's)
+LAYOUTS = {"tp2": ("tp=2,sp=true", None), "pp2": ("pp=2,pp_schedule=1f1b", 4)}
+LAYOUT_WORLD = 2
+LAYOUT_POLICY = "static_ep"
 
 
 def _calibrate(world: int, out: Path, model: str, name: str = "",
@@ -113,20 +123,8 @@ def _traces(quick: bool) -> list[str]:
     return ["synth"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from moesim.analysis.validation import format_table
-    from moesim.executor.calibrate_context import remeasure_context
+def _parser() -> argparse.ArgumentParser:
     from moesim.executor.run_args import add_backend_argument
-    from moesim.executor.validate import (
-        load_named_trace,
-        run_config,
-        summary_table,
-        wait_for_quiet,
-        write_csv,
-        write_figure,
-    )
-    from moesim.specs import load_model
-    from moesim.traces.io import save_trace
 
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,10 +150,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-bracket", action="store_true", help="do not run calibrate's "
                    "workload again after a configuration's runs (by default its context "
                    "factors pool one sample before and one after them)")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="parallel layouts run at world "
+                   f"size {LAYOUT_WORLD}, comma list of {', '.join(LAYOUTS)} ('none': skip)")
+    p.add_argument("--layouts-only", action="store_true", help="run only the --layouts "
+                   "configurations (not the 16 of the default layout)")
     add_backend_argument(p)  # --backend nccl --world-sizes 1 validates one GPU
     p.add_argument("--quick", action="store_true", help="smoke test: synth trace, static_ep, "
                    "2 iterations, 1 repeat")
-    args = p.parse_args(argv)
+    return p
+
+
+def _layouts(text: str) -> list[str]:
+    names = [x for x in text.split(",") if x and x != "none"]
+    bad = [x for x in names if x not in LAYOUTS]
+    if bad:
+        raise MoesimError(f"--layouts {bad[0]!r}: choose from {', '.join(LAYOUTS)} or none")
+    return names
+
+
+def _grid(world: int, model, args) -> list[tuple[str, str, str | None, int | None]]:
+    """``(config suffix, policy spec, --parallel, micro-batches)`` of one trace at ``world``."""
+    grid = []
+    if not args.layouts_only:
+        policies = POLICIES[:1] if args.quick else POLICIES
+        grid += [("", spec.format(spr=model.num_experts // world + 1), None, None)
+                 for spec in policies]
+    if world == LAYOUT_WORLD:
+        grid += [(f"-{name}", LAYOUT_POLICY, *LAYOUTS[name]) for name in _layouts(args.layouts)]
+    return grid
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moesim.analysis.validation import format_table
+    from moesim.executor.calibrate_context import remeasure_context
+    from moesim.executor.validate import (
+        load_named_trace,
+        run_config,
+        stage_sources,
+        trace_model,
+        wait_for_quiet,
+    )
+    from moesim.layout import parse_layout
+    from moesim.specs import load_model
+    from moesim.traces.io import save_trace
+
+    args = _parser().parse_args(argv)
+    _layouts(args.layouts)
     _renice(args.nice)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -164,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model)
     iterations = "0:2" if args.quick else args.iterations
     stop = int(iterations.partition(":")[2])
-    policies = POLICIES[:1] if args.quick else POLICIES
     results = []
     for world in [int(w) for w in args.world_sizes.split(",")]:
         print(f"world size {world}: load average {_load()}", flush=True)
@@ -181,11 +220,13 @@ def main(argv: list[str] | None = None) -> int:
                                 repeats=1 if args.quick else args.repeats,
                                 quiet_wait_s=args.quiet_wait_s, backend=args.backend)
         for tname in _traces(args.quick):
-            tpath = save_trace(load_named_trace(tname, world, model, stop),
-                               out / f"{tname}-w{world}.npz")
-            for spec in policies:
-                spec = spec.format(spr=model.num_experts // world + 1)
-                cfg = f"{tname}-{spec.replace(':', '_').replace('=', '')}-w{world}"
+            for suffix, spec, parallel, micro_batches in _grid(world, model, args):
+                sources = stage_sources(world, parse_layout(parallel))
+                tpath = out / f"{tname}-w{world}{suffix}.npz"
+                if not tpath.exists():
+                    save_trace(load_named_trace(tname, sources, trace_model(model, micro_batches),
+                                                stop), tpath)
+                cfg = f"{tname}-{spec.replace(':', '_').replace('=', '')}-w{world}{suffix}"
                 if each:
                     wait_for_quiet(args.quiet_wait_s)
                     ns.profile = str(_calibrate(world, out, args.model, f"{cfg}-profile",
@@ -195,22 +236,35 @@ def main(argv: list[str] | None = None) -> int:
                     def after(cfg: str = cfg, profile: str = ns.profile) -> None:
                         remeasure_context(out / f"{cfg}-profile-raw.json", Path(profile),
                                           args.model, args.context_iterations, args.backend)
-                res = run_config(Path(tpath), tname, spec, world, ns, out / cfg, after)
-                print(format_table(res.comparison.rows(), title=f"== {cfg}"), flush=True)
+                ns.parallel = parallel
+                res = run_config(tpath, tname, spec, world, ns, out / cfg, after)
+                print(format_table(res.rows(), title=f"== {cfg}"
+                                   + (f" (--parallel {parallel})" if parallel else "")),
+                      flush=True)
                 results.append(res)
+    _report(results, out)
+    return 0
+
+
+def _report(results: list, out: Path) -> None:
+    """The summary table, the per-world MAPE ranges (layouts apart), the csv and figure."""
+    from moesim.executor.validate import summary_table, write_csv, write_figure
+
     write_csv(results, out / "accuracy.csv")
     print(summary_table(results))
-    for world in sorted({r.world for r in results}):
-        errs = [r.comparison.step.mape_pct for r in results if r.world == world]
+    groups: dict[str, list[float]] = {}
+    for r in results:
+        layout = r.name.rsplit("-", 1)[-1] if r.name.endswith(tuple(LAYOUTS)) else ""
+        key = f"world size {r.world}" + (f", {layout}" if layout else "")
+        groups.setdefault(key, []).append(r.comparison.step.mape_pct)
+    for key, errs in groups.items():
         verdict = (f" (target ≤ 10%: {sum(e <= 10 for e in errs)} of {len(errs)} "
-                   f"configurations)"
-                   if world == 2 else "")
-        print(f"world size {world}: step-time MAPE {min(errs):.1f}–{max(errs):.1f}%, mean "
+                   f"configurations)" if key.startswith(f"world size {LAYOUT_WORLD}") else "")
+        print(f"{key}: step-time MAPE {min(errs):.1f}–{max(errs):.1f}%, mean "
               f"{sum(errs) / len(errs):.1f}%{verdict}")
     print(f"load average at the end: {_load()}")
     fig = write_figure(results, out / "predicted_vs_measured.png")
     print(f"wrote {out / 'accuracy.csv'} and {fig}")
-    return 0
 
 
 if __name__ == "__main__":

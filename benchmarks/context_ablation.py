@@ -60,11 +60,13 @@ def ablate(grid: Path, row: dict) -> dict[str, float]:
     from moesim.analysis.validation import compare_runs
     from moesim.executor.validate import _policy
     from moesim.executor.worker import resolve_cluster
+    from moesim.rerun import rerun_inputs
     from moesim.results import load_run
     from moesim.simulate import simulate
     from moesim.specs import load_model
 
     world, cfg = int(row["world_size"]), grid / row["config"]
+    layout = rerun_inputs(cfg / "predicted" / "config.json").layout  # None: the default
     cluster = resolve_cluster(str(profile_of(grid, row)), world, cuda=False)
     predicted = load_run(cfg / "predicted").config
     measured = [load_run(m) for m in sorted(cfg.glob("measured*"))]
@@ -78,7 +80,7 @@ def ablate(grid: Path, row: dict) -> dict[str, float]:
             simulate(predicted["trace"]["path"], model,
                      dataclasses.replace(cluster, hardware=hw), policy,
                      iterations=tuple(predicted["iterations"]), out_dir=Path(tmp) / "p",
-                     progress=False)
+                     progress=False, layout=layout)
             out[name] = compare_runs(load_run(Path(tmp) / "p"), measured).step.mape_pct
     return out
 
