@@ -6,7 +6,7 @@ STAMP := .venv-stamp
 
 .PHONY: setup demo test bench lint clean
 
-$(STAMP): pyproject.toml setup.py policies/_greedy_c.c
+$(STAMP): pyproject.toml setup.py policies/_greedy_c.c traces/_synth_c.c
 	$(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)

@@ -270,14 +270,23 @@ def build_history(counts_TLRE: np.ndarray, passes_per_iteration: int, iteration:
                   previous: Decision | None, oracle: bool) -> Any:
     """The :class:`~moesim.policies.base.History` a policy sees at ``iteration``: the counts
     of every earlier pass, the decision in force before, and (oracles only) this iteration's
-    counts ``[M, L, R, E]``."""
+    counts ``[M, L, R, E]``, widened to int64 (a directory trace may store uint16 / int32;
+    ``past_TLRE`` is a view in the stored type: sum it with ``dtype=np.int64``)."""
     from moesim.policies.base import History
 
     M = passes_per_iteration
-    current = counts_TLRE[iteration * M:(iteration + 1) * M]
+    current = iteration_counts(counts_TLRE, M, iteration) if oracle else None
     return History(iteration=iteration, past_TLRE=counts_TLRE[:iteration * M],
                    passes_per_iteration=M, previous=previous,
-                   current_TLRE=current if oracle else None)
+                   current_TLRE=current)
+
+
+def iteration_counts(counts_TLRE: np.ndarray, passes_per_iteration: int,
+                     iteration: int) -> np.ndarray:
+    """One iteration's counts ``[M, L, R, E]`` as int64 (a copy only where the trace stores a
+    narrower type)."""
+    M = passes_per_iteration
+    return np.asarray(counts_TLRE[iteration * M:(iteration + 1) * M], dtype=np.int64)
 
 
 def decide_iteration(policy: Any, counts_TLRE: np.ndarray, passes_per_iteration: int,
@@ -289,7 +298,7 @@ def decide_iteration(policy: Any, counts_TLRE: np.ndarray, passes_per_iteration:
     M = passes_per_iteration
     history = build_history(counts_TLRE, M, iteration, previous, policy.oracle)
     decision = policy.decide(history, model, cluster, np.random.default_rng([seed, iteration]))
-    return decision, counts_TLRE[iteration * M:(iteration + 1) * M]
+    return decision, iteration_counts(counts_TLRE, M, iteration)
 
 
 def _plan(run: _Run, decision: Decision) -> Any:

@@ -65,11 +65,18 @@ class History:
         if self.past_TLRE.shape[0] == 0:
             return None
         window = self.past_TLRE[-iterations * self.passes_per_iteration:]
-        return window.sum(axis=(0, 2))
+        return sum_counts(window, axis=(0, 2))
 
     def last_load_LE(self) -> np.ndarray | None:
         """Expert load of the previous iteration, summed over its passes and ranks."""
         return self.recent_load_LE(1)
+
+
+def sum_counts(counts: np.ndarray, axis) -> np.ndarray:
+    """``counts.sum(axis)`` in at least int64: a directory trace may store its counts as uint16
+    or int32 (:func:`moesim.traces.io.count_dtype`), whose numpy sums would be unsigned or
+    narrow; int64 and float inputs sum as before."""
+    return counts.sum(axis=axis, dtype=np.result_type(counts.dtype, np.int64))
 
 
 class Policy:

@@ -48,6 +48,7 @@ from moesim.policies.base import (
     check_capacity_factor,
     check_ints,
     register_policy,
+    sum_counts,
 )
 from moesim.policies.primitives import (
     dense_params_R,
@@ -156,7 +157,7 @@ class FasterMoE(Policy):
             if last_TLRE is None or K == 0:
                 shadowed_L.append([])
                 continue
-            n_RE = last_TLRE[:, l].sum(0).astype(np.float64)
+            n_RE = sum_counts(last_TLRE[:, l], 0).astype(np.float64)
             if n_RE.shape[0] != G:
                 raise MoesimError(f"fastermoe: trace has {n_RE.shape[0]} source ranks, the "
                                   f"cluster {G}; spread the trace over the cluster's ranks")

@@ -92,6 +92,7 @@ from moesim.policies.base import (
     check_ints,
     check_slots_cover,
     register_policy,
+    sum_counts,
 )
 from moesim.policies.greedy import copies_J_to_phy2log, greedy_place_J, precise_replicas
 from moesim.policies.primitives import (
@@ -347,7 +348,7 @@ def _visible_counts(history: History, window: int, lag: int, L: int, G: int,
         return np.zeros((L, G, E)), -1
     start = max(0, end - window * ppi)
     seen = history.iteration - 1 - lag
-    return past[start:end].sum(axis=0) / (end - start), seen
+    return sum_counts(past[start:end], 0) / (end - start), seen
 
 
 def candidate_vectors(load_E: np.ndarray, num_slots: int, num_nodes: int, max_per_expert: int,

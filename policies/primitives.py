@@ -25,6 +25,7 @@ from functools import lru_cache
 import numpy as np
 
 from moesim.errors import MoesimError
+from moesim.policies.base import sum_counts
 
 # --------------------------------------------------------------------------------------------
 # replica counts
@@ -268,7 +269,7 @@ def per_iteration_load_TLE(history, iterations: int | None = None) -> np.ndarray
     if T == 0:
         return np.zeros((0, past.shape[1], past.shape[3]))
     recent = past[past.shape[0] - T * mb:]
-    return recent.sum(axis=2).reshape(T, mb, past.shape[1], past.shape[3]).sum(axis=1)
+    return sum_counts(recent, 2).reshape(T, mb, past.shape[1], past.shape[3]).sum(axis=1)
 
 
 def ema_load_LE(history, decay: float, num_layers: int, num_experts: int,

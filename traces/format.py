@@ -7,7 +7,8 @@ Schema version 1
 ----------------
 A :class:`RoutingTrace` holds
 
-- ``counts_TLRE`` — int64 ``[T, L, R, E]``: token assignments (top-k expanded) that source rank
+- ``counts_TLRE`` — integers ``[T, L, R, E]`` (int64 in memory; a directory trace maps the
+  stored type, see below): token assignments (top-k expanded) that source rank
   ``r``'s tokens made to expert ``e`` in layer ``l`` at pass ``t``. A *pass* is one micro-batch
   on every rank; ``micro_batches_per_iteration`` consecutive passes make one training iteration.
 - ``topk_TLRNK`` (optional) — int32 ``[T, L, R, N, K]``: the experts each token picked, ``-1``
@@ -28,11 +29,17 @@ the most experts one token picks and ``tokens_per_rank`` the most tokens a rank 
 On disk
 -------
 ``.npz`` (one compressed file; read with ``allow_pickle=False``) holds arrays ``counts`` and
-optionally ``topk``, and a uint8 array ``meta_json`` (UTF-8 JSON). The directory form (for
-traces larger than RAM) holds ``meta.json`` and raw ``counts.npy`` / ``topk.npy`` that are
-memory-mapped on load. Both are written atomically by :func:`moesim.traces.save_trace` and read
-(then validated) by :func:`moesim.traces.load_trace`; ``meta.extra`` is free-form JSON (importers
-record e.g. ``dropped_zero_layers``, the synthesizer its ``synth_config``).
+optionally ``topk``, and a uint8 array ``meta_json`` (UTF-8 JSON); its counts are int64. The
+directory form (for traces larger than RAM) holds ``meta.json`` and raw ``counts.npy`` /
+``topk.npy`` that are memory-mapped on load. Its counts are stored in the narrowest of uint16,
+int32 and int64 that holds ``tokens_per_rank · top_k`` (no count exceeds its row's sum), so a
+DeepSeek-V3-shaped trace (4096 tokens × top-8) takes 2 bytes per count; directories written
+before this hold int64, and every integer type loads. Readers widen what they take to int64
+(:func:`moesim.simulate.iteration_counts`; the policies' history sums use
+:func:`moesim.policies.base.sum_counts`). Both forms are written atomically by
+:func:`moesim.traces.save_trace` and read (then validated) by :func:`moesim.traces.load_trace`;
+``meta.extra`` is free-form JSON (importers record e.g. ``dropped_zero_layers``, the synthesizer
+its ``synth_config``).
 
 Example meta::
 

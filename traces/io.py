@@ -5,11 +5,14 @@ Two forms, chosen by the path:
 - ``*.npz`` — one zip archive with arrays ``counts``, optional ``topk`` and ``meta_json`` (uint8
   UTF-8 JSON). Read with ``allow_pickle=False``: a trace file can never run code.
 - any other path — a directory with ``meta.json``, ``counts.npy`` and optional ``topk.npy``;
-  the arrays are memory-mapped read-only on load (``np.load(mmap_mode="r")``), for traces larger
-  than RAM. Loading validates them a chunk of passes at a time, and the readers (``simulate``,
-  ``trace info``) take an iteration or a chunk at a time and release the pages after it
-  (:mod:`moesim.traces.stream`), so memory stays bounded. :class:`TraceDirWriter` writes this
-  form a chunk of passes at a time (``trace synth`` to a directory uses it).
+  ``counts.npy`` holds the narrowest of uint16 / int32 / int64 that fits ``tokens_per_rank ·
+  top_k`` (no count exceeds its row's sum: :func:`count_dtype`; older directories hold int64,
+  and any integer type loads). The arrays are memory-mapped read-only on load
+  (``np.load(mmap_mode="r")``), for traces larger than RAM. Loading validates them a chunk of
+  passes at a time, and the readers (``simulate``, ``trace info``) take an iteration or a chunk
+  at a time and release the pages after it (:mod:`moesim.traces.stream`), so memory stays
+  bounded; what they read is widened to int64. :class:`TraceDirWriter` writes this form a
+  chunk of passes at a time (``trace synth`` to a directory uses it).
 
 Writes are atomic (:class:`TraceDirWriter` too): a ``.npz`` goes to a temporary file in the
 target's directory and is moved into place with ``os.replace``; a directory is built under a
@@ -46,6 +49,7 @@ from moesim.traces.validate import (
 META_FILE = "meta.json"
 COUNTS_FILE = "counts.npy"
 TOPK_FILE = "topk.npy"
+COUNT_DTYPES = (np.dtype(np.uint16), np.dtype(np.int32), np.dtype(np.int64))
 
 # What a corrupt or truncated file can raise inside numpy / zipfile / json.
 _READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
@@ -63,6 +67,13 @@ def _check_headers(check, path: Path) -> None:
         raise TraceError(str(exc)) from None
     except OSError:
         pass  # unreadable: the loader reports it
+
+
+def count_dtype(meta: TraceMeta) -> np.dtype:
+    """The on-disk type of a directory trace's counts: the narrowest of uint16, int32, int64
+    that holds ``tokens_per_rank · top_k``, the most a row (so any count) can hold."""
+    budget = meta.tokens_per_rank * meta.top_k
+    return next(d for d in COUNT_DTYPES if budget <= np.iinfo(d).max)
 
 
 def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> Path:
@@ -141,7 +152,7 @@ def _save_dir(trace: RoutingTrace, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        np.save(tmp / COUNTS_FILE, np.asarray(trace.counts_TLRE, dtype=np.int64))
+        np.save(tmp / COUNTS_FILE, np.asarray(trace.counts_TLRE, dtype=count_dtype(trace.meta)))
         if trace.topk_TLRNK is not None:
             np.save(tmp / TOPK_FILE, np.asarray(trace.topk_TLRNK, dtype=np.int32))
         (tmp / META_FILE).write_bytes(_meta_bytes(trace))
@@ -161,14 +172,24 @@ class TraceDirWriter:
             for t in range(T):
                 w.write(counts_1LRE)          # [passes, L, R, E] integers, in order
 
-    Each chunk is validated as it comes (values, row sums) and appended to ``counts.npy`` (int64,
-    C order, written with plain writes: nothing stays mapped); ``meta.json`` and the rename into
-    place happen on a clean exit, once all ``num_passes`` passes were written. On an error the
-    half-written directory is removed and an existing trace at ``path`` is left as it was.
+    Each chunk is validated as it comes (values, row sums) and appended to ``counts.npy`` (one
+    sequential write per chunk, C order, as :func:`count_dtype` — or ``dtype`` — says: uint16
+    where ``N·k`` fits; nothing stays mapped; ``sync_each`` flushes each chunk to disk, for a
+    writer thread that overlaps the disk with drawing the next chunk); ``meta.json`` and the
+    rename into place happen on a clean exit, once all ``num_passes`` passes were written. On
+    an error the half-written directory is removed and an existing trace at ``path`` is left as
+    it was.
     """
 
-    def __init__(self, path: str | os.PathLike, meta: TraceMeta, num_passes: int) -> None:
+    def __init__(self, path: str | os.PathLike, meta: TraceMeta, num_passes: int,
+                 dtype: np.dtype | None = None, sync_each: bool = False) -> None:
         validate_meta(meta)
+        self.sync_each = sync_each and hasattr(os, "fdatasync")
+        self.dtype = count_dtype(meta) if dtype is None else np.dtype(dtype)
+        if self.dtype not in COUNT_DTYPES or self.dtype.itemsize < count_dtype(meta).itemsize:
+            raise TraceError(f"counts dtype {self.dtype} cannot hold this trace's rows of "
+                             f"{meta.tokens_per_rank * meta.top_k}; use {count_dtype(meta)} "
+                             "or wider (int32, int64)")
         self.path, self.meta, self.num_passes = Path(path), meta, int(num_passes)
         if self.num_passes < 1 or self.num_passes % meta.micro_batches_per_iteration:
             raise TraceError(f"num_passes = {num_passes} must be a positive multiple of "
@@ -182,7 +203,7 @@ class TraceDirWriter:
         name = self.path.name
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.path.parent))
         self._fh = open(self._tmp / COUNTS_FILE, "wb")  # noqa: SIM115 (closed in close/abort)
-        np.lib.format.write_array_header_1_0(self._fh, {"descr": np.dtype(np.int64).str,
+        np.lib.format.write_array_header_1_0(self._fh, {"descr": self.dtype.str,
                                                         "fortran_order": False,
                                                         "shape": self.shape})
         return self
@@ -196,7 +217,10 @@ class TraceDirWriter:
         if self.written + counts.shape[0] > self.num_passes:
             raise TraceError(f"more than the announced {self.num_passes} passes written")
         check_chunk(counts, self.meta, self.written)
-        np.ascontiguousarray(counts, dtype=np.int64).tofile(self._fh)
+        np.ascontiguousarray(counts, dtype=self.dtype).tofile(self._fh)
+        self._fh.flush()
+        if self.sync_each:
+            os.fdatasync(self._fh.fileno())   # the disk works while the next chunk is drawn
         self.written += counts.shape[0]
 
     def close(self) -> Path:

@@ -73,7 +73,8 @@ def _record(trace: RoutingTrace, before: int, after: int, method: str, seed: int
 def _merge(trace: RoutingTrace, group: int) -> RoutingTrace:
     """Sum consecutive groups of ``group`` ranks; concatenate their tokens."""
     T, L, R, E = trace.counts_TLRE.shape
-    counts = np.asarray(trace.counts_TLRE).reshape(T, L, R // group, group, E).sum(axis=3)
+    counts = np.asarray(trace.counts_TLRE).reshape(T, L, R // group, group, E).sum(
+        axis=3, dtype=np.int64)                  # a directory trace may store uint16
     m = trace.meta
     topk = None
     if trace.topk_TLRNK is not None:

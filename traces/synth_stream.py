@@ -1,56 +1,69 @@
 """Synthetic traces larger than memory: :mod:`moesim.traces.synth`'s generator written to a
 directory trace a chunk of passes at a time.
 
-:func:`synthesize_to_dir` draws the same generative model as :func:`moesim.traces.synthesize`
+:func:`synthesize_to_dir` draws the generative model of :func:`moesim.traces.synthesize`
 (per-layer popularity, dynamics, document and rank tilts, top-k cap, systematic rounding; the
-same :func:`~moesim.traces.synth.count_cells`) and hands each chunk of passes to
-:class:`moesim.traces.io.TraceDirWriter`, so memory stays bounded by one chunk (``max_cells``
-counts, at least one pass) plus the per-layer plans (``[T, E]`` and ``[R, E]`` floats), whatever
-the number of iterations. Two things differ, for speed, and make its draws (not its
-statistics) differ from ``synthesize`` for the same seed:
+same per-layer plan, :func:`~moesim.traces.synth.layer_cell_plan`) and hands each chunk of
+passes to :class:`moesim.traces.io.TraceDirWriter`, so memory stays bounded by one chunk
+(``max_cells`` counts, at least one pass) plus the per-layer plans (``[T, E]`` and ``[R, E]``
+floats), whatever the number of iterations. The counts of each (pass, layer) come from
+:mod:`moesim.traces.synth_kernel` (a C loop, or the same numbers in numpy): the log-normal
+factor of a cell is drawn on a 65536-point grid (the sum of two 256-point normal grids, tails at
+±4.1 σ) and normalised to mean one exactly, its random bits come from a counter-based generator
+(SplitMix64), and rows over the top-k cap are water-filled as in ``synthesize``. So its draws
+(not its statistics) differ from ``synthesize`` for the same seed, and they depend on neither
+``workers`` nor ``max_cells``; each layer's plan and key come from its own generator spawned from
+``rng``. Layers run on ``workers`` threads (the C loop releases the GIL), and a chunk is written
+by a writer thread while the next one is drawn. Counts are stored in the narrowest type that
+holds ``N·k`` (uint16 for DeepSeek-V3's 4096 × 8; see :func:`moesim.traces.io.count_dtype`).
 
-- the standard normal of each cell is read from a table of the 2^16 normal quantiles
-  ``Φ⁻¹((i + ½) / 2^16)`` at a uniform 16-bit index (inverse-transform sampling on a 16-bit grid:
-  tails cut at ±4.2 σ, i.e. a log-normal factor of at most ``e^{4.2 σ}``), about four times
-  cheaper than numpy's ziggurat;
-- cells are drawn a pass and a block of ranks at a time (each layer from its own generator,
-  layers on ``workers`` threads: the result depends on neither ``workers`` nor ``max_cells``),
-  and a chunk is written by a writer thread while the next one is drawn.
-
-``meta.extra["sampler"]`` is ``"stream"`` for these traces.
+``meta.extra["sampler"]`` is ``"stream-v2"`` for these traces (``"stream"`` was the first
+streaming sampler, 16-bit normals from numpy's generator: other numbers, same statistics).
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from scipy.special import ndtri
 
 from moesim.errors import MoesimError
 from moesim.traces.io import TraceDirWriter
 from moesim.traces.synth import (
     SynthConfig,
-    count_cells,
     layer_cell_plan,
     layer_log_popularity_IE,
     synth_meta,
 )
+from moesim.traces.synth_kernel import draw_counts, factor_table_EQ
 
-TABLE_BITS = 16
-BLOCK_CELLS = 1 << 16     # cells drawn at once per layer (256 KiB of float32: stays in cache)
-CHUNK_CELLS = 1 << 25     # counts per chunk handed to the writer (256 MiB of int64)
+SAMPLER = "stream-v2"
+CHUNK_CELLS = 1 << 25     # counts per chunk handed to the writer (64 MiB of uint16)
 
 
-@lru_cache(maxsize=1)
-def normal_table() -> np.ndarray:
-    """The ``2^16`` standard normal quantiles at the cell midpoints, float32, read-only."""
-    table = ndtri((np.arange(1 << TABLE_BITS) + 0.5) / (1 << TABLE_BITS)).astype(np.float32)
-    table.setflags(write=False)
-    return table
+class LayerPlan(NamedTuple):
+    """What one layer's counts are drawn from: per-pass log-normal sd and log share ``[T, E]``,
+    the rank tilt factor ``ρ = exp(rank tilt)`` ``[R, E]`` and the layer's generator key."""
+
+    sd_TE: np.ndarray
+    log_share_TE: np.ndarray
+    rho_RE: np.ndarray
+    key: int
+
+
+def layer_plan(config: SynthConfig, rng: np.random.Generator) -> LayerPlan:
+    """One layer's :class:`LayerPlan`, drawn from the layer's own generator ``rng``: the
+    in-memory model's popularity and cell plan (:func:`~moesim.traces.synth.layer_cell_plan`),
+    whose shift ``log a − sd²/2`` gives back the log share ``log a``, then a 64-bit key."""
+    sd_TE, shift_TE, rank_RE = layer_cell_plan(config, layer_log_popularity_IE(config, rng),
+                                               rng)
+    sd64 = sd_TE.astype(np.float64)
+    log_share_TE = shift_TE + sd64 * sd64 / 2
+    key = int(rng.integers(0, np.iinfo(np.uint64).max, dtype=np.uint64, endpoint=True))
+    return LayerPlan(sd_TE, log_share_TE, np.exp(rank_RE, dtype=np.float32), key)
 
 
 def synthesize_to_dir(config: SynthConfig, path: str | os.PathLike, *,
@@ -68,17 +81,16 @@ def synthesize_to_dir(config: SynthConfig, path: str | os.PathLike, *,
     L, R, E, T = c.num_layers, c.num_ranks, c.num_experts, c.num_passes
     step = max(1, max_cells // (L * R * E))
     workers = max(1, min(workers or os.cpu_count() or 1, 8, L))
-    meta = synth_meta(c, sampler="stream")
+    meta = synth_meta(c, sampler=SAMPLER)
     with (ThreadPoolExecutor(max_workers=workers) as pool,
           ThreadPoolExecutor(max_workers=1) as disk,
-          TraceDirWriter(path, meta, T) as writer):
-        plans = list(pool.map(lambda l: layer_cell_plan(
-            c, layer_log_popularity_IE(c, layer_rngs[l]), layer_rngs[l]), range(L)))
+          TraceDirWriter(path, meta, T, sync_each=True) as writer):
+        plans = list(pool.map(lambda l: layer_plan(c, layer_rngs[l]), range(L)))
         written = None
         for t0 in range(0, T, step):
-            chunk_TLRE = np.empty((min(T, t0 + step) - t0, L, R, E), dtype=np.int64)
+            chunk_TLRE = np.empty((min(T, t0 + step) - t0, L, R, E), dtype=writer.dtype)
             list(pool.map(lambda l, t0=t0, chunk=chunk_TLRE: _draw_layer(
-                c, plans[l], layer_rngs[l], t0, chunk[:, l]), range(L)))
+                c, plans[l], t0, chunk[:, l]), range(L)))
             if written is not None:
                 written.result()               # one chunk in flight: memory stays bounded
             written = disk.submit(writer.write, chunk_TLRE)
@@ -87,16 +99,11 @@ def synthesize_to_dir(config: SynthConfig, path: str | os.PathLike, *,
     return Path(path)
 
 
-def _draw_layer(config: SynthConfig, plan: tuple, rng: np.random.Generator, t0: int,
-                out_TRE: np.ndarray) -> None:
-    """One layer's counts for passes ``t0 … t0 + len(out)`` into ``out_TRE``: pass by pass, a
-    block of ranks at a time (so the draws do not depend on the chunking), normals from
-    :func:`normal_table`."""
-    T, R, E = out_TRE.shape
-    table, rows = normal_table(), max(1, BLOCK_CELLS // E)
-    for t in range(T):
-        for r0 in range(0, R, rows):
-            r1 = min(R, r0 + rows)
-            index = rng.integers(0, 1 << TABLE_BITS, size=(1, r1 - r0, E), dtype=np.uint16)
-            count_cells(config, plan, np.take(table, index), slice(t0 + t, t0 + t + 1),
-                        slice(r0, r1), rng, out_TRE[t:t + 1, r0:r1])
+def _draw_layer(config: SynthConfig, plan: LayerPlan, t0: int, out_TRE: np.ndarray) -> None:
+    """One layer's counts for passes ``t0 … t0 + len(out)`` into ``out_TRE``, pass by pass."""
+    c = config
+    total, cap = c.tokens_per_rank * c.top_k, c.tokens_per_rank
+    for t in range(out_TRE.shape[0]):
+        tab_EQ = factor_table_EQ(plan.sd_TE[t0 + t], plan.log_share_TE[t0 + t])
+        draw_counts(tab_EQ, plan.rho_RE, plan.key, (t0 + t) * c.num_ranks, total, cap,
+                    out_TRE[t])
