@@ -346,13 +346,15 @@ def _memo_key(op: Op) -> tuple | None:
     alive during the call, so ``id`` values are unique): all-to-alls by buffer
     (:func:`_matrix_key`); non-GEMM compute ops that share their (read-only) per-rank
     arrays by those arrays' identity (the lowering reuses one array for every layer's
-    attention); ``None`` for everything else."""
+    attention; a stage's ops share one read-only ranks array too); ``None`` for everything
+    else."""
     if isinstance(op, AllToAll):
         key = _matrix_key(op.bytes_RR, op.ranks)
         return None if key is None else ("a2a", *key)
-    if (type(op) is Compute and op.gemm_tokens_RS is None and op.ranks is None
-            and _read_only(op.flops_R) and _read_only(op.bytes_R)):
-        return "compute", id(op.flops_R), id(op.bytes_R), op.gemm_rows
+    if (type(op) is Compute and op.gemm_tokens_RS is None and _read_only(op.flops_R)
+            and _read_only(op.bytes_R) and (op.ranks is None or _read_only(op.ranks))):
+        return ("compute", id(op.flops_R), id(op.bytes_R), op.gemm_rows,
+                None if op.ranks is None else id(op.ranks))
     return None
 
 

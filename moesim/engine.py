@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,18 +29,80 @@ from moesim.ops import STREAMS, AllToAll, GroupCollective, Op, SendRecv
 STREAM_INDEX = {s: i for i, s in enumerate(STREAMS)}
 
 
-@dataclass
 class Schedule:
     """Per op, per rank: ``start_OR`` / ``end_OR`` seconds from the iteration start (NaN where
-    the rank skipped the op)."""
+    the rank skipped the op).
 
-    start_OR: np.ndarray
-    end_OR: np.ndarray
+    The engine builds it compactly (:meth:`compact`): per op only its member ranks' times
+    (``ranks_O[i]`` None: every rank), so a pipeline stage's op costs its stage's ranks, not
+    the world's; the dense ``[O, R]`` arrays are materialised on first use. A measured
+    schedule (the executor's) is given dense: ``Schedule(start_OR=…, end_OR=…)``."""
+
+    def __init__(self, start_OR: np.ndarray | None = None, end_OR: np.ndarray | None = None
+                 ) -> None:
+        self._dense = None if start_OR is None else (np.asarray(start_OR),
+                                                     np.asarray(end_OR))
+        self.num_ranks = 0 if start_OR is None else int(np.shape(start_OR)[1])
+        self.ranks_O: list[np.ndarray | None] = []
+        self.start_O: list[np.ndarray] = []
+        self.end_O: list[np.ndarray] = []
+
+    @classmethod
+    def compact(cls, num_ranks: int, ranks_O: list, start_O: list, end_O: list) -> Schedule:
+        """From per-op member ranks (None: all) and their start / end arrays."""
+        out = cls()
+        out.num_ranks, out.ranks_O, out.start_O, out.end_O = num_ranks, ranks_O, start_O, end_O
+        return out
+
+    def __len__(self) -> int:
+        return len(self.start_O) if self._dense is None else len(self._dense[0])
+
+    def spans(self):
+        """``(i, ranks, start, end)`` of every op that some rank ran: member ranks (an int
+        array) and their times."""
+        if self._dense is not None:
+            start_OR, end_OR = self._dense
+            for i in range(len(start_OR)):
+                ranks = np.flatnonzero(np.isfinite(start_OR[i]))
+                if len(ranks):
+                    yield i, ranks, start_OR[i, ranks], end_OR[i, ranks]
+            return
+        all_R = np.arange(self.num_ranks)
+        for i, (ranks, st, en) in enumerate(zip(self.ranks_O, self.start_O, self.end_O,
+                                               strict=True)):
+            if ranks is None:
+                yield i, all_R, st, en
+            elif len(ranks):
+                yield i, ranks, st, en
+
+    def _materialise(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._dense is None:
+            O, R = len(self.start_O), self.num_ranks
+            start_OR, end_OR = np.full((O, R), np.nan), np.full((O, R), np.nan)
+            for i, (ranks, st, en) in enumerate(zip(self.ranks_O, self.start_O, self.end_O,
+                                                   strict=True)):
+                idx = slice(None) if ranks is None else ranks
+                start_OR[i, idx], end_OR[i, idx] = st, en
+            self._dense = (start_OR, end_OR)
+        return self._dense
+
+    @property
+    def start_OR(self) -> np.ndarray:
+        return self._materialise()[0]
+
+    @property
+    def end_OR(self) -> np.ndarray:
+        return self._materialise()[1]
 
     @property
     def makespan_s(self) -> float:
         """The latest end over all ops and ranks (0 for an empty program)."""
-        return float(np.nanmax(self.end_OR)) if np.isfinite(self.end_OR).any() else 0.0
+        if self._dense is not None:
+            end = self._dense[1]
+            return float(np.nanmax(end)) if np.isfinite(end).any() else 0.0
+        end = np.concatenate(self.end_O) if self.end_O else np.zeros(0)
+        end = end[np.isfinite(end)]
+        return float(end.max()) if end.size else 0.0
 
 
 def members_of(op: Op, num_ranks: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -60,37 +121,36 @@ def members_of(op: Op, num_ranks: int) -> tuple[np.ndarray, np.ndarray | None]:
     return (np.arange(num_ranks) if ranks is None else np.asarray(ranks, np.int64)), None
 
 
-def _buffer(scratch: dict | None, name: str, shape: tuple[int, int], fill: float
-            ) -> np.ndarray:
-    """A ``shape`` array filled with ``fill``: the one kept in ``scratch`` when it fits (large
-    programs reuse their buffers from iteration to iteration instead of faulting in new pages
-    every time), else a new one."""
-    if scratch is None:
-        return np.full(shape, fill)
-    arr = scratch.get(name)
-    if arr is None or arr.shape != shape:
-        arr = scratch[name] = np.empty(shape)
-    arr.fill(fill)
-    return arr
+def _last_uses(ops: Sequence[Op]) -> list[int]:
+    """Per op, the index of the last op that depends on it (-1: none)."""
+    last = [-1] * len(ops)
+    for i, op in enumerate(ops):
+        for d in op.deps:
+            last[d] = i
+    return last
 
 
 def schedule(ops: Sequence[Op], durations: Sequence[np.ndarray], num_ranks: int,
-             t0_R: np.ndarray | None = None, scratch: dict | None = None) -> Schedule:
+             t0_R: np.ndarray | None = None) -> Schedule:
     """Schedule ``ops`` with their ``durations`` (as :meth:`CostModel.duration` returns them:
     ``[R]`` per rank, ``[G]`` per group, ``[1]`` all-to-all). ``t0_R``: per-rank start times.
-    ``scratch``: a dict the caller keeps to reuse the ``[O, R]`` buffers (the returned
-    schedule's arrays are then valid until the next call with the same ``scratch``).
 
     The hot loop of the simulator, kept in one function (with a fast path for ops on every
-    rank) so that per-op Python overhead stays a few microseconds."""
-    O, R = len(ops), num_ranks
+    rank) so that per-op Python overhead stays a few microseconds. Each op's ``done`` row (its
+    end on its members, what it depended on elsewhere) is kept only while a later op depends
+    on it, and times are stored for members only (:meth:`Schedule.compact`), so memory grows
+    with the ops' members, not with ``ops × ranks``."""
+    R = num_ranks
     free_QR = np.zeros((len(STREAMS), R)) if t0_R is None else np.tile(t0_R, (len(STREAMS), 1))
-    done_OR = _buffer(scratch, "done", (O, R), 0.0)
-    start_OR = _buffer(scratch, "start", (O, R), np.nan)
-    end_OR = _buffer(scratch, "end", (O, R), np.nan)
     zeros_R = np.zeros(R)
+    last = _last_uses(ops)
+    done: dict[int, np.ndarray] = {}
+    groups_seen: dict[int, tuple] = {}
+    ranks_O: list[np.ndarray | None] = []
+    start_O: list[np.ndarray] = []
+    end_O: list[np.ndarray] = []
     for i, op in enumerate(ops):
-        dep_R = _dep_ready(done_OR, op.deps, zeros_R)
+        dep_R = _dep_ready(done, op.deps, zeros_R)
         q = STREAM_INDEX[op.stream]
         ready_R = np.maximum(free_QR[q], dep_R)
         dur = np.asarray(durations[i], dtype=np.float64)
@@ -98,27 +158,41 @@ def schedule(ops: Sequence[Op], durations: Sequence[np.ndarray], num_ranks: int,
             if dur.shape[0] == R:
                 start, end = ready_R, ready_R + dur
             else:
-                start = ready_R.max()
+                start = np.full(R, ready_R.max())
                 end = start + dur[0]
-            start_OR[i], end_OR[i], done_OR[i], free_QR[q] = start, end, end, end
-            continue
-        ranks, group = members_of(op, R)
-        start, end = _op_times(op, dur, ready_R, ranks, group, R)
-        done_OR[i] = dep_R
-        done_OR[i, ranks] = end
-        start_OR[i, ranks] = start
-        end_OR[i, ranks] = end
-        free_QR[q, ranks] = end
-    return Schedule(start_OR, end_OR)
+            free_QR[q] = end
+            ranks_O.append(None)
+            row = end
+        else:
+            ranks, group, layout = _members(op, R, groups_seen)
+            start, end = _op_times(op, dur, ready_R, ranks, group, layout, R)
+            free_QR[q, ranks] = end
+            ranks_O.append(ranks)
+            row = None
+            if last[i] >= 0:
+                row = dep_R.copy()
+                row[ranks] = end
+        start_O.append(start)
+        end_O.append(end)
+        if last[i] >= 0:
+            done[i] = row
+        for d in op.deps:
+            if last[d] == i:
+                done.pop(d, None)
+    return Schedule.compact(R, ranks_O, start_O, end_O)
 
 
-def _dep_ready(done_OR: np.ndarray, deps: tuple[int, ...], zeros_R: np.ndarray) -> np.ndarray:
+def _dep_ready(done: dict[int, np.ndarray], deps: tuple[int, ...], zeros_R: np.ndarray
+               ) -> np.ndarray:
     """Per-rank time all ``deps`` are done (``zeros_R`` when there are none)."""
     if not deps:
         return zeros_R
     if len(deps) == 1:
-        return done_OR[deps[0]]
-    return done_OR[list(deps)].max(axis=0)
+        return done[deps[0]]
+    out = np.maximum(done[deps[0]], done[deps[1]])
+    for d in deps[2:]:
+        np.maximum(out, done[d], out=out)
+    return out
 
 
 def _spans_world(op: Op) -> bool:
@@ -128,8 +202,28 @@ def _spans_world(op: Op) -> bool:
     return getattr(op, "ranks", None) is None
 
 
+def _members(op: Op, R: int, seen: dict[int, tuple]
+             ) -> tuple[np.ndarray, np.ndarray | None, tuple | None]:
+    """:func:`members_of` plus, for group collectives, the grouping's sort layout
+    ``(order, bounds, gid)``; computed once per ``groups`` object (ops of one program share
+    their TP / DP groups), the entry keeping the object alive so its ``id`` stays unique."""
+    if not isinstance(op, GroupCollective):
+        ranks, group = members_of(op, R)
+        return ranks, group, None
+    hit = seen.get(id(op.groups))
+    if hit is None or hit[0] is not op.groups:
+        ranks, group = members_of(op, R)
+        order = np.argsort(group, kind="stable")
+        change = np.diff(group[order]) != 0
+        bounds = np.flatnonzero(np.r_[True, change])
+        gid = np.cumsum(np.r_[False, change])
+        hit = seen[id(op.groups)] = (op.groups, ranks, group, (order, bounds, gid))
+    return hit[1], hit[2], hit[3]
+
+
 def _op_times(op: Op, dur: np.ndarray, ready_R: np.ndarray, ranks: np.ndarray,
-              group: np.ndarray | None, R: int) -> tuple[np.ndarray, np.ndarray]:
+              group: np.ndarray | None, layout: tuple | None, R: int
+              ) -> tuple[np.ndarray, np.ndarray]:
     """Start and end of ``op`` on its member ``ranks`` (arrays aligned with ``ranks``)."""
     if group is None:  # per-rank op
         start = ready_R[ranks]
@@ -137,14 +231,15 @@ def _op_times(op: Op, dur: np.ndarray, ready_R: np.ndarray, ranks: np.ndarray,
         return start, start + d
     if len(ranks) == 0:
         return np.zeros(0), np.zeros(0)
-    order = np.argsort(group, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, np.diff(group[order]) != 0])
+    if layout is None:  # all-to-all or send/recv batch: one group
+        start = np.full(len(ranks), ready_R[ranks].max())
+        if isinstance(op, SendRecv):  # per-rank transfer times from a common start
+            return start, start + dur[ranks]
+        return start, start + dur[0]
+    order, bounds, gid = layout
     gstart = np.maximum.reduceat(ready_R[ranks[order]], bounds)
-    gid = np.cumsum(np.r_[False, np.diff(group[order]) != 0])
     start = np.empty(len(ranks))
     start[order] = gstart[gid]
-    if isinstance(op, SendRecv):  # per-rank transfer times from a common start
-        return start, start + dur[ranks]
     return start, start + dur[group]
 
 

@@ -72,17 +72,31 @@ def phase_times(ops: list[Op], sched: Schedule, num_layers: int
     """``(busy_s, start_s, end_s)`` each ``[L+1, F, R]``: summed durations, first start and
     last end of each (layer, phase) per rank (per-iteration ops go to index ``L``).
 
-    One row update per op (``[R]`` arrays) beats ``reduceat`` over ``[O, R]`` here."""
-    R, F = sched.start_OR.shape[1], len(PHASES)
-    shape = ((num_layers + 1) * F, R)
-    busy, start, end = np.zeros(shape), np.full(shape, np.nan), np.full(shape, np.nan)
-    dur_OR = sched.end_OR - sched.start_OR
-    np.copyto(dur_OR, 0.0, where=np.isnan(dur_OR))  # skipped ranks: no busy time
-    for i, op in enumerate(ops):
+    From the schedule's member spans (:meth:`~moesim.engine.Schedule.spans`), all ops at
+    once: busy times are summed in program order (``bincount``), as one row update per op
+    would."""
+    R, F = sched.num_ranks, len(PHASES)
+    cells = (num_layers + 1) * F
+    keys, firsts, lasts = [], [], []
+    for i, ranks, st, en in sched.spans():
+        op = ops[i]
         k = (op.layer if op.layer >= 0 else num_layers) * F + PHASE_INDEX[op.phase]
-        busy[k] += dur_OR[i]
-        np.fmin(start[k], sched.start_OR[i], out=start[k])
-        np.fmax(end[k], sched.end_OR[i], out=end[k])
+        keys.append(k * R + ranks)
+        firsts.append(st)
+        lasts.append(en)
+    if keys:
+        key = np.concatenate(keys)
+        first, last = np.concatenate(firsts), np.concatenate(lasts)
+    else:
+        key, first, last = np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+    dur = last - first
+    np.copyto(dur, 0.0, where=np.isnan(dur))
+    busy = np.bincount(key, weights=dur, minlength=cells * R)
+    start, end = np.full(cells * R, np.inf), np.full(cells * R, -np.inf)
+    np.minimum.at(start, key, np.where(np.isnan(first), np.inf, first))  # fmin's NaN rule
+    np.maximum.at(end, key, np.where(np.isnan(last), -np.inf, last))
+    start[start == np.inf] = np.nan
+    end[end == -np.inf] = np.nan
     return tuple(a.reshape(num_layers + 1, F, R) for a in (busy, start, end))
 
 

@@ -113,7 +113,6 @@ class _Run:
     view: Cluster | None = None  # one pipeline stage's cluster (the cluster itself: no PP)
     layout_plan: Any = None
     stage_table: tuple[float, str] = (-1.0, "")  # (peak bytes, table) of the peak iteration
-    scratch: dict = field(default_factory=dict)  # the engine's reused [O, R] buffers
 
 
 def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluster,
@@ -244,8 +243,7 @@ def simulate_iteration(run: _Run, it: int) -> tuple[IterationRecord, dict]:
     ctx = lower_iteration_ctx(run.policy, decision, run.previous, counts, run.model,
                               view, plan=_plan(run, decision), cache=run.cache,
                               layout_plan=run.layout_plan)
-    sched = schedule(ctx.program.ops, run.cost.durations(ctx.program), run.cluster.world_size,
-                     scratch=run.scratch)
+    sched = schedule(ctx.program.ops, run.cost.durations(ctx.program), run.cluster.world_size)
     _keep_stage_table(run, ctx)
     oom = _check_memory(ctx, run, it)
     record = build_record(ctx, sched, it, oom, it in run.timeline_iterations,

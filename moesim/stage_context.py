@@ -12,7 +12,6 @@ the TP region's ``T·t`` tokens.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,17 @@ from moesim.ops import (
 )
 
 DEFAULT_LAYOUT = ParallelLayout()
+
+
+def _replaced(op: Op, changes: dict[str, Any]) -> Op:
+    """``dataclasses.replace(op, **changes)`` without re-running ``__init__`` (the op was
+    validated when it was made; this is on the lowering's hot path)."""
+    if not changes:
+        return op
+    new = object.__new__(type(op))
+    new.__dict__.update(op.__dict__)
+    new.__dict__.update(changes)
+    return new
 
 
 def _frozen(arr: np.ndarray) -> np.ndarray:
@@ -68,17 +78,18 @@ class StageView:
         if op.layer >= 0 and self.layer_ids is not None:
             ch["layer"] = int(self.layer_ids[op.layer])
         if isinstance(op, GroupCollective):
-            ch["groups"] = tuple(np.asarray(g, np.int64) + off for g in op.groups)
+            ch["groups"] = self._shifted_groups(op.groups)
             if hasattr(op, "roots_G") and len(op.roots_G):
                 ch["roots_G"] = np.asarray(op.roots_G, np.int64) + off
         elif isinstance(op, AllToAll):
-            ch["ranks"] = (np.arange(n) if op.ranks is None else np.asarray(op.ranks)) + off
+            ch["ranks"] = self._stage_ranks() if op.ranks is None \
+                else np.asarray(op.ranks) + off
         elif isinstance(op, SendRecv):
             ch["src_N"] = np.asarray(op.src_N, np.int64) + off
             ch["dst_N"] = np.asarray(op.dst_N, np.int64) + off
         elif isinstance(op, (Compute, HostCompute, HostCopy)):
             if op.ranks is None:
-                ch["ranks"] = np.arange(off, off + n)
+                ch["ranks"] = self._stage_ranks()
             else:  # per-rank arrays are indexed by stage rank: keep the named ranks' rows
                 sub = np.asarray(op.ranks, np.int64)
                 ch["ranks"] = sub + off
@@ -86,7 +97,25 @@ class StageView:
                     arr = getattr(op, name, None)
                     if arr is not None and np.ndim(arr) and len(arr) == n:
                         ch[name] = np.asarray(arr)[sub]
-        return dataclasses.replace(op, **ch)
+        return _replaced(op, ch)
+
+    def _stage_ranks(self) -> np.ndarray:
+        """The stage's world ranks, one read-only array shared by its ops (so the cost model
+        and the engine can recognise ops over the same ranks)."""
+        if "world_ranks" not in self._consts:
+            self._consts["world_ranks"] = _frozen(np.arange(self.rank_offset,
+                                                            self.rank_offset + self.world))
+        return self._consts["world_ranks"]
+
+    def _shifted_groups(self, groups: tuple) -> tuple[np.ndarray, ...]:
+        """``groups`` in world ranks; one shifted tuple per groups object this iteration
+        (the cached TP / DP groups are shared by many ops)."""
+        key = ("shifted", id(groups))
+        hit = self._iter.get(key)
+        if hit is None or hit[0] is not groups:  # the entry keeps ``groups`` alive
+            shifted = tuple(np.asarray(g, np.int64) + self.rank_offset for g in groups)
+            hit = self._iter[key] = (groups, shifted)
+        return hit[1]
 
     # -- sizes --------------------------------------------------------------------------------
     @property
