@@ -138,7 +138,7 @@ def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluste
     trace_path = None if isinstance(trace, RoutingTrace) else str(trace)
     stop = int(iterations[1]) if isinstance(iterations, tuple) and len(iterations) == 2 \
         else None   # a regrouped trace needs no later iterations
-    inputs = prepare_inputs(_load(trace), model, cluster, _policy(policy), layout,
+    inputs = prepare_inputs(_load(trace, stop), model, cluster, _policy(policy), layout,
                             regroup=regroup, stop=stop, rng_seed=rng_seed)
     trace, model, policy, lplan = inputs.trace, inputs.model, inputs.policy, inputs.layout_plan
     its = _iterations(iterations, trace.num_iterations)
@@ -337,7 +337,9 @@ def _check_memory(ctx: LoweringContext, run: _Run, it: int) -> bool:
 # inputs, config, resume
 
 
-def _load(trace: RoutingTrace | str | Path) -> RoutingTrace:
+def _load(trace: RoutingTrace | str | Path, stop: int | None = None) -> RoutingTrace:
+    """The trace (a path is loaded; a directory trace is read only up to iteration ``stop``,
+    which is all the run and its policy's history see)."""
     if isinstance(trace, RoutingTrace):
         return trace
     path = Path(trace)
@@ -346,7 +348,7 @@ def _load(trace: RoutingTrace | str | Path) -> RoutingTrace:
                           "synth` to make one)")
     from moesim.traces import io as trace_io
 
-    return trace_io.load_trace(path)
+    return trace_io.load_trace(path, stop_iteration=stop)
 
 
 def _policy(policy: Any) -> Any:

@@ -255,9 +255,9 @@ ENGINE_IMPORTERS = {"megatron": _import_megatron, "trtllm": _import_trtllm,
 
 def _cmd_info(args: argparse.Namespace) -> int:
     path = args.trace or bundled_trace_path()
-    trace = load_trace(path)
+    start, stop = _parse_range(args.iterations) if args.iterations is not None else (None, None)
+    trace = load_trace(path, stop_iteration=stop if stop is not None and stop >= 0 else None)
     if args.iterations is not None:
-        start, stop = _parse_range(args.iterations)
         whole = trace.num_iterations
         trace = trace.select_iterations(start, stop)
         if trace.num_passes == 0:

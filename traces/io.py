@@ -94,9 +94,14 @@ def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_trace(path: str | os.PathLike) -> RoutingTrace:
+def load_trace(path: str | os.PathLike, stop_iteration: int | None = None) -> RoutingTrace:
     """Read and validate a trace written by :func:`save_trace` (``.npz`` file or directory);
-    the name ``bundled`` is the bundled trace (:func:`moesim.traces.bundled.named_trace_path`)."""
+    the name ``bundled`` is the bundled trace (:func:`moesim.traces.bundled.named_trace_path`).
+
+    ``stop_iteration``: the caller reads iterations before it only (``simulate --iterations
+    A:B`` reads ``0 … B−1``: the run and the policies' history), so a directory trace's counts
+    are validated up to there and the rest is never read; the whole trace is still returned.
+    """
     path = Path(path)
     if not path.exists():
         from moesim.traces.bundled import named_trace_path
@@ -109,7 +114,10 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
     except MoesimError as exc:
         raise TraceError(str(exc)) from None
     if path.is_dir():
-        return validate_in_chunks(_load_dir(path))       # bounded memory: see the docstring
+        trace = _load_dir(path)                           # bounded memory: see the docstring
+        mb = trace.meta.micro_batches_per_iteration
+        passes = None if stop_iteration is None else max(0, stop_iteration) * mb
+        return validate_in_chunks(trace, passes=passes)
     if path.exists():
         return validate(_load_npz(path))
     raise TraceError(f"no trace at {path}; check the path (a .npz file or a trace directory)")

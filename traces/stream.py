@@ -38,11 +38,14 @@ def passes_per_chunk(counts_TLRE: np.ndarray, max_cells: int | None = None) -> i
 
 def pass_chunks(counts_TLRE: np.ndarray, max_cells: int | None = None
                 ) -> Iterator[tuple[int, np.ndarray]]:
-    """``(t0, chunk_TLRE)`` over the passes, ``chunk`` an in-memory copy of passes ``t0 …``
-    (:func:`passes_per_chunk` of them); the mapped pages are released after each chunk."""
+    """``(t0, chunk_TLRE)`` over the passes, ``chunk`` a read-only view of passes ``t0 …``
+    (:func:`passes_per_chunk` of them; no copy); the mapped pages are released once the
+    caller asks for the next chunk (a view read after that faults its pages back in from the
+    page cache: still correct, just not bounded)."""
     T = counts_TLRE.shape[0]
     step = passes_per_chunk(counts_TLRE, max_cells)
     for t0 in range(0, T, step):
-        chunk = np.array(counts_TLRE[t0:t0 + step])
-        release_pages(counts_TLRE)
+        chunk = counts_TLRE[t0:t0 + step].view()
+        chunk.flags.writeable = False
         yield t0, chunk
+        release_pages(counts_TLRE)

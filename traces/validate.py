@@ -221,16 +221,19 @@ def _check_topk_matches_counts(topk: np.ndarray, counts: np.ndarray) -> None:
                          "re-record or rebuild counts from the ids")
 
 
-def validate_in_chunks(trace: RoutingTrace, max_cells: int | None = None) -> RoutingTrace:
+def validate_in_chunks(trace: RoutingTrace, max_cells: int | None = None,
+                       passes: int | None = None) -> RoutingTrace:
     """:func:`validate` a chunk of passes at a time (bounded memory: for memory-mapped traces
-    larger than RAM; the mapped pages are released after each chunk)."""
+    larger than RAM; the mapped pages are released after each chunk). With ``passes`` the
+    metadata and shape are checked whole but the values of the first ``passes`` passes only
+    (a reader that will not look further need not read further)."""
     if not isinstance(trace, RoutingTrace):
         raise TraceError(f"expected a RoutingTrace, got {type(trace).__name__}")
     _check_meta(trace.meta)
     counts = _check_counts_array(trace.counts_TLRE)
     _check_shape_vs_meta(counts, trace.meta)
     step = passes_per_chunk(counts, max_cells)
-    for t0, chunk in pass_chunks(counts, max_cells):
+    for t0, chunk in pass_chunks(counts if passes is None else counts[:passes], max_cells):
         _check_values(chunk, t0)
         _check_row_sums(chunk, trace.meta, t0)
         if trace.topk_TLRNK is not None:

@@ -158,3 +158,21 @@ def test_readers_widen_narrow_counts(tmp_path):
     assert one.dtype == np.int64 and per_iteration_load_TLE(history).dtype == np.int64
     assert ((one - three) < 0).all()
     assert sum_counts(np.ones((2, 3)) / 2, 0).dtype == np.float64   # floats stay floats
+
+
+def test_simulate_reads_only_the_iterations_it_runs(tmp_path):
+    """A directory trace is validated (so read) up to the last simulated iteration only: a
+    corrupt count in a later iteration does not stop a run that never reaches it."""
+    trace = synthesize(SMALL.replace(num_ranks=16, num_experts=32, top_k=2, tokens_per_rank=256,
+                                     num_layers=2, num_iterations=4), rng=7)
+    save_trace(trace, tmp_path / "t")
+    counts = np.load(tmp_path / "t" / "counts.npy", mmap_mode="r+")
+    counts[-1, 1, 3, 5] += 1                                # the last pass no longer sums to N·k
+    counts.flush()
+    del counts
+    model = load_model("smartmoe-gpt").replace(num_layers=2)
+    cluster = load_cluster("a100-4x8-ib800").with_shape(2)
+    run = simulate(tmp_path / "t", model, cluster, "eplb", iterations=(1, 3), progress=False)
+    assert [r["iteration"] for r in run.rows] == [1, 2]
+    with pytest.raises(TraceError, match=r"\[t, l, r\] = \(7, 1, 3\) sum to"):
+        simulate(tmp_path / "t", model, cluster, "eplb", iterations=(1, 4), progress=False)
