@@ -3,8 +3,10 @@
 The executor may not silently skip an op of a program: it runs every op with real tensors or
 refuses the whole program. :func:`check_layout` is that gate; ``moesim run``, ``moesim
 validate`` and each rank of ``moesim.executor.worker`` call it with the ``--parallel`` text.
-Today it accepts the default layout only; each layout feature the executor learns to run is
-removed from :data:`UNSUPPORTED` here, with the test that checks it against the reference.
+Each layout feature the executor runs is absent from :data:`UNSUPPORTED`, with the test that
+checks it against the whole-stack reference (:mod:`moesim.executor.layout_reference`); a
+model or an op the dataflow cannot run is refused when the program is prepared
+(:meth:`moesim.executor.dataflow.LayoutFlow.check_program`).
 """
 
 from __future__ import annotations
@@ -12,16 +14,24 @@ from __future__ import annotations
 from moesim.errors import MoesimError
 from moesim.layout import ParallelLayout, parse_layout
 
-# (feature, predicate on the layout): layouts the executor refuses, with the reason's name
+# (feature, predicate on the layout): layouts the executor refuses, with the reason's name.
+# Everything else runs for real under the layout dataflow (executor/dataflow.py) and is checked
+# against the whole-stack reference (tests/executor/test_layouts_gloo.py): TP with SP, PP
+# (1f1b, interleaved, gpipe), full and selective (core_attn, moe) recomputation, ZeRO 0-3.
+_RUNS_SELECTIVE = ("core_attn", "moe")
 UNSUPPORTED: tuple[tuple[str, object], ...] = (
-    ("tensor parallelism (tp > 1)", lambda lay: lay.tp > 1),
-    ("pipeline parallelism (pp > 1)", lambda lay: lay.pp > 1),
-    ("context parallelism (cp > 1)", lambda lay: lay.cp > 1),
+    ("tensor parallelism without sequence parallelism (tp > 1 needs sp=true: the MoE "
+     "layer routes each rank's own sequence shard)", lambda lay: lay.tp > 1 and not lay.sp),
+    ("context parallelism (cp > 1: no ring attention in the executor)", lambda lay: lay.cp > 1),
     ("expert tensor parallelism (etp > 1)", lambda lay: lay.etp > 1),
-    ("activation recomputation", lambda lay: lay.recompute != "none"),
-    ("a ZeRO stage", lambda lay: lay.zero is not None),
-    ("the all-to-all overlap", lambda lay: lay.a2a_overlap),
-    ("a non-default layout", lambda lay: not lay.is_default),
+    ("selective recomputation of modules other than core_attn and moe (the executor's model "
+     "has no affine LayerNorm, no dense MLP layers, no MLA, and keeps expert activations "
+     "whole)", lambda lay: lay.recompute == "selective"
+     and not set(lay.recompute_modules) <= set(_RUNS_SELECTIVE)),
+    ("full recomputation with ZeRO-3 (the program gathers no parameters for the recomputed "
+     "forward)", lambda lay: lay.recompute == "full" and lay.zero == 3),
+    ("the all-to-all overlap (a2a_overlap: fused forward/backward steps)",
+     lambda lay: lay.a2a_overlap),
 )
 
 

@@ -32,6 +32,10 @@ def program_groups(program: Program) -> list[tuple[int, ...]]:
     return list(seen)
 
 
+#: the "group" of one rank (a pipeline stage of one rank): its collectives are local copies
+SELF = "self"
+
+
 class GroupCache:
     """Maps a rank tuple to its process group (the default group for the whole world)."""
 
@@ -51,4 +55,6 @@ class GroupCache:
         """The group of ``ranks`` (sorted tuple); ``None`` means the default (world) group."""
         if ranks == self.world:
             return None
+        if len(ranks) == 1:
+            return SELF
         return self._groups[ranks]

@@ -26,9 +26,16 @@ orders the collectives). What each op does:
 - ``HostCopy`` — a real copy of ``bytes_R`` bytes between device and host memory (on CPU ranks:
   memory to memory).
 
+Under a non-default layout (``RankExecutor(..., layout=...)``) nothing above is a stand-in:
+:class:`~moesim.executor.dataflow.LayoutFlow` runs the real residual stream through the
+attention, router, TP/SP collectives, pipeline sends, recompute and dense gradient / ZeRO ops
+(each rank's route row is its index in its pipeline stage), and the program is refused in one
+line when it has an op the dataflow cannot run. Per-op timing is the same either way.
+
 The optimizer ``Compute`` updates ``bytes_R / (2·bytes_optim + bytes_grad + bytes_weight)``
 parameters (the lowering's Adam traffic per parameter): this rank's expert slot parameters first
-(real tensors and their gradients), then a buffer standing in for its dense-parameter shard.
+(real tensors and their gradients), then its dense-parameter shard (a stand-in buffer under the
+default layout; the real attention weights, or their ZeRO chunk, under a layout).
 
 Replay mode keeps the learning rate at 0: the optimizer does all its arithmetic but weights stay
 the deterministic per-(layer, expert) values, so every replica always equals the reference and
@@ -53,7 +60,9 @@ import torch
 import torch.distributed as dist
 
 from moesim.executor import moe_layer as ml
-from moesim.executor.groups import GroupCache
+from moesim.executor.dataflow import LayoutFlow
+from moesim.executor.flow_state import held_layers
+from moesim.executor.groups import SELF, GroupCache
 from moesim.executor.optim import HOST_ADAM_CHUNK, Adam
 from moesim.executor.replay import (
     expert_weights,
@@ -63,6 +72,7 @@ from moesim.executor.replay import (
     torch_dtype,
 )
 from moesim.executor.timing import Collective, InFlight, OpTimes, Timer
+from moesim.layout import ParallelLayout
 from moesim.ops import (
     AllGather,
     AllReduce,
@@ -80,6 +90,9 @@ from moesim.ops import (
 )
 from moesim.specs import ModelSpec
 
+# streams whose collectives are issued asynchronously on CPU (joined by deps and stream FIFO)
+ASYNC_STREAMS = ("prefetch", "p2p", "p2p_odd", "p2p_wrap")
+
 # torch ≥ 2.13 renamed the tensor-form all-gather / reduce-scatter; older releases have only these
 _all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
@@ -89,7 +102,7 @@ class RankExecutor:
     """One rank's interpreter; keeps slot weights, groups and buffers across iterations."""
 
     def __init__(self, model: ModelSpec, rank: int, world_size: int, device: torch.device,
-                 lr: float = 0.0) -> None:
+                 lr: float = 0.0, layout: ParallelLayout | None = None) -> None:
         self.model, self.rank, self.world, self.device = model, rank, world_size, device
         self.dtype = torch_dtype(model)
         self.groups = GroupCache(world_size)
@@ -106,25 +119,40 @@ class RankExecutor:
         self.warm_kernels = device.type == "cuda"
         self._warm_m: set[int] = set()
         self._warm_grad: torch.Tensor | None = None
+        # under a non-default layout the dense ops run the real dataflow (executor/dataflow.py)
+        self.flow = None if layout is None or layout.is_default else LayoutFlow(self, layout)
 
     # -- set-up (untimed) -----------------------------------------------------------------
     def prepare(self, program: Program, iteration: int) -> None:
         """Install this iteration's slots, zero grads, build forced layer inputs, make groups."""
         self.groups.ensure(program)
-        layouts = {l: r.phy2log_P for (_, l), r in sorted(program.routes.items())}
+        held = None if self.flow is None else held_layers(program, self.rank)
+        routes = {k: r for k, r in program.routes.items() if held is None or k[1] in held}
+        layouts = {l: r.phy2log_P for (_, l), r in sorted(routes.items())}
         for l, phy2log in layouts.items():
-            self._install_slots(l, np.asarray(phy2log), program.routes)
+            self._install_slots(l, np.asarray(phy2log), routes)
         self.expert_grads = {}
         self.passes = {}
         self._make_masters(program)
-        for (mb, l), route in sorted(program.routes.items()):
-            inp = layer_inputs(route, self.rank, self.model, iteration, mb, l, self.dtype)
+        src, off = self._source()
+        for (mb, l), route in sorted(routes.items()):
+            inp = layer_inputs(route, src, self.model, iteration, mb, l, self.dtype)
             inp.x_NH, inp.grad_out_NH = inp.x_NH.to(self.device), inp.grad_out_NH.to(self.device)
             inp.gate_A = inp.gate_A.to(self.device)
-            members = self._a2a_members(program, mb, l)
-            self.passes[(mb, l)] = ml.plan_pass(inp, route, self.rank, members, self.device)
+            members = [m - off for m in self._a2a_members(program, mb, l)]
+            self.passes[(mb, l)] = ml.plan_pass(inp, route, src, members, self.device)
+        if self.flow is not None:
+            self.flow.prepare(program, iteration, sorted(layouts))
+            self.flow.check_program(program)
         if self.warm_kernels:
             self._warm_expert_shapes()
+
+    def _source(self) -> tuple[int, int]:
+        """``(route row, first world rank of the stage)``: a route's rows are its stage's
+        ranks in order (the world's ranks without pipeline stages)."""
+        if self.flow is None:
+            return self.rank, 0
+        return self.flow.source, self.flow.first_rank
 
     def _warm_expert_shapes(self) -> None:
         """Run each expert FFN row count this iteration brings for the first time once,
@@ -152,7 +180,8 @@ class RankExecutor:
         on this rank, else gets the expert's deterministic weights (the relayout ops then move
         the same values for real). The previous slots stay readable as relayout sources."""
         S = next(r.slots_per_rank for (_, l), r in routes.items() if l == layer)
-        mine = phy2log_P[self.rank * S:(self.rank + 1) * S]
+        src = self._source()[0]
+        mine = phy2log_P[src * S:(src + 1) * S]
         self.prev_slots[layer] = list(self.slots.get(layer, []))
         old = {e: t for e, t in self.slots.get(layer, [])}
         slots = []
@@ -211,8 +240,8 @@ class RankExecutor:
         timer.begin()
         for i, op, fn in work:
             self._wait_for(op, pending, timer)
-            if overlap and op.stream == "prefetch" and isinstance(fn, Collective):
-                pending[i] = InFlight(i, fn.start)
+            if overlap and op.stream in ASYNC_STREAMS and isinstance(fn, Collective):
+                pending[i] = InFlight(i, fn.start, op.stream)
             else:
                 timer.mark_start(i)
                 fn()
@@ -228,8 +257,7 @@ class RankExecutor:
     def _wait_for(op: Op, pending: dict[int, InFlight], timer: Timer) -> None:
         """Join in-flight ops ``op`` depends on (its deps; the prefetch stream's FIFO)."""
         waits = [d for d in op.deps if d in pending]
-        if op.stream == "prefetch":
-            waits += list(pending)
+        waits += [d for d, f in pending.items() if f.stream == op.stream]
         for d in dict.fromkeys(waits):
             timer.add(*pending.pop(d).join())
 
@@ -242,6 +270,15 @@ class RankExecutor:
             return self.rank in np.asarray(op.src_N) or self.rank in np.asarray(op.dst_N)
         return False
 
+    def _mine(self, op: Op, arr_R: np.ndarray) -> float:
+        """This rank's entry of a per-rank array: indexed by world rank, or (a pipeline
+        stage's op, see :meth:`moesim.stage_context.StageView._translate`) by position in
+        the op's ``ranks``."""
+        arr = np.asarray(arr_R)
+        if len(arr) == self.world or op.ranks is None:
+            return arr[self.rank]
+        return arr[np.asarray(op.ranks).tolist().index(self.rank)]
+
     def execute(self, op: Op) -> None:
         """Run one op on this rank (it takes part in it)."""
         self.compile(op)()
@@ -249,13 +286,16 @@ class RankExecutor:
     def compile(self, op: Op) -> Callable[[], None]:
         """Resolve everything about ``op`` that does not depend on data (sizes, groups,
         buffers) and return the work itself, so the timed walk runs only the work."""
+        if self.flow is not None:
+            fn = self.flow.compile(op)
+            if fn is not None:
+                return fn
         if isinstance(op, Compute):
             return self._compute(op)
-        r = self.rank
         if isinstance(op, HostCompute):
-            return self._host_adam(float(np.asarray(op.bytes_R)[r]))
+            return self._host_adam(float(self._mine(op, op.bytes_R)))
         if isinstance(op, HostCopy):
-            return self._host_copy(int(np.asarray(op.bytes_R)[r]), op.to_host)
+            return self._host_copy(int(self._mine(op, op.bytes_R)), op.to_host)
         if isinstance(op, AllToAll):
             return self._all_to_all(op)  # token all-to-alls run synchronously
         if isinstance(op, (GroupCollective, SendRecv)):
@@ -275,9 +315,9 @@ class RankExecutor:
         if op.phase == "optimizer":
             m = self.model
             per_param = 2 * m.bytes_optim + m.bytes_grad + m.bytes_weight
-            numel = int(float(np.asarray(op.bytes_R)[self.rank]) / per_param)
+            numel = int(float(self._mine(op, op.bytes_R)) / per_param)
             return lambda: self._optimizer_step(numel)
-        return self._standin(float(np.asarray(op.flops_R)[self.rank]))
+        return self._standin(float(self._mine(op, op.flops_R)))
 
     def _standin(self, flops: float) -> Callable[[], None]:
         """Stand-in compute of ``flops`` (see the module docstring): expert-shaped FFN forwards
@@ -319,6 +359,11 @@ class RankExecutor:
                 g = self.expert_grads.get((l, e), self.slot_grads[l][s])
                 self.adam.step((l, s, e, k), p[:k], g[:k])
                 numel -= k
+        if numel > 0 and self.flow is not None:  # the real dense shard (its DP share)
+            p, g = self.flow.dense_chunk(numel)
+            if p.numel():
+                self.adam.step(("dense", p.numel()), p, g)
+            numel -= p.numel()
         if numel > 0:
             p = self._buffer(("opt_p", numel), (numel,))
             g = self._buffer(("opt_g", numel), (numel,), randn=True)
@@ -366,6 +411,9 @@ class RankExecutor:
         recv = [math.ceil(b / elem) for b in bytes_RR[:, me]]
         buf = self._buffer(("a2a_in", sum(send)), (sum(send),))
         out = self._buffer(("a2a_out", sum(recv)), (sum(recv),))
+
+        if group == SELF:
+            return Collective(lambda: (lambda: out.copy_(buf)))
 
         def start() -> Callable[[], None]:
             w = dist.all_to_all_single(out, buf, output_split_sizes=recv,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moesim.executor.groups import SELF
 from moesim.executor.replay import LayerInputs, ffn_backward, ffn_forward
 from moesim.ops import LayerRoute
 from moesim.specs import ModelSpec
@@ -73,6 +74,8 @@ def plan_pass(inputs: LayerInputs, route: LayerRoute, rank: int, members: list[i
 def _a2a(send: torch.Tensor, out_rows: int, send_split: list[int], recv_split: list[int],
          group: object | None) -> torch.Tensor:
     """Uneven all-to-all of rows (``dist.all_to_all_single`` with split sizes)."""
+    if group == SELF:  # one rank: what it sends to itself is what it receives
+        return send.clone()
     out = send.new_empty((out_rows,) + tuple(send.shape[1:]))
     dist.all_to_all_single(out, send.contiguous(), output_split_sizes=recv_split,
                            input_split_sizes=send_split, group=group)

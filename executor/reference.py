@@ -34,6 +34,25 @@ class ReferenceResult:
     grad_w: dict[int, torch.Tensor]
 
 
+def moe_outputs(route: LayerRoute, inputs: list, xs: list[torch.Tensor],
+                ws: dict[int, torch.Tensor], model: ModelSpec) -> list[torch.Tensor]:
+    """Every source's MoE output ``[N_r, H]`` (float64, differentiable): per logical expert,
+    its FFN on exactly the assignments routed to any of its replicas, gate-weighted."""
+    phy2log = np.asarray(route.phy2log_P)
+    outs = [torch.zeros_like(x) for x in xs]
+    for r, inp in enumerate(inputs):
+        kept = inp.slot_A >= 0
+        logical_A = np.where(kept, phy2log[np.maximum(inp.slot_A, 0)], -1)
+        for e in sorted(ws):
+            sel = np.flatnonzero(logical_A == e)
+            if len(sel) == 0:
+                continue
+            tok = torch.from_numpy(inp.token_A[sel])
+            y = ffn(xs[r][tok], ws[e], model) * inp.gate_A[sel].double()[:, None]
+            outs[r] = outs[r].index_add(0, tok, y)
+    return outs
+
+
 def reference_layer(route: LayerRoute, model: ModelSpec, iteration: int, micro_batch: int,
                     layer: int) -> ReferenceResult:
     """Run one layer-pass of every rank in one process; see the module docstring."""
@@ -43,17 +62,7 @@ def reference_layer(route: LayerRoute, model: ModelSpec, iteration: int, micro_b
     phy2log = np.asarray(route.phy2log_P)
     experts = sorted({int(e) for e in phy2log if e >= 0})
     ws = {e: expert_weights(model, layer, e).double().requires_grad_(True) for e in experts}
-    outs = [torch.zeros_like(x) for x in xs]
-    for r, inp in enumerate(inputs):
-        kept = inp.slot_A >= 0
-        logical_A = np.where(kept, phy2log[np.maximum(inp.slot_A, 0)], -1)
-        for e in experts:
-            sel = np.flatnonzero(logical_A == e)
-            if len(sel) == 0:
-                continue
-            tok = torch.from_numpy(inp.token_A[sel])
-            y = ffn(xs[r][tok], ws[e], model) * inp.gate_A[sel].double()[:, None]
-            outs[r] = outs[r].index_add(0, tok, y)
+    outs = moe_outputs(route, inputs, xs, ws, model)
     loss = sum((o * i.grad_out_NH.double()).sum() for o, i in zip(outs, inputs, strict=True))
     params = xs + [ws[e] for e in experts]
     if not loss.requires_grad:  # nothing kept: every output and gradient is zero

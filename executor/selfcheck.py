@@ -9,7 +9,9 @@ one JSON report from rank 0::
      "swiftmoe": {"ok": false, "error": "..."}, ...}
 
 ``--programs FILE`` instead runs hand-built programs: a pickle of ``{"model": ModelSpec,
-"items": [(iteration, Program), ...]}`` (reported under the key ``"programs"``). One launch for
+"items": [(iteration, Program), ...]}`` (reported under the key ``"programs"``); ``--cases FILE``
+runs layout programs, each checked against the whole-stack reference
+(:mod:`moesim.executor.layout_selfcheck`, reported under each case's name). One launch for
 the whole grid keeps the multi-process tests cheap.
 """
 
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default="")
     p.add_argument("--iterations", default="0:2")
     p.add_argument("--programs", default=None)
+    p.add_argument("--cases", default=None)
     p.add_argument("--report", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heartbeat-dir", default=None)
@@ -77,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.programs:
         model, items = _program_items(args.programs) if rank == 0 else (None, None)
         out["programs"] = _run_one(model, items, rank, world, hb)
+    if args.cases:
+        from moesim.executor.layout_selfcheck import run_case
+
+        cases = pickle.loads(Path(args.cases).read_bytes())
+        out.update({name: run_case(case, rank, world, hb) for name, case in cases.items()})
     for spec in [x for x in args.policies.split(",") if x]:
         model, items = _policy_items(args, spec, world, cuda) if rank == 0 else (None, None)
         out[spec.split(":")[0]] = _run_one(model, items, rank, world, hb)

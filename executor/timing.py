@@ -45,8 +45,9 @@ class Collective:
 class InFlight:
     """An async collective and the thread that waits for it and stamps its completion."""
 
-    def __init__(self, index: int, start: Callable[[], Callable[[], None]]) -> None:
-        self.index, self.begin = index, time.perf_counter()
+    def __init__(self, index: int, start: Callable[[], Callable[[], None]],
+                 stream: str = "prefetch") -> None:
+        self.index, self.begin, self.stream = index, time.perf_counter(), stream
         finish = start()
         self.end = self.begin
         self.error: BaseException | None = None

@@ -1,0 +1,125 @@
+"""Layout programs on real gloo processes equal the single-process whole-stack reference.
+
+Each world size is one launch of :mod:`moesim.executor.selfcheck` ``--cases`` over many layouts
+(programs lowered exactly as the simulator lowers them): every rank's outputs, input
+gradients, dense gradients (before and after their sync) and expert gradients must equal the
+float64 reference of the whole layer stack over all micro-batches. World 2: TP 2 (static EP,
+SwiftMoE, LAER FSEP), PP 2 (1F1B over 4 micro-batches, interleaved, GPipe), recomputation,
+ZeRO-1/3; world 4: TP 2 × EP 2, PP 2 × EP 2, PP 2 × TP 2, the three policies under TP and PP,
+ZeRO-2/3. Recomputation must also shrink the activations a rank holds for its backward, and
+1F1B must hold more on the first stage than on the last.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from moesim.errors import MoesimError
+from moesim.executor import dense_block
+from moesim.executor.capabilities import check_layout
+from moesim.executor.interpreter import RankExecutor
+from moesim.specs import load_model
+from tests.executor.layoutcases import layout_case, run_cases
+
+# name: (--parallel, policy, tokens per rank, micro-batches[, MoE layers])
+CASES = {
+    2: {
+        "tp2": ("tp=2,sp=true", "static_ep", 64, 2),
+        "tp2_swiftmoe": ("tp=2,sp=true", "swiftmoe", 64, 2),
+        "tp2_laer": ("tp=2,sp=true", "laer_fsep:slots_per_rank=5", 64, 2),
+        "tp2_full": ("tp=2,sp=true,recompute=full", "static_ep", 64, 2),
+        "tp2_core_attn": ("tp=2,sp=true,recompute=selective", "static_ep", 64, 2),
+        "tp2_moe": ("tp=2,sp=true,recompute=selective,recompute_modules=moe", "static_ep",
+                    64, 2),
+        "pp2": ("pp=2", "static_ep", 128, 4),
+        "pp2_full": ("pp=2,recompute=full", "static_ep", 128, 4),
+        "pp2_interleaved": ("pp=2,vpp=2,pp_schedule=interleaved", "static_ep", 128, 4, 4),
+        "pp2_gpipe": ("pp=2,pp_schedule=gpipe", "static_ep", 128, 2),
+        "zero1": ("zero=1", "static_ep", 128, 2),
+        "zero3": ("zero=3,recompute=selective", "laer_fsep:slots_per_rank=5", 128, 2),
+    },
+    4: {
+        "tp2_ep2": ("tp=2,sp=true,ep=2", "static_ep", 64, 2),
+        "pp2_ep2": ("pp=2,ep=2", "static_ep", 128, 4),
+        "pp2_tp2": ("pp=2,tp=2,sp=true", "static_ep", 64, 4),
+        "tp2_swiftmoe": ("tp=2,sp=true", "swiftmoe", 64, 2),
+        "tp2_laer": ("tp=2,sp=true", "laer_fsep", 64, 2),
+        "pp2_swiftmoe": ("pp=2", "swiftmoe:slots_per_rank=5", 128, 4),
+        "pp2_laer": ("pp=2", "laer_fsep:slots_per_rank=5", 128, 4),
+        "zero2_tp2": ("tp=2,sp=true,zero=2", "static_ep", 64, 2),
+        "zero3_pp2": ("pp=2,zero=3", "static_ep", 128, 4),
+    },
+}
+
+
+def _case(world: int, spec: tuple) -> dict:
+    parallel, policy, tokens, mbs, *layers = spec
+    fields = {"num_layers": layers[0]} if layers else {}
+    return layout_case(parallel, world, policy, tokens, mbs, **fields)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, tuple[dict, dict]]:
+    """One launch per world size: ``{world: (cases, report)}``."""
+    out = {}
+    for world, specs in CASES.items():
+        cases = {name: _case(world, spec) for name, spec in specs.items()}
+        out[world] = (cases, run_cases(cases, world, tmp_path_factory.mktemp(f"w{world}")))
+    return out
+
+
+def _report(runs, world: int, name: str) -> dict:
+    result = runs[world][1][name]
+    assert "error" not in result, result["error"]
+    assert result["ok"], result
+    (it,) = result["iterations"]
+    return it
+
+
+@pytest.mark.parametrize("world,name", [(w, n) for w, specs in CASES.items() for n in specs])
+def test_layout_matches_the_whole_stack_reference(runs, world, name):
+    it = _report(runs, world, name)
+    assert it["complete"] and it["checked_passes"] > 0
+    program = runs[world][0][name]["items"][0][1]
+    mine = types.SimpleNamespace(rank=0)
+    ran = sum(1 for op in program.ops if RankExecutor._takes_part(mine, op))
+    assert it["ops_timed"] == ran  # every op rank 0 takes part in was run and timed
+
+
+@pytest.mark.parametrize("name", ["tp2_full", "tp2_core_attn", "tp2_moe"])
+def test_recompute_shrinks_the_saved_activations(runs, name):
+    base = _report(runs, 2, "tp2")["saved_peak_bytes"]
+    rc = _report(runs, 2, name)["saved_peak_bytes"]
+    assert all(r < b for r, b in zip(rc, base, strict=True)), (rc, base)
+
+
+def test_pipeline_schedules_hold_what_they_should(runs):
+    first, last = _report(runs, 2, "pp2")["saved_peak_bytes"]
+    assert first > 1.5 * last  # stage 0 holds p - 0 = 2 micro-batches, stage 1 one
+    _, gpipe_last = _report(runs, 2, "pp2_gpipe")["saved_peak_bytes"]
+    assert gpipe_last > 1.5 * last  # GPipe: every forward first, so both micro-batches
+    assert _report(runs, 2, "pp2_full")["saved_peak_bytes"][0] < first
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("tp=2", "without sequence parallelism"),
+    ("cp=2", "context parallelism"),
+    ("recompute=selective,recompute_modules=moe_act", "selective recomputation"),
+    ("recompute=full,zero=3", "ZeRO-3"),
+    ("a2a_overlap=true", "all-to-all overlap"),
+])
+def test_unsupported_layouts_are_refused_in_one_line(text, needle):
+    with pytest.raises(MoesimError) as err:
+        check_layout(text)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_models_whose_flops_the_attention_would_not_do_are_refused():
+    model = load_model("tiny-cpu")
+    dense_block.check_model(model, 2, 128)
+    for bad, why in ((model.replace(dense_flops_per_token=1e6), "dense_flops_per_token"),
+                     (model, "whole sequences")):
+        with pytest.raises(MoesimError, match=why):
+            dense_block.check_model(bad, 2, 128 if bad is not model else 100)
