@@ -68,7 +68,12 @@ def allreduce_synced(program: Program) -> set[tuple[int, int]]:
 
 
 def check_iteration(ex: RankExecutor, program: Program, iteration: int) -> dict | None:
-    """Gather every rank's results and compare on rank 0 (others get ``None``); collective."""
+    """Gather every rank's results and compare on rank 0 (others get ``None``); collective.
+    Under a layout: the whole-stack check (:mod:`moesim.executor.layout_check`)."""
+    if ex.flow is not None:
+        from moesim.executor.layout_check import check_layout_iteration
+
+        return check_layout_iteration(ex, program, iteration)
     payloads: list = [None] * ex.world
     dist.all_gather_object(payloads, rank_payload(ex))
     if ex.rank != 0:

@@ -13,7 +13,8 @@ compares, as relative errors ``max|a − b| / max|b|``:
   after ZeRO-3's per-layer reduce-scatters;
 - ``grad_w_local`` / ``grad_w_synced`` — the experts', as :mod:`moesim.executor.check` does.
 
-``saved_peak_bytes`` (per rank) is reported beside the errors: the most activation bytes the
+``saved_peak_bytes_r<rank>`` is reported beside the errors (every value a number, so the
+worker can record them as ``check_*`` summary columns): the most activation bytes the
 rank held for its backward (:mod:`moesim.executor.flow_state`).
 """
 
@@ -94,7 +95,8 @@ def compare_stack(payloads: list[dict], program: Program, model, sources: int, t
     complete = seen["out"] == seen["grad_x"] == sources * len(ref.outputs)
     return {"iteration": iteration, **err, "backward": True, "tolerance": tol,
             "checked_passes": seen["out"], "complete": complete,
-            "saved_peak_bytes": [p["saved_peak_bytes"] for p in payloads],
+            **{f"saved_peak_bytes_r{p['rank']}": float(p["saved_peak_bytes"])
+               for p in payloads},
             "ok": complete and all(v <= tol for v in err.values())}
 
 

@@ -169,7 +169,7 @@ def stream(model, items, rank: int, world: int, device: torch.device, hb: Heartb
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], Exception):  # rank 0's set-up failed: every rank stops with it
         raise _echoed(box[0], rank)
-    ex = RankExecutor(box[0], rank, world, device)
+    model, ex = box[0], None
     first = True
     while True:
         item = _next_item(items) if rank == 0 else None
@@ -181,6 +181,10 @@ def stream(model, items, rank: int, world: int, device: torch.device, hb: Heartb
         if isinstance(item, Exception):
             raise _echoed(item, rank)
         hb.beat(force=True)
+        if ex is None:  # under a layout the executor runs its real dataflow (dataflow.py)
+            plan = getattr(item, "layout_plan", None)
+            ex = RankExecutor(model, rank, world, device,
+                              layout=None if plan is None else plan.layout)
         for _ in range(warmup if first else 0):
             ex.prepare(item.program, item.iteration)
             ex.run(item.program, progress=hb.beat)
