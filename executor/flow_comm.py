@@ -14,7 +14,8 @@ parameter collectives (data parallel and ZeRO), each moving the real tensors.
 - dense gradient sync over the DP group (ranks with the same TP shard): ``dense_grads``
   all-reduce (plain data parallel, or the policy's own scheme) or reduce-scatter (ZeRO 1–2,
   Rajbhandari et al. 2020, "ZeRO", arXiv 1910.02054: each rank keeps the sum of its ``1/d``
-  chunk); ``dense_params`` all-gather of the updated chunks after the optimizer step.
+  chunk); ``dense_params`` all-gather of the updated chunks after the optimizer step (over
+  the DP group, or, as some policies lower it, over the whole stage: :func:`_param_gather`).
 - ZeRO-3 (:mod:`moesim.executor.flow_zero3`): per-layer parameter all-gathers and gradient
   reduce-scatters.
 
@@ -133,7 +134,10 @@ def dense_collective(flow, op: GroupCollective) -> Callable[[], None]:
 
         return flow_zero3.compile_op(flow, op)
     group, numel = _my_group(flow, op)
-    d = len(next(g for g in op.groups if flow.ex.rank in np.asarray(g)))
+    members = sorted(int(r) for r in next(g for g in op.groups if flow.ex.rank in np.asarray(g)))
+    if op.label == "dense_params" and isinstance(op, AllGather):
+        return _param_gather(flow, op, group, numel, members)
+    d = len(members)
     _check_size(op, numel, flow.flat.numel())
     if d < 2:
         return lambda: None
@@ -149,11 +153,37 @@ def dense_collective(flow, op: GroupCollective) -> Callable[[], None]:
             chunk = flow.flat_grad[flow.dp_index * k:(flow.dp_index + 1) * k]
             chunk.copy_(scatter(flow.flat_grad, d, group))
             flow.dense_synced = ("chunk", chunk, d)
-    elif op.label == "dense_params" and isinstance(op, AllGather):
-        def work() -> None:
-            mine = flow.flat[flow.dp_index * k:(flow.dp_index + 1) * k].clone()
-            _all_gather(flow.flat, mine, group=group)
     else:
         raise MoesimError(f"the executor has no dataflow for {type(op).__name__} "
                           f"{op.label!r} under this layout")
+    return work
+
+
+def _param_gather(flow, op: AllGather, group, numel: int, members: list[int]
+                  ) -> Callable[[], None]:
+    """The all-gather of the updated dense chunks. Over the DP group each member sends its
+    ``1/d`` chunk and the gathered vector is the rank's dense shard. A policy whose optimizer
+    gathers over every rank of the stage (SwiftMoE, LAER, Hecate, FlexMoE, FasterMoE:
+    ``policies.primitives.emit_gpu_optimizer``, which sizes it as the whole unsharded dense
+    model) does the same over more ranks: each member sends its chunk of its own TP shard,
+    and a rank keeps the chunks of its DP group (the ranks of its TP shard) — under TP the
+    other shards' chunks are traffic the program prices and the rank does not need."""
+    n, d = len(members), flow.n // flow.tp
+    if n < 2:
+        return lambda: None
+    if flow.z3_d > 1:
+        raise MoesimError("the executor cannot run this policy with zero=3: its optimizer "
+                          "all-gathers the whole dense model after the step "
+                          "(policies.primitives.emit_gpu_optimizer), which ZeRO-3 keeps "
+                          "sharded; use zero=1 or 2, or static_ep")
+    k = numel // n
+    if numel % n or k * d != flow.flat.numel():
+        _check_size(op, numel, flow.flat.numel() * n // max(d, 1))
+    same = [i for i, m in enumerate(members) if (m - flow.first_rank) % flow.tp == flow.tp_index]
+
+    def work() -> None:
+        mine = flow.flat[flow.dp_index * k:(flow.dp_index + 1) * k].clone()
+        out = mine.new_empty(n * k)
+        _all_gather(out, mine, group=group)
+        flow.flat.copy_(torch.cat([out[i * k:(i + 1) * k] for i in same]))
     return work

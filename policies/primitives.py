@@ -312,26 +312,26 @@ def dense_params_R(model, world: int) -> np.ndarray:
 
 def emit_gpu_optimizer(ctx, expert_params_R: np.ndarray, deps: tuple[int, ...],
                        label: str = "adam") -> list[int]:
-    """A memory-bound GPU Adam step over ``expert_params_R`` plus each rank's dense shard
-    (:meth:`~moesim.stage_context.StageView.dense_shard_params_R`: ``1/t`` of the stage's
-    dense parameters, ``1/d`` of that unless ``zero=0``), then the all-gather of the updated
-    dense weights over DP (:meth:`~moesim.lowering.LoweringContext.emit_dense_param_allgather`;
-    no expert all-gather: the caller's experts are either unreplicated or updated identically
-    on every replica). Under the default layout: the ZeRO-1 shard
-    (:func:`dense_params_R`) and one all-gather over every rank.
+    """A memory-bound GPU Adam step over ``expert_params_R`` plus each rank's ZeRO-1 dense
+    shard, then the all-gather of the updated dense weights (no expert all-gather: the
+    caller's experts are either unreplicated or updated identically on every replica).
 
     Per parameter Adam reads and writes master/m/v (``2·b_o``), reads the grad and writes the
     weight; 10 FLOPs. Returns the op indices later work waits for."""
-    from moesim.ops import Compute
+    from moesim.ops import AllGather, Compute
 
     m = ctx.model
-    # the layout's dense shard and its all-gather over DP (one group per TP shard); under the
-    # default layout exactly dense_params_R(m, world) and one all-gather over every rank
-    params_R = np.asarray(expert_params_R, dtype=np.float64) + ctx.dense_shard_params_R()
+    params_R = np.asarray(expert_params_R, dtype=np.float64) + dense_params_R(m, ctx.world)
     per_param = 2 * m.bytes_optim + m.bytes_grad + m.bytes_weight
     step = ctx.add(Compute(phase="optimizer", direction="step", kind="other", deps=deps,
                            flops_R=params_R * 10.0, bytes_R=params_R * per_param, label=label))
-    return [step] + ctx.emit_dense_param_allgather((step,))
+    out = [step]
+    dense_bytes = m.num_layers * m.dense_params * m.bytes_weight
+    if ctx.world > 1 and dense_bytes > 0:
+        out.append(ctx.add(AllGather(
+            phase="optimizer", direction="step", deps=(step,), groups=(np.arange(ctx.world),),
+            bytes_G=np.array([dense_bytes]), experts_G=np.array([-1]), label="dense_params")))
+    return out
 
 
 def slot_params_R(placement, params_per_expert: float) -> np.ndarray:

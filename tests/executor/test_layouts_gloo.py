@@ -38,7 +38,8 @@ CASES = {
         "pp2_interleaved": ("pp=2,vpp=2,pp_schedule=interleaved", "static_ep", 128, 4, 4),
         "pp2_gpipe": ("pp=2,pp_schedule=gpipe", "static_ep", 128, 2),
         "zero1": ("zero=1", "static_ep", 128, 2),
-        "zero3": ("zero=3,recompute=selective", "laer_fsep:slots_per_rank=5", 128, 2),
+        "zero3": ("zero=3,recompute=selective", "static_ep", 128, 2),
+        "zero1_laer": ("zero=1", "laer_fsep:slots_per_rank=5", 128, 2),
     },
     4: {
         "tp2_ep2": ("tp=2,sp=true,ep=2", "static_ep", 64, 2),
