@@ -44,24 +44,19 @@ Host copies are not GPU-to-GPU traffic and are left out.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
-from moesim.blockmatrix import BlockDiag
 from moesim.ops import (
     PHASES,
-    AllGather,
-    AllReduce,
     AllToAll,
-    Broadcast,
     GroupCollective,
     Op,
-    Reduce,
-    ReduceScatter,
     SendRecv,
 )
+from moesim.traffic import Traffic
+from moesim.traffic import _collective_edges as collective_edges
 
 PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
 BALANCE_PERCENTILES = (50, 75, 90, 95)
@@ -175,46 +170,6 @@ def node_imbalance(tokens_MLR: np.ndarray, gpus_per_node: int) -> tuple[float, f
 # per-GPU-pair traffic
 
 
-def _ring_share(op: GroupCollective) -> tuple[str, float]:
-    """How a group collective's buffer crosses links: ``("ring", factor)`` or ``("chain", 1)``."""
-    if isinstance(op, (Broadcast, Reduce)):
-        return "chain", 1.0
-    if isinstance(op, AllReduce):
-        return "ring", 2.0
-    assert isinstance(op, (AllGather, ReduceScatter, GroupCollective))
-    return "ring", 1.0
-
-
-def _add_group_collective(out_RR: np.ndarray, op: GroupCollective) -> None:
-    kind, factor = _ring_share(op)
-    roots = getattr(op, "roots_G", None)
-    if kind == "ring":  # every group at once: member i sends to the next member of its ring
-        sizes = op.group_sizes
-        size_G = np.asarray(op.bytes_G, dtype=np.float64)
-        if not len(sizes):
-            return
-        members = np.concatenate([np.asarray(g, dtype=np.int64) for g in op.groups])
-        start = np.repeat(np.cumsum(sizes) - sizes, sizes)
-        n = np.repeat(sizes, sizes)
-        pos = np.arange(len(members)) - start
-        nxt = members[start + (pos + 1) % np.maximum(n, 1)]
-        val = factor * np.repeat(size_G, sizes) * (n - 1) / np.maximum(n, 1)
-        keep = (n >= 2) & (val > 0)
-        np.add.at(out_RR, (members[keep], nxt[keep]), val[keep])
-        return
-    for g, members in enumerate(op.groups):
-        members = np.asarray(members, dtype=np.int64)
-        n, size = len(members), float(op.bytes_G[g])
-        if n < 2 or size <= 0:
-            continue
-        root = int(roots[g]) if roots is not None and len(roots) > g else int(members[0])
-        chain = np.roll(members, -int(np.flatnonzero(members == root)[0]))
-        src, dst = chain[:-1], chain[1:]
-        if isinstance(op, Reduce):
-            src, dst = dst[::-1], src[::-1]
-        out_RR[src, dst] += size
-
-
 def add_op_traffic(out_RR: np.ndarray, op: Op) -> None:
     """Add the bytes ``op`` sends between GPUs to ``out_RR[src, dst]`` (self-traffic left out)."""
     if isinstance(op, AllToAll):
@@ -237,69 +192,14 @@ def add_op_traffic(out_RR: np.ndarray, op: Op) -> None:
         keep = src != dst
         np.add.at(out_RR, (src[keep], dst[keep]), np.asarray(op.bytes_N, float)[keep])
     elif isinstance(op, GroupCollective):
-        _add_group_collective(out_RR, op)
+        src, dst, val = collective_edges(op)
+        np.add.at(out_RR, (src, dst), val)
 
 
 def traffic_FRR(ops: Sequence[Op], world: int) -> np.ndarray:
-    """Bytes each GPU sends each GPU per phase over the iteration, float64 ``[F, R, R]``.
-
-    All-to-alls held as blocks (:class:`~moesim.blockmatrix.BlockDiag`) are summed block-wise
-    first: the matrices that the same phases use alike (every layer's dispatch and combine,
-    forward and backward) are added up once, in integers, then placed once per use."""
-    out = np.zeros((len(PHASES), world, world))
-    uses: dict[tuple, list] = {}
-    for op in ops:
-        k = PHASE_INDEX[op.phase]
-        B = getattr(op, "bytes_RR", None)
-        first = _first_rank(op.ranks) if isinstance(B, BlockDiag) else None
-        if first is None:
-            add_op_traffic(out[k], op)
-            continue
-        entry = uses.setdefault((id(B.local_RK), B.kr, B.scale, first), [B, first, []])
-        entry[2].append((k, B.transposed))
-    groups: dict[tuple, list[BlockDiag]] = {}
-    for B, first, used in uses.values():
-        sig = (tuple(sorted(Counter(used).items())), B.local_RK.shape, B.kr, B.scale, first)
-        groups.setdefault(sig, []).append(B)
-    for (used, _, kr, scale, first), mats in groups.items():
-        total = BlockDiag(_sum_blocks([B.local_RK for B in mats]), scale, kr)
-        for (k, transposed), n in used:
-            _add_blocks(out[k], total.T if transposed else total, first, n)
-    return out
-
-
-def _first_rank(ranks: np.ndarray | None) -> int | None:
-    """The first of contiguous ``ranks`` (0 for all ranks), None if they are not."""
-    if ranks is None:
-        return 0
-    r = np.asarray(ranks)
-    if len(r) == 0 or r[-1] - r[0] != len(r) - 1 or np.any(np.diff(r) != 1):
-        return None
-    return int(r[0])
-
-
-def _sum_blocks(mats: list[np.ndarray]) -> np.ndarray:
-    """Sum of same-shape matrices (int64 for integers: exact)."""
-    acc = np.array(mats[0], dtype=np.int64 if mats[0].dtype.kind in "iub" else np.float64)
-    for m in mats[1:]:
-        acc += m
-    return acc
-
-
-def _add_blocks(out_RR: np.ndarray, B: BlockDiag, first: int, times: int) -> None:
-    """``out_RR[first…, first…] += times · B`` block by block, self traffic left out."""
-    blocks = B.blocks()  # [N, Kr, Kc] of the untransposed matrix
-    kr, kc = B.kr, B.kc
-    for b in range(B.num_blocks):
-        blk = blocks[b].T if B.transposed else blocks[b]
-        r0 = first + b * (kc if B.transposed else kr)
-        c0 = first + b * (kr if B.transposed else kc)
-        sub = out_RR[r0:r0 + blk.shape[0], c0:c0 + blk.shape[1]]
-        val = blk * times if times != 1 else blk
-        sub += val
-        if r0 == c0:
-            n = min(blk.shape)
-            sub[np.arange(n), np.arange(n)] -= np.diagonal(val)[:n]
+    """Bytes each GPU sends each GPU per phase over the iteration, float64 ``[F, R, R]``
+    (dense; :class:`moesim.traffic.Traffic` keeps it sparse)."""
+    return Traffic.from_ops(ops, world).dense()
 
 
 def hottest_links(traffic_RR: np.ndarray, most: int = 5) -> list[tuple[int, int, float]]:
@@ -344,12 +244,13 @@ def expert_load_stats(load_LE: np.ndarray) -> dict[str, float]:
 
 
 def summary_columns(tokens_MLR: np.ndarray, load_LE: np.ndarray, ops: Sequence[Op],
-                    traffic_RR: np.ndarray, gpus_per_node: int,
+                    traffic_RR: np.ndarray | Traffic, gpus_per_node: int,
                     groups: Sequence[np.ndarray] | None = None) -> dict[str, float]:
     """Every column of :data:`COLUMNS` for one iteration (module docstring).
 
-    ``traffic_RR`` is the iteration's GPU-pair bytes summed over phases; ``groups`` the EP
-    groups (default: all ranks one group)."""
+    ``traffic_RR`` is the iteration's GPU-pair bytes summed over phases, or the iteration's
+    :class:`~moesim.traffic.Traffic` (read sparse); ``groups`` the EP groups (default: all
+    ranks one group)."""
     t = np.asarray(tokens_MLR, dtype=np.float64)
     M, L, R = t.shape
     of = overload_factor_MLG(t, groups)
@@ -358,9 +259,12 @@ def summary_columns(tokens_MLR: np.ndarray, load_LE: np.ndarray, ops: Sequence[O
            "overload_cum_max": cumulative_overload(t, pass_order(ops, M, L), groups),
            "imbalance": imbalance(t, groups), "node_imbalance": node,
            "intra_node_imbalance": intra}
-    links = hottest_links(traffic_RR, 1)
-    src, dst, top = links[0] if links else (-1, -1, 0.0)
-    intra_b, inter_b = link_split(traffic_RR, gpus_per_node)
+    if isinstance(traffic_RR, Traffic):
+        (src, dst, top), intra_b, inter_b = traffic_RR.summary(gpus_per_node)
+    else:
+        links = hottest_links(traffic_RR, 1)
+        src, dst, top = links[0] if links else (-1, -1, 0.0)
+        intra_b, inter_b = link_split(traffic_RR, gpus_per_node)
     out.update(hottest_link_bytes=top, hottest_link_src=src, hottest_link_dst=dst,
                intra_node_bytes=intra_b, inter_node_bytes=inter_b)
     out.update(expert_load_stats(load_LE))
@@ -370,9 +274,11 @@ def summary_columns(tokens_MLR: np.ndarray, load_LE: np.ndarray, ops: Sequence[O
 def iteration_metrics(tokens_MLR: np.ndarray, load_LE: np.ndarray, ops: Sequence[Op],
                       world: int, gpus_per_node: int,
                       groups: Sequence[np.ndarray] | None = None
-                      ) -> tuple[dict[str, float], np.ndarray]:
-    """``(summary columns, traffic_FRR)`` of one iteration: what both backends add to their
-    :class:`~moesim.results.IterationRecord`."""
-    traffic = traffic_FRR(ops, world)
-    cols = summary_columns(tokens_MLR, load_LE, ops, traffic.sum(axis=0), gpus_per_node, groups)
+                      ) -> tuple[dict[str, float], Traffic]:
+    """``(summary columns, traffic)`` of one iteration: what both backends add to their
+    :class:`~moesim.results.IterationRecord`; the traffic is a
+    :class:`~moesim.traffic.Traffic`, which reads as the ``[F, R, R]`` array (``np.asarray``)
+    when the record is written."""
+    traffic = Traffic.from_ops(ops, world)
+    cols = summary_columns(tokens_MLR, load_LE, ops, traffic, gpus_per_node, groups)
     return cols, traffic

@@ -281,10 +281,14 @@ def build_history(counts_TLRE: np.ndarray, passes_per_iteration: int, iteration:
 
 def iteration_counts(counts_TLRE: np.ndarray, passes_per_iteration: int,
                      iteration: int) -> np.ndarray:
-    """One iteration's counts ``[M, L, R, E]`` as int64 (a copy only where the trace stores a
-    narrower type)."""
+    """One iteration's counts ``[M, L, R, E]`` as int64, or int32 where the trace stores
+    int32 (a copy only for narrower or unsigned types: every sum downstream accumulates in
+    int64, and the routing's arithmetic stays within a pass's token count, so int32 needs no
+    widening pass over the iteration)."""
     M = passes_per_iteration
-    return np.asarray(counts_TLRE[iteration * M:(iteration + 1) * M], dtype=np.int64)
+    counts = counts_TLRE[iteration * M:(iteration + 1) * M]
+    keep = np.dtype(np.int32) if np.asarray(counts[:0]).dtype == np.int32 else np.int64
+    return np.asarray(counts, dtype=keep)
 
 
 def decide_iteration(policy: Any, counts_TLRE: np.ndarray, passes_per_iteration: int,

@@ -1,0 +1,248 @@
+"""One iteration's GPU-pair traffic, kept sparse: block-diagonal all-to-all bytes plus a list
+of point-to-point edges, never an ``[F, R, R]`` array unless someone asks for one.
+
+Shape legend: ``F`` phases (:data:`moesim.ops.PHASES`), ``R`` ranks (world), ``K`` ranks per
+diagonal block, ``N`` edges.
+
+:class:`Traffic` holds what :func:`moesim.metrics.traffic_FRR` defines (bytes GPU ``i`` sends
+GPU ``j`` per phase; self-traffic left out) as
+
+- ``blocks[K]`` — ``[F, R, K]``: row ``r``'s bytes to the ``K`` ranks of its own aligned block
+  of ``K`` ranks (the all-to-alls held as :class:`~moesim.blockmatrix.BlockDiag`; every
+  layer's dispatch and combine that the same phases use alike is summed once, in integers);
+- ``edges`` — ``(phase, src_N, dst_N, bytes_N)`` in program order: send/recv batches, the ring
+  and chain edges of group collectives, and any all-to-all not held in aligned blocks.
+
+It is an array to numpy (``np.asarray(traffic)`` is the dense ``[F, R, R]``, what
+``traffic.npz`` stores), and :meth:`Traffic.summary` gives the hottest link and the intra- /
+inter-node split from the sparse form, so a 2048-GPU iteration costs what moves, not
+``F·R²``. Dense sums add the same numbers in another order than one dense add per op: equal
+to rounding (1e-16 relative).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from moesim.blockmatrix import BlockDiag
+from moesim.ops import (
+    PHASES,
+    AllGather,
+    AllReduce,
+    AllToAll,
+    Broadcast,
+    GroupCollective,
+    Op,
+    Reduce,
+    ReduceScatter,
+    SendRecv,
+)
+
+PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
+
+
+class Traffic:
+    """Per-phase GPU-pair bytes of one iteration (module docstring)."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.blocks: dict[int, np.ndarray] = {}
+        self.edges: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    @classmethod
+    def from_ops(cls, ops: Sequence[Op], world: int) -> Traffic:
+        """The traffic of a program's ``ops`` (all-to-alls held as blocks summed block-wise)."""
+        out = cls(world)
+        uses: dict[tuple, list] = {}
+        for op in ops:
+            k = PHASE_INDEX[op.phase]
+            B = getattr(op, "bytes_RR", None)
+            first = _first_rank(op.ranks) if isinstance(B, BlockDiag) else None
+            if first is None or B.kr != B.kc or first % B.kr:
+                out.add_op(k, op)
+                continue
+            entry = uses.setdefault((id(B.local_RK), B.kr, B.scale, first), [B, first, []])
+            entry[2].append((k, B.transposed))
+        groups: dict[tuple, list[BlockDiag]] = {}
+        for B, first, used in uses.values():
+            sig = (tuple(sorted(Counter(used).items())), B.local_RK.shape, B.kr, B.scale, first)
+            groups.setdefault(sig, []).append(B)
+        for (used, _, kr, scale, first), mats in groups.items():
+            total = BlockDiag(_sum_mats([B.local_RK for B in mats]), scale, kr)
+            for (k, transposed), n in used:
+                out.add_blocks(k, total.T if transposed else total, first, n)
+        return out
+
+    # -- building ---------------------------------------------------------------------------
+    def add_blocks(self, phase: int, B: BlockDiag, first: int, times: int = 1) -> None:
+        """``times · B`` (square blocks aligned at ``first``) into phase ``phase``."""
+        K = B.kr
+        loc = self.blocks.get(K)
+        if loc is None:
+            loc = self.blocks[K] = np.zeros((len(PHASES), self.world, K))
+        blocks = B.blocks()
+        if B.transposed:
+            blocks = blocks.transpose(0, 2, 1)
+        val = blocks.reshape(-1, K)
+        rows = loc[phase, first:first + val.shape[0]]
+        rows += val * times if times != 1 else val
+
+    def add_edges(self, phase: int, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray
+                  ) -> None:
+        """Point-to-point bytes ``src → dst`` (self edges dropped)."""
+        keep = src != dst
+        if keep.any():
+            self.edges.append((phase, src[keep], dst[keep], np.asarray(nbytes, float)[keep]))
+
+    def add_op(self, phase: int, op: Op) -> None:
+        """Any op's GPU-to-GPU bytes (compute and host copies move none)."""
+        if isinstance(op, AllToAll):
+            B = np.asarray(op.bytes_RR, dtype=np.float64)
+            ranks = np.arange(B.shape[0]) if op.ranks is None else np.asarray(op.ranks)
+            i, j = np.nonzero(B)
+            self.add_edges(phase, ranks[i], ranks[j], B[i, j])
+        elif isinstance(op, SendRecv):
+            self.add_edges(phase, np.asarray(op.src_N, np.int64), np.asarray(op.dst_N, np.int64),
+                           np.asarray(op.bytes_N, float))
+        elif isinstance(op, GroupCollective):
+            self.add_edges(phase, *_collective_edges(op))
+
+    # -- reading ----------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(PHASES), self.world, self.world)
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    def dense(self) -> np.ndarray:
+        """``[F, R, R]`` float64."""
+        F, R = len(PHASES), self.world
+        out = np.zeros((F, R, R))
+        for K, loc in self.blocks.items():
+            for b in range(R // K):
+                rows = slice(b * K, (b + 1) * K)
+                out[:, rows, rows] += loc[:, rows]
+        idx = np.arange(R)
+        out[:, idx, idx] = 0.0  # self traffic (the blocks' diagonals)
+        for phase, src, dst, val in self.edges:
+            np.add.at(out[phase], (src, dst), val)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.dense()
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def summary(self, gpus_per_node: int) -> tuple[tuple[int, int, float], float, float]:
+        """``((src, dst, bytes) of the hottest link, intra-node bytes, inter-node bytes)`` of
+        the iteration summed over phases (``(-1, -1, 0.0)`` when nothing moved); ties go to
+        the lowest ``src · R + dst``, as :func:`moesim.metrics.hottest_links` orders them."""
+        R, g = self.world, max(1, int(gpus_per_node))
+        if len(self.blocks) > 1:  # blocks of several sizes: the dense total is simplest
+            from moesim.metrics import hottest_links, link_split
+
+            total = self.dense().sum(axis=0)
+            top = hottest_links(total, 1)
+            return (top[0] if top else (-1, -1, 0.0)), *link_split(total, g)
+        keys, vals = self._edge_totals()
+        flat_parts, val_parts = [], []
+        intra = inter = 0.0
+        for K, loc in self.blocks.items():
+            tot = loc.sum(axis=0)  # [R, K]
+            r = np.arange(R)[:, None]
+            col = (r // K) * K + np.arange(K)[None, :]
+            tot[r[:, 0], r[:, 0] % K] = 0.0  # self traffic
+            flat = (r * R + col).reshape(-1)
+            tot = tot.reshape(-1)
+            inside = (keys // R) // K == (keys % R) // K
+            pos = (keys[inside] // R) * K + (keys[inside] % R) % K
+            tot = tot.copy()
+            np.add.at(tot, pos, vals[inside])
+            keys, vals = keys[~inside], vals[~inside]
+            same = ((r // g) == (col // g)).reshape(-1)
+            intra += float(tot[same].sum())
+            inter += float(tot[~same].sum())
+            flat_parts.append(flat)
+            val_parts.append(tot)
+        same_e = (keys // R) // g == (keys % R) // g
+        intra += float(vals[same_e].sum())
+        inter += float(vals[~same_e].sum())
+        flat = np.concatenate(flat_parts + [keys])
+        val = np.concatenate(val_parts + [vals])
+        if not val.size or val.max() <= 0:
+            return (-1, -1, 0.0), intra, inter
+        best = flat[val == val.max()].min()
+        return (int(best // R), int(best % R), float(val.max())), intra, inter
+
+    def _edge_totals(self) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct edges ``src · R + dst`` and their bytes over all phases."""
+        if not self.edges:
+            return np.zeros(0, np.int64), np.zeros(0)
+        key = np.concatenate([s.astype(np.int64) * self.world + d for _, s, d, _ in self.edges])
+        val = np.concatenate([v for *_, v in self.edges])
+        uniq, inv = np.unique(key, return_inverse=True)
+        return uniq, np.bincount(inv.reshape(-1), weights=val, minlength=len(uniq))
+
+
+def _first_rank(ranks: np.ndarray | None) -> int | None:
+    """The first of contiguous ``ranks`` (0 for all ranks), None if they are not."""
+    if ranks is None:
+        return 0
+    r = np.asarray(ranks)
+    if len(r) == 0 or r[-1] - r[0] != len(r) - 1 or np.any(np.diff(r) != 1):
+        return None
+    return int(r[0])
+
+
+def _sum_mats(mats: list[np.ndarray]) -> np.ndarray:
+    """Sum of same-shape matrices (int64 for integers: exact)."""
+    acc = np.array(mats[0], dtype=np.int64 if mats[0].dtype.kind in "iub" else np.float64)
+    for m in mats[1:]:
+        acc += m
+    return acc
+
+
+def _collective_edges(op: GroupCollective) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(src, dst, bytes)`` of a group collective as NCCL's algorithms move it: rings (each
+    member to the next of its group) for all-reduce ``2(n−1)/n``, all-gather and
+    reduce-scatter ``(n−1)/n``; a pipelined chain from / to the root for broadcast / reduce
+    (each link the whole buffer)."""
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    sizes = op.group_sizes
+    if not len(sizes):
+        return empty
+    if not isinstance(op, (Broadcast, Reduce)):
+        assert isinstance(op, (AllReduce, AllGather, ReduceScatter, GroupCollective))
+        factor = 2.0 if isinstance(op, AllReduce) else 1.0
+        size_G = np.asarray(op.bytes_G, dtype=np.float64)
+        members = np.concatenate([np.asarray(g, dtype=np.int64) for g in op.groups])
+        start = np.repeat(np.cumsum(sizes) - sizes, sizes)
+        n = np.repeat(sizes, sizes)
+        pos = np.arange(len(members)) - start
+        nxt = members[start + (pos + 1) % np.maximum(n, 1)]
+        val = factor * np.repeat(size_G, sizes) * (n - 1) / np.maximum(n, 1)
+        keep = (n >= 2) & (val > 0)
+        return members[keep], nxt[keep], val[keep]
+    roots = getattr(op, "roots_G", None)
+    src, dst, val = [], [], []
+    for g, members in enumerate(op.groups):
+        members = np.asarray(members, dtype=np.int64)
+        n, size = len(members), float(op.bytes_G[g])
+        if n < 2 or size <= 0:
+            continue
+        root = int(roots[g]) if roots is not None and len(roots) > g else int(members[0])
+        chain = np.roll(members, -int(np.flatnonzero(members == root)[0]))
+        s, d = chain[:-1], chain[1:]
+        if isinstance(op, Reduce):
+            s, d = d[::-1], s[::-1]
+        src.append(s)
+        dst.append(d)
+        val.append(np.full(len(s), size))
+    if not src:
+        return empty
+    return np.concatenate(src), np.concatenate(dst), np.concatenate(val)
