@@ -34,8 +34,10 @@ class BlockDiag(NDArrayOperatorsMixin):
     __array_priority__ = 100
 
     def __init__(self, local_RK: np.ndarray, scale: float | int = 1,
-                 rows_per_block: int | None = None, transposed: bool = False) -> None:
+                 rows_per_block: int | None = None, transposed: bool = False,
+                 batch: tuple[BlockBatch, tuple[int, ...]] | None = None) -> None:
         self.local_RK = local_RK
+        self.batch = batch
         self.scale = scale
         self.kr = local_RK.shape[0] if rows_per_block is None else int(rows_per_block)
         self.transposed = transposed
@@ -64,7 +66,7 @@ class BlockDiag(NDArrayOperatorsMixin):
 
     @property
     def T(self) -> BlockDiag:  # noqa: N802 (numpy's name)
-        return BlockDiag(self.local_RK, self.scale, self.kr, not self.transposed)
+        return BlockDiag(self.local_RK, self.scale, self.kr, not self.transposed, self.batch)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -178,21 +180,62 @@ def block_io(B: BlockDiag, gpus_per_node: int, first_rank: int
     (the caller then materialises). Members are ranks ``first_rank …`` in order."""
     if B.kr != B.kc or first_rank % gpus_per_node:
         return None
-    K, g = B.kr, gpus_per_node
-    out_all, in_all = B._out_in()
-    diag = B.local_RK[np.arange(B.local_RK.shape[0]), np.arange(B.local_RK.shape[0]) % K]
-    diag = diag.astype(out_all.dtype, copy=False)
+    if B.batch is not None:
+        batch, index = B.batch
+        io = batch.io(gpus_per_node)
+        if io is None:
+            return None
+        io = tuple(x[index] for x in io)
+    else:
+        io = _unscaled_io(B.local_RK[None], B.kr, gpus_per_node)
+        if io is None:
+            return None
+        io = tuple(x[0] for x in io)
+    if B.transposed:
+        io = (io[1], io[0], io[3], io[2])
+    return tuple(B._scaled(x) for x in io)
+
+
+def _unscaled_io(local_XRK: np.ndarray, K: int, g: int) -> tuple[np.ndarray, ...] | None:
+    """``(intra_out, intra_in, inter_out, inter_in)`` int64 ``[X, R]`` of a stack of
+    block-diagonal matrices (blocks of ``K``, nodes of ``g`` ranks), self traffic excluded;
+    None when blocks and nodes do not nest."""
+    X, R, _ = local_XRK.shape
+    acc = np.int64 if local_XRK.dtype.kind in "iub" else np.float64
+    out_all = local_XRK.sum(axis=2, dtype=acc)
+    in_all = local_XRK.reshape(X, R // K, K, K).sum(axis=2, dtype=acc).reshape(X, R)
+    r = np.arange(R)
+    diag = local_XRK[:, r, r % K].astype(acc, copy=False)
     out_all, in_all = out_all - diag, in_all - diag
     if K % g == 0:  # blocks of whole nodes: the intra-node pairs are the blocks' node blocks
         n = K // g
-        b5 = B.local_RK.reshape(B.num_blocks, n, g, n, g)
-        intra_out = np.einsum("xaiaj->xai", b5).reshape(-1).astype(out_all.dtype) - diag
-        intra_in = np.einsum("xaiaj->xaj", b5).reshape(-1).astype(out_all.dtype) - diag
+        b6 = local_XRK.reshape(X, R // K, n, g, n, g)
+        intra_out = np.einsum("yxaiaj->yxai", b6).reshape(X, R).astype(acc) - diag
+        intra_in = np.einsum("yxaiaj->yxaj", b6).reshape(X, R).astype(acc) - diag
     elif g % K == 0:  # blocks inside nodes: every pair is intra-node
         intra_out, intra_in = out_all, in_all
     else:
         return None
-    io = (intra_out, intra_in, out_all - intra_out, in_all - intra_in)
-    if B.transposed:
-        io = (io[1], io[0], io[3], io[2])
-    return tuple(B._scaled(x) for x in io)
+    return intra_out, intra_in, out_all - intra_out, in_all - intra_in
+
+
+class BlockBatch:
+    """The in-block matrices of every (micro-batch, layer) of one lowering, ``local_MLRK``,
+    which their :class:`BlockDiag` views point back to (``batch=(self, (mb, layer))``), so
+    the cost model's per-rank sums run once over all of them (a few array operations per
+    iteration instead of a few per all-to-all)."""
+
+    def __init__(self, local_MLRK: np.ndarray, rows_per_block: int) -> None:
+        self.local_MLRK = local_MLRK
+        self.kr = rows_per_block
+        self._io: dict[int, Any] = {}
+
+    def io(self, gpus_per_node: int) -> tuple[np.ndarray, ...] | None:
+        """Unscaled ``(intra_out, intra_in, inter_out, inter_in)`` ``[M, L, R]`` (None when
+        blocks and nodes do not nest)."""
+        if gpus_per_node not in self._io:
+            M, L, R, K = self.local_MLRK.shape
+            io = _unscaled_io(self.local_MLRK.reshape(M * L, R, K), self.kr, gpus_per_node)
+            self._io[gpus_per_node] = None if io is None else tuple(
+                x.reshape(M, L, R) for x in io)
+        return self._io[gpus_per_node]

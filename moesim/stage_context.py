@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.blockmatrix import BlockDiag
+from moesim.blockmatrix import BlockBatch, BlockDiag
 from moesim.layer_ops import attention_flops, dense_ffn_params, kv_elements, layer_dense_params
 from moesim.layout import ParallelLayout
 from moesim.ops import (
@@ -220,7 +220,11 @@ class StageView:
         if key not in cache:
             tb = self.model.token_bytes
             tb = int(tb) if float(tb).is_integer() else float(tb)  # int64 bytes: exact, fast
-            cache[key] = BlockDiag(self.tokens_MLRG[mb, layer], tb, self.block or None)
+            if "token_batch" not in cache:
+                cache["token_batch"] = BlockBatch(self.tokens_MLRG,
+                                                  self.block or self.tokens_MLRG.shape[2])
+            cache[key] = BlockDiag(self.tokens_MLRG[mb, layer], tb, self.block or None,
+                                   batch=(cache["token_batch"], (mb, layer)))
         return cache[key]
 
     def expert_op(self, mb: int, layer: int, direction: str, deps: tuple[int, ...],
