@@ -28,6 +28,8 @@ from moesim.specs import load_cluster, load_model  # noqa: E402
 WORLD = 2
 # layouts at world size 2 that issue 14 asks the executor to run (1F1B, 4 micro-batches for PP)
 LAYOUTS = ("tp=2,sp=true", "pp=2,pp_schedule=1f1b", "recompute=full", "zero=1")
+# and layouts the executor may still refuse (each is run instead once the gate accepts it)
+PROBES = (*LAYOUTS, "cp=2", "tp=2", "a2a_overlap=true")
 
 
 def _trace(path, sources: int, micro_batches: int = 4):
@@ -129,7 +131,7 @@ def _refused(text: str) -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("text", LAYOUTS)
+@pytest.mark.parametrize("text", PROBES)
 def test_run_refuses_or_runs_the_layout(tmp_path, capfd, text):
     """What main's gate refuses fails in one line before any rank starts; what it accepts
     runs on 2 gloo ranks and records the layout as the simulator does."""
@@ -152,9 +154,9 @@ def test_run_refuses_or_runs_the_layout(tmp_path, capfd, text):
 
 
 def test_validate_refuses_a_refused_layout_before_writing(tmp_path, capfd):
-    text = next((t for t in LAYOUTS if _refused(t)), None)
+    text = next((t for t in PROBES if _refused(t)), None)
     if text is None:
-        pytest.skip("the executor's gate accepts every layout of issue 14 now")
+        pytest.skip("the executor's gate accepts every probed layout now")
     out = tmp_path / "val"
     rc = main(["validate", "--traces", "synth", "--model", "tiny-cpu", "--world-sizes", "2",
                "--out", str(out), "--parallel", text])
