@@ -9,5 +9,5 @@ setup(ext_modules=[
               extra_compile_args=["-O2"], optional=True),
     # -ffp-contract=off: no fused multiply-add, so every float op rounds as numpy's do
     Extension("moesim.traces._synth_c", ["traces/_synth_c.c"],
-              extra_compile_args=["-O2", "-ffp-contract=off"], optional=True),
+              extra_compile_args=["-O3", "-ffp-contract=off"], optional=True),
 ])
