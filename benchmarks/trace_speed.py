@@ -26,10 +26,12 @@ CPU time and peak resident memory (``ru_maxrss`` of that process):
 - ``simulate`` — ``static_ep`` on the streamed directory, ``--sim-iterations`` iterations
   (an iteration at a time), only at ranks ≤ ``--sim-max-ranks``.
 
-``ns/count`` is wall time per count (cell of ``[T, L, R, E]``); ``x before`` divides the
-``before`` row's ns/count by the row's. Threads: the generators use up to 8 (numpy releases the
-GIL, so does the C kernel); the machine's cores are printed with the table. The traces are
-deleted at the end unless ``--keep``. ``--dir /dev/shm/...`` (RAM-backed) takes the disk out.
+``ns/count`` is wall time per count (cell of ``[T, L, R, E]``), ``cpu ns`` CPU time per count
+(all threads; less sensitive to other jobs on a shared machine); ``x before`` divides the
+``before`` row's figures by the row's (wall / CPU). Threads: the generators use up to 8 (numpy
+releases the GIL, so does the C kernel); the machine's cores are printed with the table. The
+traces are deleted at the end unless ``--keep``. ``--dir /dev/shm/...`` (RAM-backed) takes the
+disk out.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
     print(f"{'case':<18} {'ranks':>6} {'iters':>6} {'counts':>9} {'wall s':>8} {'cpu s':>8} "
-          f"{'ns/count':>9} {'M counts/s':>11} {'x before':>9} {'peak RSS GB':>12}")
+          f"{'ns/count':>9} {'cpu ns':>8} {'M counts/s':>11} {'x before':>11} "
+          f"{'peak RSS GB':>12}")
     try:
         for ranks in args.ranks:
             _run_shape(args, ranks)
@@ -132,18 +135,19 @@ def _run_shape(args: argparse.Namespace, ranks: int) -> None:
     cells = 58 * ranks * 256 * args.iterations
     cases = ["old"] if cells * 8 / 1e9 <= args.max_memory_GB else []
     cases += ["new", "numpy", "info"] + (["sim"] if ranks <= args.sim_max_ranks else [])
-    before_ns = None
+    before = None
     for case in (c for c in cases if c in args.cases):
         path = args.dir / f"{'new' if case in ('info', 'sim') else case}-{ranks}"
         extra = (str(args.sim_iterations),) if case == "sim" else ()
         r = run_case(case, ranks, args.iterations, path, *extra)
         n = cells if case != "sim" else 58 * ranks * 256 * args.sim_iterations
-        ns = r["wall_s"] / n * 1e9
-        before_ns = ns if case == "old" else before_ns
-        ratio = f"{before_ns / ns:.1f}" if before_ns and case in ("new", "numpy") else "-"
+        ns, cpu_ns = r["wall_s"] / n * 1e9, r["cpu_s"] / n * 1e9
+        before = (ns, cpu_ns) if case == "old" else before
+        ratio = (f"{before[0] / ns:.1f} / {before[1] / cpu_ns:.1f}"
+                 if before and case in ("new", "numpy") else "-")
         print(f"{NAMES[case]:<18} {ranks:>6} {args.iterations:>6} {n:>9.2e} "
-              f"{r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} {ns:>9.2f} {n / r['wall_s'] / 1e6:>11.1f} "
-              f"{ratio:>9} {r['rss_GB']:>12.2f}", flush=True)
+              f"{r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} {ns:>9.2f} {cpu_ns:>8.2f} "
+              f"{n / r['wall_s'] / 1e6:>11.1f} {ratio:>11} {r['rss_GB']:>12.2f}", flush=True)
         if case in ("old", "numpy"):
             shutil.rmtree(path, ignore_errors=True)
 

@@ -32,9 +32,9 @@ x_e`` (float64, in order), ``s = N·k / c_{E−1}``, ``k_e = ⌊c_e · s + u⌋`
 from __future__ import annotations
 
 from functools import lru_cache
+from statistics import NormalDist
 
 import numpy as np
-from scipy.special import ndtri
 
 from moesim.traces.synth import fix_row_sums, waterfill
 
@@ -52,7 +52,8 @@ _BLOCK_CELLS = 1 << 16                   # cells per block of the numpy loop
 @lru_cache(maxsize=1)
 def half_grid_Q() -> np.ndarray:
     """The 256 normal quantiles at the cell midpoints, scaled to variance ½, float32."""
-    z = ndtri((np.arange(1 << Q_BITS) + 0.5) / (1 << Q_BITS))
+    inv_cdf = NormalDist().inv_cdf          # the stdlib's (Wichura's AS241): no scipy import
+    z = np.array([inv_cdf((q + 0.5) / (1 << Q_BITS)) for q in range(1 << Q_BITS)])
     z *= np.sqrt(0.5 / np.mean(z * z))
     grid = z.astype(np.float32)
     grid.setflags(write=False)
@@ -64,9 +65,9 @@ def factor_table_EQ(sd_E: np.ndarray, log_share_E: np.ndarray) -> np.ndarray:
     exp(log_share_e − max)`` (see the module); ``tab[e, q₁] · tab[e, q₂]`` averages ``a_e``."""
     g = np.multiply(np.asarray(sd_E, np.float32)[:, None], half_grid_Q()[None, :])
     np.exp(g, out=g)
-    mean_E = g.sum(axis=1, dtype=np.float64) / g.shape[1]
+    mean_E = g.sum(axis=1) / np.float32(g.shape[1])
     log_share = np.asarray(log_share_E, np.float64)
-    root_E = np.exp(0.5 * (log_share - log_share.max())) / mean_E
+    root_E = np.exp(0.5 * (log_share - log_share.max())) / mean_E.astype(np.float64)
     g *= root_E.astype(np.float32)[:, None]
     return g
 
