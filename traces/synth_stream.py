@@ -89,12 +89,13 @@ def synthesize_to_dir(config: SynthConfig, path: str | os.PathLike, *,
           TraceDirWriter(path, meta, T, sync_each=True) as writer):
         plans = list(pool.map(lambda l: layer_plan(c, layer_rngs[l]), range(L)))
         written = None
-        for t0 in range(0, T, step):
-            chunk_TLRE = np.empty((min(T, t0 + step) - t0, L, R, E), dtype=writer.dtype)
+        buffers = [np.empty((min(T, step), L, R, E), dtype=writer.dtype) for _ in range(2)]
+        for i, t0 in enumerate(range(0, T, step)):   # two buffers, reused: no fresh pages
+            chunk_TLRE = buffers[i % 2][:min(T, t0 + step) - t0]
             list(pool.map(lambda l, t0=t0, chunk=chunk_TLRE: _draw_layer(
                 c, plans[l], t0, chunk[:, l]), range(L)))
             if written is not None:
-                written.result()               # one chunk in flight: memory stays bounded
+                written.result()               # one chunk in flight, the other being drawn
             written = disk.submit(writer.write, chunk_TLRE, check=False)   # exact rows
         if written is not None:
             written.result()
