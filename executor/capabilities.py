@@ -17,7 +17,8 @@ from moesim.layout import ParallelLayout, parse_layout
 # (feature, predicate on the layout): layouts the executor refuses, with the reason's name.
 # Everything else runs for real under the layout dataflow (executor/dataflow.py) and is checked
 # against the whole-stack reference (tests/executor/test_layouts_gloo.py): TP with SP, PP
-# (1f1b, interleaved, gpipe), full and selective (core_attn, moe) recomputation, ZeRO 0-3.
+# (1f1b, interleaved, gpipe; with the all-to-all overlap's fused steps), full and selective
+# (core_attn, moe) recomputation, ZeRO 0-3.
 _RUNS_SELECTIVE = ("core_attn", "moe")
 UNSUPPORTED: tuple[tuple[str, object], ...] = (
     ("tensor parallelism without sequence parallelism (tp > 1 needs sp=true: the MoE "
@@ -30,8 +31,6 @@ UNSUPPORTED: tuple[tuple[str, object], ...] = (
      and not set(lay.recompute_modules) <= set(_RUNS_SELECTIVE)),
     ("full recomputation with ZeRO-3 (the program gathers no parameters for the recomputed "
      "forward)", lambda lay: lay.recompute == "full" and lay.zero == 3),
-    ("the all-to-all overlap (a2a_overlap: fused forward/backward steps)",
-     lambda lay: lay.a2a_overlap),
 )
 
 

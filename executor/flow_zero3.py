@@ -25,13 +25,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from moesim.executor.interpreter_comm import _all_gather_single as _all_gather
+from moesim.executor.interpreter_comm import _reduce_scatter_single as _reduce_scatter
 from moesim.executor.timing import Collective
 from moesim.ops import AllGather, GroupCollective
-
-_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
 def shard(flow, d: int) -> None:

@@ -5,9 +5,10 @@ Each world size is one launch of :mod:`moesim.executor.selfcheck` ``--cases`` ov
 gradients, dense gradients (before and after their sync) and expert gradients must equal the
 float64 reference of the whole layer stack over all micro-batches. World 2: TP 2 (static EP,
 SwiftMoE, LAER FSEP), PP 2 (1F1B over 4 micro-batches, interleaved, GPipe), recomputation,
-ZeRO-1/3; world 4: TP 2 × EP 2, PP 2 × EP 2, PP 2 × TP 2, the three policies under TP and PP,
-ZeRO-2/3. Recomputation must also shrink the activations a rank holds for its backward, and
-1F1B must hold more on the first stage than on the last.
+ZeRO-1/3, the all-to-all overlap's fused steps; world 4: TP 2 × EP 2, PP 2 × EP 2,
+PP 2 × TP 2, the three policies under TP and PP, ZeRO-2/3. Recomputation must also shrink
+the activations a rank holds for its backward, and 1F1B must hold more on the first stage
+than on the last.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ CASES = {
         "pp2_full": ("pp=2,recompute=full", "static_ep", 128, 4),
         "pp2_interleaved": ("pp=2,vpp=2,pp_schedule=interleaved", "static_ep", 128, 4, 4),
         "pp2_gpipe": ("pp=2,pp_schedule=gpipe", "static_ep", 128, 2),
+        "pp2_overlap": ("pp=2,a2a_overlap=true", "static_ep", 128, 4),
+        "tp2_overlap": ("tp=2,sp=true,a2a_overlap=true", "static_ep", 64, 4),
+        "tp2_full_1": ("tp=2,sp=true,recompute=full,recompute_num_layers=1", "static_ep", 64,
+                       2),
         "zero1": ("zero=1", "static_ep", 128, 2),
         "zero3": ("zero=3,recompute=selective", "static_ep", 128, 2),
         "zero1_laer": ("zero=1", "laer_fsep:slots_per_rank=5", 128, 2),
@@ -108,6 +113,8 @@ def test_pipeline_schedules_hold_what_they_should(runs):
     _, gpipe_last = _peaks(_report(runs, 2, "pp2_gpipe"))
     assert gpipe_last > 1.5 * last  # GPipe: every forward first, so both micro-batches
     assert _peaks(_report(runs, 2, "pp2_full"))[0] < first
+    # the all-to-all overlap's fused steps hold one more micro-batch (pipeline.py)
+    assert _peaks(_report(runs, 2, "pp2_overlap"))[0] > 1.2 * first
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -115,7 +122,7 @@ def test_pipeline_schedules_hold_what_they_should(runs):
     ("cp=2", "context parallelism"),
     ("recompute=selective,recompute_modules=moe_act", "selective recomputation"),
     ("recompute=full,zero=3", "ZeRO-3"),
-    ("a2a_overlap=true", "all-to-all overlap"),
+    ("etp=2", "expert tensor parallelism"),
 ])
 def test_unsupported_layouts_are_refused_in_one_line(text, needle):
     with pytest.raises(MoesimError) as err:
