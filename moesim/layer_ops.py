@@ -203,17 +203,19 @@ def chunk_backward(ctx, mb: int, layers: tuple[int, ...], carry: Carry,
 
 
 def _recompute(ctx, mb: int, l: int, tl: int, carry: Carry, gdeps: Carry,
-               modules: frozenset) -> Carry:
+               modules: frozenset, z3: Carry = ()) -> Carry:
     """Recomputed forward work of one MoE layer before its backward (``full`` or ``moe``:
     the whole forward, dispatch and combine included; ``core_attn``: the score/value
-    products; ``moe_act`` / ``layernorm``: their elementwise work); returns the new deps."""
+    products; ``moe_act`` / ``layernorm``: their elementwise work); returns the new deps.
+    ``z3``: the backward's ZeRO-3 gather of the layer's parameters, which the first
+    recomputed op waits for."""
     if "full" in modules or "moe" in modules:
-        gen = _moe_forward(ctx, mb, l, carry, gdeps, (), "recompute") if "full" in modules \
+        gen = _moe_forward(ctx, mb, l, carry, gdeps, z3, "recompute") if "full" in modules \
             else None
         if gen is None:  # "moe" alone: the MoE part, after the (not recomputed) attention
             route_kw = ctx.layer_kw()[1]
-            carry = (ctx.add(Compute(phase="route", layer=l, micro_batch=mb, deps=carry,
-                                     label="recompute", **route_kw)),)
+            carry = (ctx.add(Compute(phase="route", layer=l, micro_batch=mb,
+                                     deps=carry + z3, label="recompute", **route_kw)),)
             disp = ctx.add(AllToAll(phase="dispatch", layer=l, micro_batch=mb, deps=carry,
                                     bytes_RR=ctx.bytes_MLRG(mb, l), label="recompute"))
             exp = ctx.add(ctx.expert_op(mb, l, "fwd", (disp, *gdeps), "recompute"))
@@ -226,15 +228,19 @@ def _recompute(ctx, mb: int, l: int, tl: int, carry: Carry, gdeps: Carry,
             return stop.value
     for name, kw in ctx.selective_kw(mb, l, tl, modules):
         carry = (ctx.add(Compute(phase="dense" if name != "moe_act" else "expert",
-                                 layer=l, micro_batch=mb, deps=carry, label="recompute",
+                                 layer=l, micro_batch=mb, deps=carry + z3, label="recompute",
                                  **kw)),)
+        z3 = ()
     return carry
 
 
 def _moe_backward(ctx, mb: int, l: int, tl: int, carry: Carry, gdeps: Carry,
                   rc: frozenset, last: bool, below: int | None):
+    # ZeRO-3 / FSDP gathers a layer's parameters when its backward begins; a recomputed
+    # forward runs then and needs them, so with recomputation the gather comes first
+    z3 = _zero3_gather(ctx, mb, l, tl, "bwd") if rc else None
     if rc:
-        carry = _recompute(ctx, mb, l, tl, carry, gdeps, rc)
+        carry = _recompute(ctx, mb, l, tl, carry, gdeps, rc, z3)
     cb = ctx.add(AllToAll(phase="combine", direction="bwd", layer=l, micro_batch=mb,
                           deps=carry, bytes_RR=ctx.bytes_MLRG(mb, l)))
     yield
@@ -247,7 +253,8 @@ def _moe_backward(ctx, mb: int, l: int, tl: int, carry: Carry, gdeps: Carry,
                           deps=(eb,), bytes_RR=ctx.bytes_MLRG(mb, l).T))
     yield
     bwd_kw = ctx.backward_kw()
-    z3 = _zero3_gather(ctx, mb, l, tl, "bwd")
+    if z3 is None:
+        z3 = _zero3_gather(ctx, mb, l, tl, "bwd")
     if ctx.plain:
         out = (ctx.add(Compute(phase="dense", direction="bwd", layer=l, micro_batch=mb,
                                deps=(db, *z3), **bwd_kw)),)
@@ -263,17 +270,21 @@ def _moe_backward(ctx, mb: int, l: int, tl: int, carry: Carry, gdeps: Carry,
 
 def _dense_layer_backward(ctx, mb: int, tl: int, carry: Carry, rc: frozenset, last: bool):
     attn_kw, ffn_kw = ctx.dense_layer_kw(backward=True)
+    z3 = _zero3_gather(ctx, mb, -1, tl, "bwd")  # before any recompute: see _moe_backward
     if rc:
         fwd_attn, fwd_ffn = ctx.dense_layer_kw()
+        wait = z3
         if "full" in rc:
-            carry = _block(ctx, mb, -1, "fwd", carry, fwd_attn, (), "recompute")
+            carry = _block(ctx, mb, -1, "fwd", carry, fwd_attn, z3, "recompute")
             carry = _block(ctx, mb, -1, "fwd", carry, fwd_ffn, (), "recompute")
+            wait = ()
         elif "mlp" in rc:
-            carry = _block(ctx, mb, -1, "fwd", carry, fwd_ffn, (), "recompute")
+            carry = _block(ctx, mb, -1, "fwd", carry, fwd_ffn, z3, "recompute")
+            wait = ()
         for _name, kw in ctx.selective_kw(mb, -1, tl, rc - {"mlp"}):
-            carry = (ctx.add(Compute(phase="dense", micro_batch=mb, deps=carry,
+            carry = (ctx.add(Compute(phase="dense", micro_batch=mb, deps=carry + wait,
                                      label="recompute", **kw)),)
-    z3 = _zero3_gather(ctx, mb, -1, tl, "bwd")
+            wait = ()
     carry = _block(ctx, mb, -1, "bwd", carry, ffn_kw, z3)
     yield
     carry = _block(ctx, mb, -1, "bwd", carry, attn_kw)

@@ -246,6 +246,26 @@ def test_zero_stages_dense_ops(zero: int, grads, gathers: int) -> None:
     assert sum(op.label == "zero3_grads" for op in ops) == (2 if zero == 3 else 0)
 
 
+@pytest.mark.parametrize("recompute", ["recompute=full", "recompute=selective",
+                                       "recompute=selective,recompute_modules=moe"])
+def test_zero3_recompute_waits_for_the_backward_gather(recompute: str) -> None:
+    """FSDP gathers a layer's parameters when its backward begins; the recomputed forward
+    runs then, so its first op waits for that gather (and no extra gather is issued)."""
+    model = uniform_model(2, 4, micro_batches=2)
+    ctx, _, _ = lower_one(parse_layout(f"zero=3,{recompute},whole_model=false"),
+                          uniform_trace(4, 2, 4, micro_batches=2), model,
+                          free_comm_cluster(1, 4))
+    ops = ctx.program.ops
+    gathers = {(op.layer, op.micro_batch): i for i, op in enumerate(ops)
+               if op.label == "zero3_gather" and op.direction == "bwd"}
+    assert len(gathers) == 2 * 2
+    for key, g in gathers.items():
+        first = min(i for i, op in enumerate(ops) if op.label == "recompute"
+                    and (op.layer, op.micro_batch) == key)
+        assert g < first and g in ops[first].deps
+    assert sum(op.label == "zero3_gather" for op in ops) == 2 * 2 * 2
+
+
 def test_a2a_overlap_hides_all_to_all() -> None:
     model = load_model("smartmoe-gpt")
     cluster = load_cluster("a100-4x8-ib800").with_shape(2)
