@@ -196,14 +196,17 @@ def block_io(B: BlockDiag, gpus_per_node: int, first_rank: int
     return tuple(B._scaled(x) for x in io)
 
 
-def _unscaled_io(local_XRK: np.ndarray, K: int, g: int) -> tuple[np.ndarray, ...] | None:
+def _unscaled_io(local_XRK: np.ndarray, K: int, g: int, in_XR: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, ...] | None:
     """``(intra_out, intra_in, inter_out, inter_in)`` int64 ``[X, R]`` of a stack of
     block-diagonal matrices (blocks of ``K``, nodes of ``g`` ranks), self traffic excluded;
-    None when blocks and nodes do not nest."""
+    None when blocks and nodes do not nest. ``in_XR``: the column sums when the caller has
+    them (the routed rows per rank), sparing a pass over the matrices."""
     X, R, _ = local_XRK.shape
     acc = np.int64 if local_XRK.dtype.kind in "iub" else np.float64
     out_all = local_XRK.sum(axis=2, dtype=acc)
-    in_all = local_XRK.reshape(X, R // K, K, K).sum(axis=2, dtype=acc).reshape(X, R)
+    in_all = (local_XRK.reshape(X, R // K, K, K).sum(axis=2, dtype=acc).reshape(X, R)
+              if in_XR is None else np.asarray(in_XR, dtype=acc))
     r = np.arange(R)
     diag = local_XRK[:, r, r % K].astype(acc, copy=False)
     out_all, in_all = out_all - diag, in_all - diag
@@ -223,11 +226,14 @@ class BlockBatch:
     """The in-block matrices of every (micro-batch, layer) of one lowering, ``local_MLRK``,
     which their :class:`BlockDiag` views point back to (``batch=(self, (mb, layer))``), so
     the cost model's per-rank sums run once over all of them (a few array operations per
-    iteration instead of a few per all-to-all)."""
+    iteration instead of a few per all-to-all). ``col_sums_MLR``: the matrices' column sums
+    if known (tokens each rank receives: the routed rows of its slots)."""
 
-    def __init__(self, local_MLRK: np.ndarray, rows_per_block: int) -> None:
+    def __init__(self, local_MLRK: np.ndarray, rows_per_block: int,
+                 col_sums_MLR: np.ndarray | None = None) -> None:
         self.local_MLRK = local_MLRK
         self.kr = rows_per_block
+        self.col_sums_MLR = col_sums_MLR
         self._io: dict[int, Any] = {}
 
     def io(self, gpus_per_node: int) -> tuple[np.ndarray, ...] | None:
@@ -235,7 +241,9 @@ class BlockBatch:
         blocks and nodes do not nest)."""
         if gpus_per_node not in self._io:
             M, L, R, K = self.local_MLRK.shape
-            io = _unscaled_io(self.local_MLRK.reshape(M * L, R, K), self.kr, gpus_per_node)
+            cols = None if self.col_sums_MLR is None else self.col_sums_MLR.reshape(M * L, R)
+            io = _unscaled_io(self.local_MLRK.reshape(M * L, R, K), self.kr, gpus_per_node,
+                              cols)
             self._io[gpus_per_node] = None if io is None else tuple(
                 x.reshape(M, L, R) for x in io)
         return self._io[gpus_per_node]

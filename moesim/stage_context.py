@@ -220,9 +220,10 @@ class StageView:
         if key not in cache:
             tb = self.model.token_bytes
             tb = int(tb) if float(tb).is_integer() else float(tb)  # int64 bytes: exact, fast
-            if "token_batch" not in cache:
-                cache["token_batch"] = BlockBatch(self.tokens_MLRG,
-                                                  self.block or self.tokens_MLRG.shape[2])
+            if "token_batch" not in cache:  # columns: the tokens each rank's slots receive
+                M, L, R, _ = self.tokens_MLRG.shape
+                recv_MLR = self.rows_MLP.reshape(M, L, R, -1).sum(axis=3)
+                cache["token_batch"] = BlockBatch(self.tokens_MLRG, self.block or R, recv_MLR)
             cache[key] = BlockDiag(self.tokens_MLRG[mb, layer], tb, self.block or None,
                                    batch=(cache["token_batch"], (mb, layer)))
         return cache[key]
