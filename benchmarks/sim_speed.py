@@ -6,6 +6,7 @@ Run on one core (each case in its own process, so its peak RSS is its own ``ru_m
     OMP_NUM_THREADS=1 python benchmarks/sim_speed.py --curve      # plus 8 … 4096 GPUs
     OMP_NUM_THREADS=1 python benchmarks/sim_speed.py --phases     # plus time per phase
     OMP_NUM_THREADS=1 python benchmarks/sim_speed.py --case ep --gpus 1024 --iterations 10
+    OMP_NUM_THREADS=1 python benchmarks/sim_speed.py --layout --micro-batches 32
 
 Targets (CPU seconds of ``simulate`` on one core; peak RSS of the whole process, the trace
 included):
@@ -183,7 +184,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", choices=("ep", "layout"), help="measure one case in this process")
     p.add_argument("--gpus", type=int, default=256)
-    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--iterations", type=int, default=None,
+                   help="with --case: iterations (default 100 for ep, 10 for layout)")
+    p.add_argument("--layout", action="store_true",
+                   help="only the layout case (--case layout)")
     p.add_argument("--generator", choices=("synth", "dirichlet"), default="synth")
     p.add_argument("--micro-batches", type=int, default=16,
                    help="layout case: micro-batches per iteration (16 = pp)")
@@ -192,6 +196,10 @@ def main() -> None:
     p.add_argument("--phases", action="store_true", help="CPU seconds per simulator phase")
     p.add_argument("--json", action="store_true", help="with --case: one JSON line")
     args = p.parse_args()
+    if args.layout:
+        args.case = "layout"
+    if args.iterations is None:
+        args.iterations = 10 if args.case == "layout" else 100
     if args.case:
         row = measure(args.case, args.gpus, args.iterations, args.generator,
                       args.micro_batches, args.phases)

@@ -99,9 +99,4 @@ def block_column_sums(x_MLRQ: np.ndarray, block: int) -> np.ndarray:
     whole ``R`` axis is one block)."""
     M, L, R, Q = x_MLRQ.shape
     K = block or R
-    out = np.empty((M, L, (R // K) * Q), dtype=np.int64)
-    for m in range(M):
-        for l in range(L):
-            np.sum(x_MLRQ[m, l].reshape(R // K, K, Q), axis=1, dtype=np.int64,
-                   out=out[m, l].reshape(R // K, Q))
-    return out
+    return x_MLRQ.reshape(M, L, R // K, K, Q).sum(axis=3, dtype=np.int64).reshape(M, L, -1)
