@@ -35,11 +35,11 @@ directory form (for traces larger than RAM) holds ``meta.json`` and raw ``counts
 int32 and int64 that holds ``tokens_per_rank · top_k`` (no count exceeds its row's sum), so a
 DeepSeek-V3-shaped trace (4096 tokens × top-8) takes 2 bytes per count; directories written
 before this hold int64, and every integer type loads. Readers widen what they take to int64
-(:func:`moesim.simulate.iteration_counts`; the policies' history sums use
-:func:`moesim.policies.base.sum_counts`). Both forms are written atomically by
-:func:`moesim.traces.save_trace` and read (then validated) by :func:`moesim.traces.load_trace`;
-``meta.extra`` is free-form JSON (importers record e.g. ``dropped_zero_layers``, the synthesizer
-its ``synth_config``).
+where it is unsigned or narrower than int32 (:func:`moesim.simulate.iteration_counts`, which
+keeps int32 as it is; the policies' history sums use :func:`moesim.policies.base.sum_counts`).
+Both forms are written atomically by :func:`moesim.traces.save_trace` and read (then
+validated) by :func:`moesim.traces.load_trace`; ``meta.extra`` is free-form JSON (importers
+record e.g. ``dropped_zero_layers``, the synthesizer its ``synth_config``).
 
 Example meta::
 

@@ -11,8 +11,9 @@ Two forms, chosen by the path:
   (``np.load(mmap_mode="r")``), for traces larger than RAM. Loading validates them a chunk of
   passes at a time, and the readers (``simulate``, ``trace info``) take an iteration or a chunk
   at a time and release the pages after it (:mod:`moesim.traces.stream`), so memory stays
-  bounded; what they read is widened to int64. :class:`TraceDirWriter` writes this form a
-  chunk of passes at a time (``trace synth`` to a directory uses it).
+  bounded; what they read is widened (uint16 to int64: ``moesim.simulate.iteration_counts``).
+  :class:`TraceDirWriter` writes this form a chunk of passes at a time (``trace synth`` to a
+  directory uses it).
 
 Writes are atomic (:class:`TraceDirWriter` too): a ``.npz`` goes to a temporary file in the
 target's directory and is moved into place with ``os.replace``; a directory is built under a
