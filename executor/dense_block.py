@@ -17,7 +17,11 @@ FLOPs agree with the simulator's: per token the projections are ``8·H²`` and t
 value products ``4·s·H`` (all ``s×s`` products are computed, then the causal mask applied, as
 Megatron's unfused path does), which is :attr:`ModelSpec.attention_flops_per_token` for a
 model that derives it from its shape (``dense_flops_per_token = 0``, no shared experts;
-:func:`check_model` refuses others).
+:func:`check_model` refuses others). The backward op is priced at twice the attention's and
+the router's forward; the executor runs the attention's backward (autograd: dgrad and wgrad of
+each projection, both score/value products) but no router backward, since forced gates give
+the router no gradient — ``4·H·E`` FLOPs per token fewer than priced (1.5 % of the backward op
+for tiny-cpu: H 64, E 8, s 128).
 
 Tensor parallelism (Shoeybi et al. 2019, "Megatron-LM", arXiv 1909.08053): the QKV
 projection is column-parallel and the output projection row-parallel, heads split over the TP
