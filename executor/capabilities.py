@@ -29,8 +29,6 @@ UNSUPPORTED: tuple[tuple[str, object], ...] = (
      "has no affine LayerNorm, no dense MLP layers, no MLA, and keeps expert activations "
      "whole)", lambda lay: lay.recompute == "selective"
      and not set(lay.recompute_modules) <= set(_RUNS_SELECTIVE)),
-    ("full recomputation with ZeRO-3 (the program gathers no parameters for the recomputed "
-     "forward)", lambda lay: lay.recompute == "full" and lay.zero == 3),
 )
 
 

@@ -44,6 +44,8 @@ CASES = {
                        2),
         "zero1": ("zero=1", "static_ep", 128, 2),
         "zero3": ("zero=3,recompute=selective", "static_ep", 128, 2),
+        "zero3_full": ("zero=3,recompute=full", "static_ep", 128, 2),
+        "zero3_moe": ("zero=3,recompute=selective,recompute_modules=moe", "static_ep", 128, 2),
         "zero1_laer": ("zero=1", "laer_fsep:slots_per_rank=5", 128, 2),
     },
     4: {
@@ -121,7 +123,6 @@ def test_pipeline_schedules_hold_what_they_should(runs):
     ("tp=2", "without sequence parallelism"),
     ("cp=2", "context parallelism"),
     ("recompute=selective,recompute_modules=moe_act", "selective recomputation"),
-    ("recompute=full,zero=3", "ZeRO-3"),
     ("etp=2", "expert tensor parallelism"),
 ])
 def test_unsupported_layouts_are_refused_in_one_line(text, needle):
