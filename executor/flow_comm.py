@@ -162,20 +162,18 @@ def dense_collective(flow, op: GroupCollective) -> Callable[[], None]:
 def _param_gather(flow, op: AllGather, group, numel: int, members: list[int]
                   ) -> Callable[[], None]:
     """The all-gather of the updated dense chunks. Over the DP group each member sends its
-    ``1/d`` chunk and the gathered vector is the rank's dense shard. A policy whose optimizer
-    gathers over every rank of the stage (SwiftMoE, LAER, Hecate, FlexMoE, FasterMoE:
-    ``policies.primitives.emit_gpu_optimizer``, which sizes it as the whole unsharded dense
-    model) does the same over more ranks: each member sends its chunk of its own TP shard,
-    and a rank keeps the chunks of its DP group (the ranks of its TP shard) — under TP the
-    other shards' chunks are traffic the program prices and the rank does not need."""
+    ``1/d`` chunk and the gathered vector is the rank's dense shard. The lowering gathers over
+    the DP group (``LoweringContext.emit_dense_param_allgather``, also behind the GPU-optimizer
+    policies' ``policies.primitives.emit_gpu_optimizer``); a group spanning several TP shards
+    is run too: each member sends its chunk of its own TP shard and a rank keeps the chunks of
+    its DP group (the ranks of its TP shard)."""
     n, d = len(members), flow.n // flow.tp
     if n < 2:
         return lambda: None
     if flow.z3_d > 1:
-        raise MoesimError("the executor cannot run this policy with zero=3: its optimizer "
-                          "all-gathers the whole dense model after the step "
-                          "(policies.primitives.emit_gpu_optimizer), which ZeRO-3 keeps "
-                          "sharded; use zero=1 or 2, or static_ep")
+        raise MoesimError("this program all-gathers the updated dense weights under zero=3, "
+                          "which keeps them sharded (a lowering error); simulate it, or use "
+                          "zero=1 or 2")
     k = numel // n
     if numel % n or k * d != flow.flat.numel():
         _check_size(op, numel, flow.flat.numel() * n // max(d, 1))

@@ -312,26 +312,27 @@ def dense_params_R(model, world: int) -> np.ndarray:
 
 def emit_gpu_optimizer(ctx, expert_params_R: np.ndarray, deps: tuple[int, ...],
                        label: str = "adam") -> list[int]:
-    """A memory-bound GPU Adam step over ``expert_params_R`` plus each rank's ZeRO-1 dense
-    shard, then the all-gather of the updated dense weights (no expert all-gather: the
-    caller's experts are either unreplicated or updated identically on every replica).
+    """A memory-bound GPU Adam step over ``expert_params_R`` plus each rank's dense shard,
+    then the all-gather of the updated dense weights (no expert all-gather: the caller's
+    experts are either unreplicated or updated identically on every replica).
+
+    The dense part follows the parallel layout (the context's ``dense_shard_params_R`` and
+    ``emit_dense_param_allgather``): a ``1/t`` TP shard of the stage's dense weights, its
+    optimizer state split over the DP group and gathered back over it (ZeRO-1, the
+    policies' own scheme and the default layout's: all ranks, the whole dense model), or
+    not gathered at all with ``zero=0`` (every rank updates its whole shard) or ``zero=3``
+    (parameters stay sharded and are gathered layer by layer).
 
     Per parameter Adam reads and writes master/m/v (``2·b_o``), reads the grad and writes the
     weight; 10 FLOPs. Returns the op indices later work waits for."""
-    from moesim.ops import AllGather, Compute
+    from moesim.ops import Compute
 
     m = ctx.model
-    params_R = np.asarray(expert_params_R, dtype=np.float64) + dense_params_R(m, ctx.world)
+    params_R = np.asarray(expert_params_R, dtype=np.float64) + ctx.dense_shard_params_R()
     per_param = 2 * m.bytes_optim + m.bytes_grad + m.bytes_weight
     step = ctx.add(Compute(phase="optimizer", direction="step", kind="other", deps=deps,
                            flops_R=params_R * 10.0, bytes_R=params_R * per_param, label=label))
-    out = [step]
-    dense_bytes = m.num_layers * m.dense_params * m.bytes_weight
-    if ctx.world > 1 and dense_bytes > 0:
-        out.append(ctx.add(AllGather(
-            phase="optimizer", direction="step", deps=(step,), groups=(np.arange(ctx.world),),
-            bytes_G=np.array([dense_bytes]), experts_G=np.array([-1]), label="dense_params")))
-    return out
+    return [step] + ctx.emit_dense_param_allgather((step,))
 
 
 def slot_params_R(placement, params_per_expert: float) -> np.ndarray:

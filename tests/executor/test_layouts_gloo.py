@@ -47,6 +47,8 @@ CASES = {
         "zero3_full": ("zero=3,recompute=full", "static_ep", 128, 2),
         "zero3_moe": ("zero=3,recompute=selective,recompute_modules=moe", "static_ep", 128, 2),
         "zero1_laer": ("zero=1", "laer_fsep:slots_per_rank=5", 128, 2),
+        "zero3_laer": ("zero=3", "laer_fsep:slots_per_rank=5", 128, 2),
+        "tp2_zero0_swiftmoe": ("tp=2,sp=true,zero=0", "swiftmoe", 64, 2),
     },
     4: {
         "tp2_ep2": ("tp=2,sp=true,ep=2", "static_ep", 64, 2),

@@ -266,6 +266,33 @@ def test_zero3_recompute_waits_for_the_backward_gather(recompute: str) -> None:
     assert sum(op.label == "zero3_gather" for op in ops) == 2 * 2 * 2
 
 
+@pytest.mark.parametrize("policy", ["swiftmoe", "laer_fsep", "hecate"])
+def test_gpu_optimizer_policies_gather_the_dense_shard_over_dp(policy: str) -> None:
+    """Under TP 2 a GPU-optimizer policy updates its rank's 1/(t·d) of the dense weights and
+    all-gathers the TP shard over its DP group (ZeRO-1, the policies' own scheme); zero=0
+    updates the whole TP shard and zero=3 keeps it sharded: no gather after the step."""
+    model = uniform_model(2, 8, micro_batches=2)
+    shard = 2 * model.dense_params / 2  # 2 MoE layers' dense weights, split over TP 2
+    per_param = 2 * model.bytes_optim + model.bytes_grad + model.bytes_weight
+    step_params = {}
+    for zero in ("", ",zero=0", ",zero=3"):
+        ctx, _, _ = lower_one(parse_layout(f"tp=2,sp=true{zero},whole_model=false"),
+                              uniform_trace(4, 2, 8, micro_batches=2), model,
+                              free_comm_cluster(1, 4), policy)
+        gathers = [op for op in ctx.program.ops if op.label == "dense_params"]
+        if zero:
+            assert gathers == []
+        else:
+            (g,) = gathers
+            assert [sorted(np.asarray(x).tolist()) for x in g.groups] == [[0, 2], [1, 3]]
+            assert np.allclose(g.bytes_G, shard * model.bytes_weight)
+        steps = [op for op in ctx.program.ops if op.phase == "optimizer"
+                 and isinstance(op, Compute)]
+        step_params[zero] = sum(np.asarray(op.bytes_R) for op in steps) / per_param
+    assert np.allclose(step_params[",zero=0"] - step_params[""], shard / 2)
+    assert np.allclose(step_params[",zero=3"], step_params[""])
+
+
 def test_a2a_overlap_hides_all_to_all() -> None:
     model = load_model("smartmoe-gpt")
     cluster = load_cluster("a100-4x8-ib800").with_shape(2)
