@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     with dirlock.DirLock(out, "run directory"):  # held through launch (re-entrant)
         rundir.prepare(out, {}, resume=False, can_resume=False)  # unfinished: replaced
         launch(worker_argv(args), args.world_size, out, hang_timeout_s=args.hang_timeout_s,
-               backend=args.backend)
+               backend=args.backend, stdout_to_stderr=bool(args.json))
     if args.json:
         import sys
 

@@ -107,21 +107,25 @@ def finish_incomplete(out_dir: Path, error: str) -> None:
 
 def launch(worker_args: list[str], world_size: int, out_dir: str | Path, *,
            hang_timeout_s: float = 120.0, module: str = "moesim.executor.worker",
-           backend: str | None = None) -> None:
+           backend: str | None = None, stdout_to_stderr: bool = False) -> None:
     """Run ``python -m module worker_args`` as ``world_size`` ranks; raise on any failure.
     ``backend`` (``auto`` / ``nccl`` / ``gloo``) is passed to the ranks as ``MOESIM_BACKEND``
-    (:func:`moesim.executor.worker.choose_backend`); None leaves the environment's."""
+    (:func:`moesim.executor.worker.choose_backend`); None leaves the environment's.
+    ``stdout_to_stderr``: rank 0's stdout goes to this process's stderr (``--json`` keeps
+    stdout for its one document)."""
     out_dir = Path(out_dir)
     dirlock.acquire(out_dir, "run directory")
     try:
         with _terminate_as_interrupt():
-            _launch_owned(worker_args, world_size, out_dir, hang_timeout_s, module, backend)
+            _launch_owned(worker_args, world_size, out_dir, hang_timeout_s, module, backend,
+                          stdout_to_stderr)
     finally:
         dirlock.release(out_dir)
 
 
 def _launch_owned(worker_args: list[str], world_size: int, out_dir: Path,
-                  hang_timeout_s: float, module: str, backend: str | None) -> None:
+                  hang_timeout_s: float, module: str, backend: str | None,
+                  stdout_to_stderr: bool = False) -> None:
     """:func:`launch` while this process owns ``out_dir``: ranks are started in process
     groups of their own, die with this process (:mod:`moesim.supervise`), and write into
     ``out_dir`` under this process's lock."""
@@ -137,6 +141,8 @@ def _launch_owned(worker_args: list[str], world_size: int, out_dir: Path,
             err = open(logs / f"rank{r}.err", "wb")  # noqa: SIM115 - closed in finally
             out = None if r == 0 else open(logs / f"rank{r}.out", "wb")  # noqa: SIM115
             files += [f for f in (err, out) if f is not None]
+            if r == 0 and stdout_to_stderr:
+                out = 2  # this process's stderr descriptor
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", module, *worker_args, "--heartbeat-dir", str(logs)],
                 env={**_rank_env(r, world_size, port, backend), **env_extra}, stdout=out,

@@ -263,7 +263,8 @@ def run_config(trace_path: Path, trace_name: str, spec: str, world: int, args,
             argv += ["--parallel", args.parallel]
         wait_for_quiet(float(getattr(args, "quiet_wait_s", 0.0)))
         launch(argv, world, run_dir, hang_timeout_s=args.hang_timeout_s,
-               backend=getattr(args, "backend", None))
+               backend=getattr(args, "backend", None),
+               stdout_to_stderr=bool(getattr(args, "json", False)))
     if after_runs is not None:
         after_runs()
     cluster = resolve_cluster(args.profile, world, cuda=False)  # as the executor's ranks do

@@ -1,4 +1,5 @@
-"""``moesim run --json`` and ``moesim validate --json`` on 2 gloo ranks (a few seconds)."""
+"""``moesim run --json`` and ``moesim validate --json`` on 2 gloo ranks (a few seconds). Output is
+captured at the file descriptors, so what the ranks print counts too: stdout holds the JSON only."""
 
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ def tiny2(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_run_json(tiny2, tmp_path, capsys):
-    capsys.readouterr()
+def test_run_json(tiny2, tmp_path, capfd):
+    capfd.readouterr()
     out = tmp_path / "r"
     assert main(["run", "--trace", str(tiny2), "--model", "tiny-cpu", "--world-size", "2",
                  "--iterations", "0:1", "--out", str(out), "--json"]) == 0
-    printed = capsys.readouterr()
+    printed = capfd.readouterr()
     doc = json.loads(printed.out)
     s = doc["summary"]
     assert s["backend"] == "executor" and s["status"] == "complete" and s["iterations"] == 1
@@ -42,15 +43,15 @@ def test_run_json(tiny2, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_validate_json(tiny2, tmp_path, capsys):
+def test_validate_json(tiny2, tmp_path, capfd):
     """``validate --json`` prints the schema of docs/cli.md on stdout, the tables on stderr,
     and its rows are validation.csv's."""
-    capsys.readouterr()
+    capfd.readouterr()
     out = tmp_path / "v"
     assert main(["validate", "--traces", str(tiny2), "--policies", "static_ep",
                  "--world-sizes", "2", "--iterations", "0:1", "--model", "tiny-cpu",
                  "--warmup", "0", "--out", str(out), "--json"]) == 0
-    printed = capsys.readouterr()
+    printed = capfd.readouterr()
     doc = json.loads(printed.out)
     assert "step MAPE" in printed.err and "step MAPE" not in printed.out
     assert doc["out_dir"] == str(out) and len(doc["configs"]) == 1

@@ -200,3 +200,33 @@ def _default_sim(tmp_path, model):
     simulate(trace, model, load_cluster("cpu-gloo-4").with_shape(1, WORLD), "static_ep",
              iterations=(0, 1), out_dir=tmp_path / "d", progress=False)
     return tmp_path / "d"
+
+
+@pytest.mark.slow
+def test_validate_compares_per_stage_under_pp(tmp_path, capfd):
+    """`moesim validate --parallel pp=2` runs both backends under the layout and reports each
+    stage's phases beside the world's, in the table, validation.csv and --json."""
+    import csv
+    import json
+
+    text = "pp=2,pp_schedule=1f1b"
+    if _refused(text):
+        pytest.skip(f"the executor's gate refuses {text} ({_refused(text)})")
+    out = tmp_path / "val"
+    capfd.readouterr()
+    rc = main(["validate", "--traces", "synth", "--model", "tiny-cpu", "--world-sizes", "2",
+               "--iterations", "0:1", "--micro-batches", "4", "--warmup", "1",
+               "--parallel", text, "--out", str(out), "--json", "--hang-timeout-s", "90"])
+    printed = capfd.readouterr()
+    assert rc == 0, printed.err[-2000:]
+    name = "synth-static_ep-w2-pp2_pp_schedule1f1b"
+    measured, predicted = load_run(out / name / "measured"), load_run(out / name / "predicted")
+    assert measured.config["parallel"] == predicted.config["parallel"]
+    assert measured.config["trace"]["meta"]["num_ranks"] == 1          # one stage's sources
+    assert measured.config["model"]["micro_batches"] == 4
+    rows = json.loads(printed.out)["configs"][0]["rows"]
+    quantities = [r["quantity"] for r in rows]
+    assert {"s0 expert", "s1 expert", "s0 pp_send", "s1 pp_send"} <= set(quantities)
+    assert quantities.index("step") < quantities.index("s0 expert")
+    assert [r["quantity"] for r in csv.DictReader(open(out / "validation.csv"))] == quantities
+    assert "s1 expert" in printed.err  # the table (stderr under --json)
