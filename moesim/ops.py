@@ -70,7 +70,10 @@ class Compute(Op):
     weight reads per slot (1 forward, 2 backward: dgrad + wgrad), and the executor runs those
     FFNs. ``kind`` says what the work is: ``expert_ffn``, ``attention``, ``router``, ``other``.
     ``ranks`` (optional) restricts the op to some ranks; others skip it. Per-rank arrays
-    (``flops_R``, ``bytes_R``, ``gemm_tokens_RS``) are indexed by world rank either way.
+    (``flops_R``, ``bytes_R``, ``gemm_tokens_RS``) have either one row per world rank
+    (indexed by world rank) or one row per member of ``ranks`` (indexed by position in
+    ``ranks``: a pipeline stage's ops, :meth:`moesim.stage_context.StageView._translate`);
+    their length says which.
 
     Cost-model facts (added; optional): ``weight_bytes`` is one slot's expert weight (bytes read
     per GEMM pass) and ``flops_per_token`` one token's forward FLOPs through one expert, both for
