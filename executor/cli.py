@@ -91,26 +91,18 @@ def run_json(out) -> dict:
     """``run --json``: the measured run's summary figures and its iterations.csv rows (the
     schema of ``simulate --json``, plus backend and status; docs/cli.md)."""
     from moesim.results import load_run
-    from moesim.simulate_cli import iteration_rows
+    from moesim.simulate import SimSummary
+    from moesim.simulate_cli import iteration_rows, run_figures
 
     run = load_run(out)
-    cfg, col = run.config, run.summary
+    cfg, rows = run.config, iteration_rows(out)
     summary = {"policy": cfg.get("policy", {}).get("name"),
                "knobs": cfg.get("policy", {}).get("knobs"),
                "cluster": cfg.get("cluster", {}).get("name"), "out_dir": str(out),
                "backend": run.manifest.get("backend"), "status": run.manifest.get("status"),
-               "iterations": len(col.get("step_time_s", []))}
-    if summary["iterations"]:
-        step = float(col["step_time_s"].mean())
-        summary.update({
-            "mean_step_time_s": step,
-            "moe_fraction": float(col["moe_time_s"].mean()) / step if step > 0 else None,
-            "mean_a2a_time_s": float(col["a2a_time_s"].mean()),
-            "mean_straggler_ratio": float(col["straggler_ratio"].mean()),
-            "dropped_fraction": float(col["tokens_dropped"].sum())
-            / max(float(col["tokens_total"].sum()), 1.0),
-            "peak_memory_bytes": float(col["peak_memory_bytes"].max())})
-    return {"summary": summary, "iterations": iteration_rows(out)}
+               "iterations": len(rows)}
+    summary.update(run_figures(SimSummary(rows=rows, config=cfg)))
+    return {"summary": summary, "iterations": rows}
 
 
 def run_summary(out) -> str:

@@ -261,16 +261,39 @@ def _print_row(row: dict) -> None:
 
 
 def summary_figures(summary, policy, cluster: str) -> dict:
-    """The figures of the summary line, for ``--json``: means over the iterations (seconds,
-    bytes), dropped fraction, peak memory, and what ran where."""
+    """The figures of the summary line, for ``--json``: what ran where, then
+    :func:`run_figures`."""
     import dataclasses
 
-    n = len(summary.rows)
     out = {"policy": policy.name, "knobs": dataclasses.asdict(policy.config),
-           "cluster": cluster, "iterations": n,
+           "cluster": cluster, "iterations": len(summary.rows),
            "out_dir": str(summary.out_dir) if summary.out_dir else None}
-    if n == 0:
-        return out
+    out.update(run_figures(summary))
+    return out
+
+
+def run_figures(summary) -> dict:
+    """Means over a run's iterations (seconds, bytes), the dropped fraction, the peak memory,
+    and the overload factor and imbalance where the rows have them: one definition for
+    ``simulate --json`` and ``run --json`` (``summary`` needs only ``rows``)."""
+    if not summary.rows:
+        return {}
+    total = max(summary.column("tokens_total").sum(), 1)
+    step = summary.mean("step_time_s")
+    out = {
+        "mean_step_time_s": step,
+        "moe_fraction": summary.mean("moe_time_s") / step if step > 0 else None,
+        "mean_a2a_time_s": summary.mean("a2a_time_s"),
+        "mean_straggler_ratio": summary.mean("straggler_ratio"),
+        "dropped_fraction": summary.column("tokens_dropped").sum() / total,
+        "peak_memory_bytes": summary.column("peak_memory_bytes").max(),
+    }
+    if "overload_mean" in summary.rows[0]:
+        out.update({"mean_overload": summary.mean("overload_mean"),
+                    "max_overload": summary.column("overload_max").max(),
+                    "max_cum_overload": summary.column("overload_cum_max").max(),
+                    "mean_imbalance": summary.mean("imbalance")})
+    return {k: (float(v) if v is not None else None) for k, v in out.items()}
     total = max(summary.column("tokens_total").sum(), 1)
     out.update({
         "mean_step_time_s": summary.mean("step_time_s"),

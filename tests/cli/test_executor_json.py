@@ -40,6 +40,8 @@ def test_run_json(tiny2, tmp_path, capfd):
     assert line.startswith(f"wrote {out}: 1 iterations")
     mean = sum(r["overload_mean"] for r in doc["iterations"]) / len(doc["iterations"])
     assert f"overload {mean:.2f} (max " in line and ", imbalance " in line
+    assert s["mean_overload"] == pytest.approx(mean)
+    assert s["max_overload"] == max(r["overload_max"] for r in doc["iterations"])
 
 
 @pytest.mark.slow
