@@ -294,21 +294,6 @@ def run_figures(summary) -> dict:
                     "max_cum_overload": summary.column("overload_cum_max").max(),
                     "mean_imbalance": summary.mean("imbalance")})
     return {k: (float(v) if v is not None else None) for k, v in out.items()}
-    total = max(summary.column("tokens_total").sum(), 1)
-    out.update({
-        "mean_step_time_s": summary.mean("step_time_s"),
-        "moe_fraction": summary.mean("moe_time_s") / summary.mean("step_time_s"),
-        "mean_a2a_time_s": summary.mean("a2a_time_s"),
-        "mean_straggler_ratio": summary.mean("straggler_ratio"),
-        "dropped_fraction": summary.column("tokens_dropped").sum() / total,
-        "peak_memory_bytes": summary.column("peak_memory_bytes").max(),
-    })
-    if "overload_mean" in summary.rows[0]:
-        out.update({"mean_overload": summary.mean("overload_mean"),
-                    "max_overload": summary.column("overload_max").max(),
-                    "max_cum_overload": summary.column("overload_cum_max").max(),
-                    "mean_imbalance": summary.mean("imbalance")})
-    return out
 
 
 def summary_line(summary, policy: str, cluster: str) -> str:
