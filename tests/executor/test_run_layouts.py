@@ -27,9 +27,11 @@ from moesim.specs import load_cluster, load_model  # noqa: E402
 
 WORLD = 2
 # layouts at world size 2 that issue 14 asks the executor to run (1F1B, 4 micro-batches for PP)
-LAYOUTS = ("tp=2,sp=true", "pp=2,pp_schedule=1f1b", "recompute=full", "zero=1")
-# and layouts the executor may still refuse (each is run instead once the gate accepts it)
-PROBES = (*LAYOUTS, "cp=2", "tp=2", "a2a_overlap=true")
+LAYOUTS = ("tp=2,sp=true", "pp=2,pp_schedule=1f1b", "recompute=full", "zero=1",
+           "a2a_overlap=true")
+# layouts the executor refuses (executor/capabilities.py): CP, and TP without SP
+REFUSED = ("cp=2", "tp=2")
+PROBES = (*LAYOUTS, *REFUSED)
 
 
 def _trace(path, sources: int, micro_batches: int = 4):
@@ -133,8 +135,9 @@ def _refused(text: str) -> str | None:
 @pytest.mark.slow
 @pytest.mark.parametrize("text", PROBES)
 def test_run_refuses_or_runs_the_layout(tmp_path, capfd, text):
-    """What main's gate refuses fails in one line before any rank starts; what it accepts
-    runs on 2 gloo ranks and records the layout as the simulator does."""
+    """A refused layout fails in one line before any rank starts; every other runs on 2 gloo
+    ranks and records the layout as the simulator does."""
+    assert bool(_refused(text)) == (text in REFUSED), _refused(text)
     trace = _trace(tmp_path / "t.npz", _sources(text))
     out = tmp_path / "run"
     capfd.readouterr()
@@ -154,9 +157,7 @@ def test_run_refuses_or_runs_the_layout(tmp_path, capfd, text):
 
 
 def test_validate_refuses_a_refused_layout_before_writing(tmp_path, capfd):
-    text = next((t for t in PROBES if _refused(t)), None)
-    if text is None:
-        pytest.skip("the executor's gate accepts every probed layout now")
+    text = REFUSED[0]
     out = tmp_path / "val"
     rc = main(["validate", "--traces", "synth", "--model", "tiny-cpu", "--world-sizes", "2",
                "--out", str(out), "--parallel", text])
@@ -210,8 +211,7 @@ def test_validate_compares_per_stage_under_pp(tmp_path, capfd):
     import json
 
     text = "pp=2,pp_schedule=1f1b"
-    if _refused(text):
-        pytest.skip(f"the executor's gate refuses {text} ({_refused(text)})")
+    assert not _refused(text)
     out = tmp_path / "val"
     capfd.readouterr()
     rc = main(["validate", "--traces", "synth", "--model", "tiny-cpu", "--world-sizes", "2",
