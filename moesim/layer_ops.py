@@ -10,8 +10,9 @@ runs a generator to its end. All ranks, groups and layer numbers here are the st
 (``0..n−1``; MoE layers by their index inside the stage); the context translates them.
 
 Per MoE layer, forward: ``[param_gather] [ZeRO-3 gather] [TP all-gather (SP)] attention (dense)
-[CP ring] [TP reduce-scatter (SP) | all-reduce (no SP)] route [after_route] dispatch expert
-combine``; backward mirrors it, with recomputed forward work first where the layout says so.
+[CP ring] [TP reduce-scatter (SP) | all-reduce (no SP)] route [after_route] dispatch
+[ETP all-gather] expert [ETP reduce-scatter] combine`` (ETP: :mod:`moesim.expert_tp`);
+backward mirrors it, with recomputed forward work first where the layout says so.
 Dense transformer layers (``num_dense_layers``) run an attention block and an FFN block, each
 inside its TP region. Communication sizes (Megatron: Shoeybi et al. 2019, Korthikanti et al.
 2022): each TP collective moves the block's activation ``(s/c)·b·h`` elements = ``T·t·h``
@@ -171,12 +172,15 @@ def _moe_forward(ctx, mb: int, l: int, carry: Carry, gdeps: Carry, z3: Carry, la
     after = tuple(ctx.policy.lower_after_route(ctx, mb, l)) if not label else ()
     yield
     disp = ctx.add(AllToAll(phase="dispatch", layer=l, micro_batch=mb, deps=(route, *after),
-                            bytes_RR=ctx.bytes_MLRG(mb, l), label=label))
+                            bytes_RR=ctx.bytes_MLRG(mb, l), ranks=ctx.a2a_ranks, label=label))
+    gathered = ctx.etp_collective(True, mb, l, "fwd", (disp,), label)
     yield
-    exp = ctx.add(ctx.expert_op(mb, l, "fwd", (disp, *gdeps), label))
+    exp = ctx.add(ctx.expert_op(mb, l, "fwd", (*gathered, *gdeps), label))
     yield
-    out = (ctx.add(AllToAll(phase="combine", layer=l, micro_batch=mb, deps=(exp,),
-                            bytes_RR=ctx.bytes_MLRG(mb, l).T, label=label)),)
+    scattered = ctx.etp_collective(False, mb, l, "fwd", (exp,), label)
+    out = (ctx.add(AllToAll(phase="combine", layer=l, micro_batch=mb, deps=scattered,
+                            bytes_RR=ctx.bytes_MLRG(mb, l).T, ranks=ctx.a2a_ranks,
+                            label=label)),)
     ctx.gather_anchor = exp
     yield
     return out
@@ -217,10 +221,14 @@ def _recompute(ctx, mb: int, l: int, tl: int, carry: Carry, gdeps: Carry,
             carry = (ctx.add(Compute(phase="route", layer=l, micro_batch=mb,
                                      deps=carry + z3, label="recompute", **route_kw)),)
             disp = ctx.add(AllToAll(phase="dispatch", layer=l, micro_batch=mb, deps=carry,
-                                    bytes_RR=ctx.bytes_MLRG(mb, l), label="recompute"))
-            exp = ctx.add(ctx.expert_op(mb, l, "fwd", (disp, *gdeps), "recompute"))
-            return (ctx.add(AllToAll(phase="combine", layer=l, micro_batch=mb, deps=(exp,),
-                                     bytes_RR=ctx.bytes_MLRG(mb, l).T, label="recompute")),)
+                                    bytes_RR=ctx.bytes_MLRG(mb, l), ranks=ctx.a2a_ranks,
+                                    label="recompute"))
+            gathered = ctx.etp_collective(True, mb, l, "fwd", (disp,), "recompute")
+            exp = ctx.add(ctx.expert_op(mb, l, "fwd", (*gathered, *gdeps), "recompute"))
+            scattered = ctx.etp_collective(False, mb, l, "fwd", (exp,), "recompute")
+            return (ctx.add(AllToAll(phase="combine", layer=l, micro_batch=mb, deps=scattered,
+                                     bytes_RR=ctx.bytes_MLRG(mb, l).T, ranks=ctx.a2a_ranks,
+                                     label="recompute")),)
         try:
             while True:
                 next(gen)
@@ -242,15 +250,18 @@ def _moe_backward(ctx, mb: int, l: int, tl: int, carry: Carry, gdeps: Carry,
     if rc:
         carry = _recompute(ctx, mb, l, tl, carry, gdeps, rc, z3)
     cb = ctx.add(AllToAll(phase="combine", direction="bwd", layer=l, micro_batch=mb,
-                          deps=carry, bytes_RR=ctx.bytes_MLRG(mb, l)))
+                          deps=carry, bytes_RR=ctx.bytes_MLRG(mb, l), ranks=ctx.a2a_ranks))
+    grads_in = ctx.etp_collective(True, mb, l, "bwd", (cb,))  # the output gradients
     yield
-    eb = ctx.add(ctx.expert_op(mb, l, "bwd", (cb, *gdeps)))
+    eb = ctx.add(ctx.expert_op(mb, l, "bwd", (*grads_in, *gdeps)))
     ctx.gather_anchor = eb
     if below is not None:
         gdeps = tuple(ctx.policy.lower_param_gather(ctx, mb, below, "bwd"))
     yield
+    grads_out = ctx.etp_collective(False, mb, l, "bwd", (eb,))  # the input gradients
     db = ctx.add(AllToAll(phase="dispatch", direction="bwd", layer=l, micro_batch=mb,
-                          deps=(eb,), bytes_RR=ctx.bytes_MLRG(mb, l).T))
+                          deps=grads_out, bytes_RR=ctx.bytes_MLRG(mb, l).T,
+                          ranks=ctx.a2a_ranks))
     yield
     bwd_kw = ctx.backward_kw()
     if z3 is None:

@@ -263,7 +263,9 @@ def attach_layout_memory(g: Any, plan: LayoutPlan) -> None:
     explicit ``zero`` a policy of the static-EP family (one with an ``ep_size`` knob) shards its
     experts' state over EDP instead (:func:`~moesim.memory_stage.expert_state_zero`); the
     replicating and sharding policies keep their own expert scheme, and ``zero`` acts on the
-    dense parameters only."""
+    dense parameters only. With ``etp > 1`` (static EP only) each rank holds ``1/et`` of its
+    experts, their state sharded over EDP by ``zero`` (None: ZeRO-1, static EP's own scheme),
+    and its expert activations are the ETP group's gathered rows."""
     from moesim import memory_stage as ms
     from moesim.memory import slots_filled_R
 
@@ -283,19 +285,24 @@ def attach_layout_memory(g: Any, plan: LayoutPlan) -> None:
                                                                    c.cluster)
             fp_gpu, host_R = c._consts["footprint"]
             experts = ms.expert_state_from_footprint(fp_gpu, c.model, c.world)
-            if lay.zero is not None and hasattr(c.policy.config, "ep_size"):
+            if lay.etp > 1:  # each rank holds 1/et of its experts; ZeRO over the EDP group
+                P = c.model.params_per_expert / lay.etp
+                ep = int(c.decision.info["ep_size"])
+                experts = ms.expert_state_zero(
+                    c.to_stage_order(slots_filled_R(c.placement) * P), c.model,
+                    1 if lay.zero is None else lay.zero, c.world // (ep * lay.etp))
+            elif lay.zero is not None and hasattr(c.policy.config, "ep_size"):
                 P = c.model.params_per_expert
                 edp = max(1, c.world // int(c.decision.info.get("ep_size") or c.world))
                 experts.update(ms.expert_state_zero(slots_filled_R(c.placement) * float(P),
                                                     c.model, lay.zero, edp))
-        S = c.placement.slots_per_rank
-        rows = c.rows_MLP.reshape(*c.rows_MLP.shape[:2], c.world, S).sum(axis=3)
+        rows = c.expert_rows_MLR()  # with ETP: the group's gathered rows, in stage order
         mem_model = c.model if lay.whole_model else c.model.replace(vocab_size=0)
         sm = ms.stage_memory(model=mem_model, layout=lay, stage=stage, num_stages=lay.pp,
                              micro_batches=M,
                              tokens=c.model.tokens_per_rank * lay.tp * lay.cp,
                              expert_state_R=experts, rows_MLR=rows,
-                             dropped_MLR=c.dropped_MLR, host_R=host_R)
+                             dropped_MLR=c.to_stage_order(c.dropped_MLR), host_R=host_R)
         g.stage_memory.append(sm)
         lo = c.rank_offset
         for out, part in ((gpu, sm.gpu), (host, sm.host)):

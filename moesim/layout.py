@@ -29,7 +29,9 @@ How the fields act (all of them in the lowering, :mod:`moesim.layered`, and the 
 - ``cp``: each rank holds ``s/c`` of every sequence; attention passes K/V chunks around the CP
   ring (``c − 1`` steps forward, twice the bytes backward).
 - ``ep``: ranks per EP group (None: what the policy uses — static EP its ``ep_size`` knob, the
-  replicating and sharding policies every rank of a stage). ``etp``: expert tensor parallelism.
+  replicating and sharding policies every rank of a stage). ``etp``: expert tensor parallelism
+  (static EP only; :mod:`moesim.expert_tp`): each expert split over ``etp`` consecutive ranks,
+  an all-gather of the dispatched tokens before the experts and a reduce-scatter after.
 - ``zero``: None keeps the policy's own gradient and optimizer scheme (what moesim did before
   layouts: gradients all-reduced, optimizer state sharded ZeRO-1 style); 0 plain data parallel;
   1 Megatron's distributed optimizer (reduce-scatter grads, all-gather params); 2 also shards

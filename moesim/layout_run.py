@@ -33,13 +33,15 @@ def prepare(layout: ParallelLayout | None, model: ModelSpec, cluster: Cluster, p
             and not model.is_mla):
         raise MoesimError(f"parallel layout: recompute_modules=mla_up_proj needs an MLA model "
                           f"(kv_lora_rank > 0); {model.name} has none, drop it")
-    if layout.etp > 1:
-        raise MoesimError(f"parallel layout: etp={layout.etp}: expert tensor parallelism is "
-                          "validated but not lowered yet; use etp=1")
     n = cluster.world_size // layout.pp if cluster.world_size % layout.pp == 0 else 0
+    if layout.etp > 1:
+        policy = _with_etp(policy, layout, n)
     policy = _with_ep(policy, layout, n, model.num_experts)
     ep = getattr(policy.config, "ep_size", None)
     spans = ep is None or ep == n
+    if layout.etp > 1 and n and n % (ep * layout.etp):
+        raise MoesimError(f"parallel layout: ep·etp = {ep}·{layout.etp} does not divide the "
+                          f"{n} ranks per stage; choose ep and etp whose product divides it")
     plan = plan_layout(layout, cluster, model, micro_batches, policy_spans_stage=spans)
     return plan, view_cluster(cluster, plan.stage_ranks), policy
 
@@ -58,6 +60,23 @@ def _with_recompute(policy: Any, layout: ParallelLayout | None) -> Any:
                           "recomputes)")
     if full and not policy.config.recompute:
         return type(policy)(dataclasses.replace(policy.config, recompute=True))
+    return policy
+
+
+def _with_etp(policy: Any, layout: ParallelLayout, n: int) -> Any:
+    """Expert tensor parallelism splits each expert over a fixed ETP group, which static EP's
+    fixed contiguous placement follows (:mod:`moesim.expert_tp`); policies that replicate,
+    move or shard experts per rank are refused. Without an ``ep`` the EP size is
+    ``n / etp`` (Megatron-Core's EP = ranks per stage / ETP when EDP = 1)."""
+    if policy.name != "static_ep":
+        raise MoesimError(f"{policy.name}: etp={layout.etp} splits every expert over a fixed "
+                          "ETP group, but this policy replicates or moves experts per rank; "
+                          "use --policy static_ep, or etp=1")
+    if policy.config.optimizer_on_host:
+        raise MoesimError("static_ep: optimizer_on_host is not modelled with etp > 1; drop "
+                          "--knob optimizer_on_host or use etp=1")
+    if layout.ep is None and policy.config.ep_size is None and n % layout.etp == 0:
+        return type(policy)(dataclasses.replace(policy.config, ep_size=n // layout.etp))
     return policy
 
 
@@ -91,19 +110,35 @@ def config_entry(plan: LayoutPlan) -> dict:
 def world_tokens(ctx: Any, plan: LayoutPlan | None) -> tuple[np.ndarray, np.ndarray]:
     """``(tokens_MLR, dropped_MLR)`` over world ranks: tokens each rank's experts compute and
     tokens each source dropped, per micro-batch and MoE layer (zero on the stages that do not
-    hold the layer)."""
+    hold the layer). With ETP a rank's tokens are those the dispatch delivered to it (its
+    ETP group's GEMMs compute the group's sum), put back from expert order."""
     S = ctx.placement.slots_per_rank
     rows_MLR = ctx.rows_MLP.reshape(*ctx.rows_MLP.shape[:2], -1, S).sum(axis=3)
-    if plan is None or plan.layout.pp == 1:
+    if plan is None or (plan.layout.pp == 1 and plan.layout.etp == 1):
         return rows_MLR, ctx.dropped_MLR
     M, L, n = rows_MLR.shape
+    if plan.layout.etp > 1:
+        ctx_sigma = ctx.stage_contexts[0].expert_ranks
+        rows_MLR = _stage_order(rows_MLR, ctx_sigma)
+        dropped_MLR = _stage_order(ctx.dropped_MLR, ctx_sigma)
+        if plan.layout.pp == 1:
+            return rows_MLR, dropped_MLR
+    else:
+        dropped_MLR = ctx.dropped_MLR
     tokens = np.zeros((M, L, plan.world), dtype=rows_MLR.dtype)
     dropped = np.zeros((M, L, plan.world), dtype=ctx.dropped_MLR.dtype)
     for st in plan.stages:
         moe = list(st.moe_layers)
         tokens[:, moe, st.first_rank:st.first_rank + n] = rows_MLR[:, moe]
-        dropped[:, moe, st.first_rank:st.first_rank + n] = ctx.dropped_MLR[:, moe]
+        dropped[:, moe, st.first_rank:st.first_rank + n] = dropped_MLR[:, moe]
     return tokens, dropped
+
+
+def _stage_order(arr_MLR: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Expert-order positions (last axis) put at their stage ranks ``sigma``."""
+    out = np.empty_like(arr_MLR)
+    out[..., sigma] = arr_MLR
+    return out
 
 
 def check_trace_ranks(trace_ranks: int, plan: LayoutPlan | None) -> None:

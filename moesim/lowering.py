@@ -21,8 +21,9 @@ Program shape (gradient accumulation; every micro-batch runs its forward then it
 Token bytes on the wire come from the *actual* source→destination counts after the routing rule
 and capacity (:mod:`moesim.routing`); dispatch moves ``bytes_RG`` and combine its transpose (the
 same array, transposed view: the cost model uses that to cost each layer's matrix once). The
-``emit_*`` helpers of :class:`LoweringContext` are static EP's per-iteration ops; policies call
-them from their hooks or write their own.
+``emit_*`` helpers of :class:`LoweringContext` are static EP's per-iteration ops
+(:mod:`moesim.lowering_ops`); policies call them from their hooks or write their own. Under
+expert tensor parallelism the sources are routed in *expert order* (:mod:`moesim.expert_tp`).
 """
 
 from __future__ import annotations
@@ -34,14 +35,11 @@ import numpy as np
 
 from moesim import memory as memory_model
 from moesim.blockmatrix import BlockDiag
+from moesim.expert_tp import expert_order
+from moesim.lowering_ops import StaticEPOps
 from moesim.ops import (
-    AllGather,
-    AllReduce,
-    Compute,
     LayerRoute,
     Program,
-    ReduceScatter,
-    SendRecv,
 )
 from moesim.placement import Decision, Placement
 from moesim.routing import RoutePlan, rank_matrix
@@ -51,7 +49,7 @@ from moesim.stage_context import StageView
 
 
 @dataclass
-class LoweringContext(StageView):
+class LoweringContext(StaticEPOps, StageView):
     """Everything a policy's lowering hook may read, plus where it appends ops.
 
     Routed tokens (after the routing rule and capacity): ``kept_MLRP`` / ``dropped_MLRP``
@@ -169,110 +167,6 @@ class LoweringContext(StageView):
             sets.setdefault(tuple(ranks.tolist()), []).append(e)
         return [(np.array(k, dtype=np.int64), v) for k, v in sets.items()]
 
-    # -- static EP's per-iteration ops (policies reuse them) ----------------------------------
-    def emit_expert_grad_allreduce(self) -> list[int]:
-        """All-reduce each expert's grads among the ranks holding it (with ``zero`` ≥ 1 a
-        reduce-scatter: each replica keeps its optimizer shard's slice): per layer, rounds of
-        disjoint groups (one expert per group, so the executor knows which tensor moves)."""
-        m, out = self.model, []
-        grad_bytes = m.params_per_expert * m.bytes_grad
-        cls = ReduceScatter if self.layout.zero in (1, 2, 3) else AllReduce
-        for l in range(self.placement.num_layers):
-            for groups, experts in self.replica_rounds(l):
-                out.append(self.add(cls(
-                    phase="grad_sync", direction="step", layer=l, deps=self.step_deps(),
-                    groups=tuple(groups), bytes_G=np.full(len(groups), grad_bytes),
-                    experts_G=np.array(experts, dtype=np.int64), label="expert_grads")))
-        return out
-
-    def emit_dense_grad_allreduce(self) -> list[int]:
-        """Synchronise the stage's dense (non-expert) grads over data parallelism: one group
-        per TP shard (all ranks without TP); an all-reduce, or with ``zero`` 1–2 a
-        reduce-scatter (ZeRO-3 already reduce-scattered them layer by layer)."""
-        m, zero = self.model, self.layout.zero
-        nbytes = self.stage_dense_params() / self.layout.tp * m.bytes_grad
-        if self.dp_size < 2 or nbytes <= 0 or zero == 3:
-            return []
-        cls = ReduceScatter if zero in (1, 2) else AllReduce
-        groups = self.dp_groups
-        return [self.add(cls(
-            phase="grad_sync", direction="step", deps=self.step_deps(), groups=groups,
-            bytes_G=np.full(len(groups), nbytes) if len(groups) > 1 else np.array([nbytes]),
-            experts_G=np.full(len(groups), -1), label="dense_grads"))]
-
-    def emit_zero1_optimizer(self, deps: tuple[int, ...] | None = None) -> list[int]:
-        """ZeRO-1: Adam on each rank's shard (1/DP of dense, 1/replicas of each local expert;
-        memory-bound: reads and writes master/m/v, reads the grad, writes the weight), then an
-        all-gather of updated dense weights and of each replicated expert's weights."""
-        m = self.model
-        deps = self.optimizer_deps() if deps is None else deps
-        if "optimizer_params" not in self._consts:
-            self._consts["optimizer_params"] = self.expert_shard_params_R() \
-                + self.dense_shard_params_R()
-        params_R = self._consts["optimizer_params"]
-        per_param = 2 * m.bytes_optim + m.bytes_grad + m.bytes_weight
-        step = self.add(Compute(phase="optimizer", direction="step", kind="other", deps=deps,
-                                flops_R=params_R * 10.0, bytes_R=params_R * per_param,
-                                label="adam"))
-        return [step] + self.emit_param_allgather((step,))
-
-    def emit_param_allgather(self, deps: tuple[int, ...]) -> list[int]:
-        """ZeRO-1's second half: all-gather the updated dense weights over all ranks and each
-        replicated expert's weights over its holders (phase ``optimizer``)."""
-        m, out = self.model, self.emit_dense_param_allgather(deps)
-        if self.layout.zero in (0, 3):  # every replica updated its own copy / kept sharded
-            return out
-        for l in range(self.placement.num_layers):
-            for groups, experts in self.replica_rounds(l):
-                out.append(self.add(AllGather(
-                    phase="optimizer", direction="step", layer=l, deps=deps,
-                    groups=tuple(groups), bytes_G=np.full(len(groups), m.expert_weight_bytes),
-                    experts_G=np.array(experts, dtype=np.int64), label="expert_params")))
-        return out
-
-    def emit_dense_param_allgather(self, deps: tuple[int, ...]) -> list[int]:
-        """All-gather the updated dense weights over data parallelism (one group per TP
-        shard); none without a sharded optimizer (``zero=0``) or with ZeRO-3 (parameters
-        stay sharded and are gathered layer by layer)."""
-        m = self.model
-        dense_bytes = self.stage_dense_params() / self.layout.tp * m.bytes_weight
-        if self.dp_size < 2 or dense_bytes <= 0 or self.layout.zero in (0, 3):
-            return []
-        groups = self.dp_groups
-        return [self.add(AllGather(
-            phase="optimizer", direction="step", deps=deps, groups=groups,
-            bytes_G=np.full(len(groups), dense_bytes) if len(groups) > 1
-            else np.array([dense_bytes]), experts_G=np.full(len(groups), -1),
-            label="dense_params"))]
-
-    def expert_shard_params_R(self) -> np.ndarray:
-        """Expert parameters whose optimizer state each rank updates: each expert's state
-        split over its replicas (``zero=0``: every replica updates its own full copy)."""
-        p, P = self.placement, self.model.params_per_expert
-        if self.layout.zero == 0:
-            return memory_model.slots_filled_R(p) * float(P)
-        return memory_model.expert_optimizer_params_R(p, P)
-
-    def emit_relayout_sendrecv(self, extra_bytes_per_expert: float = 0.0) -> list[int]:
-        """Per layer, a ``SendRecv`` of every changed slot's weights (plus
-        ``extra_bytes_per_expert``, e.g. optimizer state) from a previous holder."""
-        if self.previous is None:
-            return []
-        prev = self.previous.placement
-        if prev.phy2log_LP.shape != self.placement.phy2log_LP.shape or prev is self.placement \
-                or np.array_equal(prev.phy2log_LP, self.placement.phy2log_LP):
-            return []
-        nbytes = self.model.expert_weight_bytes + extra_bytes_per_expert
-        out = []
-        for l in range(self.placement.num_layers):
-            src, dst, exp = _moves(prev.layer(l), self.placement.layer(l),
-                                   self.placement.slots_per_rank, self.cluster.gpus_per_node)
-            if len(src):
-                out.append(self.add(SendRecv(
-                    phase="relayout", direction="step", layer=l, src_N=src, dst_N=dst,
-                    bytes_N=np.full(len(src), nbytes), experts_N=exp, label="relayout")))
-        return out
-
 
 def _disjoint_rounds(sets: list[tuple[np.ndarray, list[int]]]
                      ) -> list[tuple[list[np.ndarray], list[int]]]:
@@ -292,25 +186,6 @@ def _disjoint_rounds(sets: list[tuple[np.ndarray, list[int]]]
             rounds.append(([ranks], [e], set(members)))
     return [(g, x) for g, x, _ in rounds]
 
-
-def _moves(prev_P: np.ndarray, new_P: np.ndarray, slots_per_rank: int, gpus_per_node: int
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Transfers that fill changed slots: ``(src_N, dst_N, experts_N)``; the source is a
-    previous holder on the same rank (no transfer), else the same node, else round-robin."""
-    src, dst, exp = [], [], []
-    prev_rank = np.arange(len(prev_P)) // slots_per_rank
-    for p in np.flatnonzero((new_P != prev_P) & (new_P >= 0)):
-        e, r = int(new_P[p]), int(p // slots_per_rank)
-        holders = np.unique(prev_rank[prev_P == e])
-        if len(holders) == 0 or r in holders:
-            continue
-        local = holders[holders // gpus_per_node == r // gpus_per_node]
-        pool = local if len(local) else holders
-        src.append(int(pool[len(src) % len(pool)]))
-        dst.append(r)
-        exp.append(e)
-    return (np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64),
-            np.array(exp, dtype=np.int64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,11 +232,15 @@ def lower_iteration_ctx(policy: Any, decision: Decision, previous: Decision | No
     facts such as replica groups, the memory footprint and shared read-only arrays are
     computed once into it). ``layout_plan``: a :class:`~moesim.stages.LayoutPlan` (None: the
     default layout, one stage over every rank); with pipeline stages ``cluster`` is the view
-    one stage's policy decision was made on and ``layout_plan.world`` the real world."""
+    one stage's policy decision was made on and ``layout_plan.world`` the real world. With
+    ``etp > 1`` the context's routed arrays (``counts_MLRE`` too) are in expert order."""
     from moesim import layered
 
-    ctx = _routed_context(policy, decision, previous, np.asarray(counts_PLRE), model, cluster,
-                          plan)
+    counts = np.asarray(counts_PLRE)
+    if layout_plan is not None and layout_plan.layout.etp > 1:  # sources in expert order
+        ep = int(decision.info.get("ep_size") or cluster.world_size // layout_plan.layout.etp)
+        counts = counts[:, :, expert_order(cluster.world_size, ep, layout_plan.layout.etp)]
+    ctx = _routed_context(policy, decision, previous, counts, model, cluster, plan)
     if cache is not None:
         ctx._consts = cache
     if layout_plan is None:
@@ -407,10 +286,13 @@ def attach_memory(ctx: LoweringContext) -> None:
 def _fill_routes(ctx: LoweringContext) -> None:
     """``Program.routes[(mb, layer)]`` for the executor, by global MoE layer. Under pipeline
     stages a route's rows are the token sources of the stage holding the layer, in stage-rank
-    order (its dispatch ``AllToAll``'s ``ranks`` are their world ranks). Routed in blocks,
+    order (its dispatch ``AllToAll``'s ``ranks`` are their world ranks); under expert TP in
+    expert order, with ``ranks_R`` naming each position's stage rank. Routed in blocks,
     ``kept_RP`` is a :class:`~moesim.blockmatrix.BlockDiag` (dense on demand)."""
     S = ctx.placement.slots_per_rank
     M, L = ctx.kept_MLRP.shape[:2]
+    contexts = getattr(ctx, "stage_contexts", None) or [ctx]
+    ranks_R = contexts[0].expert_ranks
     for mb in range(M):
         for l in range(L):
             kept = ctx.kept_MLRP[mb, l]
@@ -418,4 +300,4 @@ def _fill_routes(ctx: LoweringContext) -> None:
                 kept = BlockDiag(kept, 1, ctx.block)
             ctx.program.routes[(mb, l)] = LayerRoute(
                 kept_RP=kept, dropped_R=ctx.dropped_MLR[mb, l],
-                phy2log_P=ctx.placement.layer(l), slots_per_rank=S)
+                phy2log_P=ctx.placement.layer(l), slots_per_rank=S, ranks_R=ranks_R)

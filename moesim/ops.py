@@ -206,6 +206,9 @@ class LayerRoute:
     dropped_R: np.ndarray
     phy2log_P: np.ndarray
     slots_per_rank: int
+    #: stage rank of each position (rows, and slot blocks of ``slots_per_rank``); None: the
+    #: identity. Under expert TP the positions are in expert order (:mod:`moesim.expert_tp`).
+    ranks_R: np.ndarray | None = None
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from moesim.blockmatrix import BlockBatch, BlockDiag
+from moesim.expert_tp import ExpertTPView
 from moesim.layer_ops import attention_flops, dense_ffn_params, kv_elements, layer_dense_params
 from moesim.layout import ParallelLayout
 from moesim.ops import (
@@ -49,7 +50,7 @@ def _frozen(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-class StageView:
+class StageView(ExpertTPView):
     """Layout and stage facts and helpers; the attributes are set by the lowering
     (:func:`moesim.layered.stage_contexts`): ``layout``, ``stage`` (None: one stage, the world),
     ``num_dense``, ``local_moe`` (transformer layer → local MoE index), ``rank_offset``,
@@ -230,7 +231,10 @@ class StageView:
 
     def expert_op(self, mb: int, layer: int, direction: str, deps: tuple[int, ...],
                   label: str = "") -> Compute:
-        """The expert FFN compute of one layer-pass: per-slot GEMM rows from the kept tokens."""
+        """The expert FFN compute of one layer-pass: per-slot GEMM rows from the kept tokens
+        (with ETP: :meth:`~moesim.expert_tp.ExpertTPView.etp_expert_op`)."""
+        if self.layout.etp > 1:
+            return self.etp_expert_op(mb, layer, direction, deps, label)
         m, S = self.model, self.placement.slots_per_rank
         rows_RS = self.rows_MLP[mb, layer].reshape(-1, S)
         passes = 1 if direction == "fwd" else 2
@@ -286,9 +290,11 @@ class StageView:
                                             bytes_R=self.const_R(up * m.bytes_weight
                                                                  / self.layout.tp + 2 * act))))
         if "moe_act" in modules and layer >= 0:
-            rows_R = self.rows_MLP[mb, layer].reshape(self.world, -1).sum(axis=1)
-            per_row = (3 if m.gated else 2) * m.ffn_hidden_size * m.bytes_activation
-            out.append(("moe_act", dict(kind="other", flops_R=rows_R * 4.0 * m.ffn_hidden_size,
+            rows_R = self.expert_rows_RS(mb, layer).sum(axis=1)  # ETP: 1/et of F each
+            ffn = m.ffn_hidden_size / self.layout.etp if self.layout.etp > 1 \
+                else m.ffn_hidden_size
+            per_row = (3 if m.gated else 2) * ffn * m.bytes_activation
+            out.append(("moe_act", dict(kind="other", flops_R=rows_R * 4.0 * ffn,
                                         bytes_R=rows_R * per_row)))
         return out
 

@@ -131,9 +131,10 @@ def plan_layout(layout: ParallelLayout, cluster: Cluster, model: ModelSpec,
             raise MoesimError(f"parallel layout: {name}={size} does not fit in a node of {gpn} "
                               f"GPUs; keep {name} a divisor of {gpn}, or set tp_cross_node=true "
                               "to accept TP over the network")
-    if L.tp > 1 and not L.sp and (ep or 1) > 1:
+    if L.tp > 1 and not L.sp and ((ep or 1) > 1 or L.etp > 1):
         raise MoesimError(f"parallel layout: tp={L.tp} with expert parallelism needs sp=true "
-                          "(Megatron-Core: MoE with EP and TP must use sequence parallelism)")
+                          "(Megatron-Core: MoE with EP or expert TP under TP must use sequence "
+                          "parallelism)")
     if L.cp > 1 and model.seq_len % L.cp:
         raise MoesimError(f"parallel layout: cp={L.cp} must divide the sequence length "
                           f"{model.seq_len}")
