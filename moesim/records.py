@@ -77,15 +77,18 @@ def phase_times(ops: list[Op], sched: Schedule, num_layers: int
     would."""
     R, F = sched.num_ranks, len(PHASES)
     cells = (num_layers + 1) * F
-    keys, firsts, lasts = [], [], []
+    cell_O = [(op.layer if op.layer >= 0 else num_layers) * F + PHASE_INDEX[op.phase]
+              for op in ops]
+    cell_N, ranks_N, firsts, lasts = [], [], [], []
     for i, ranks, st, en in sched.spans():
-        op = ops[i]
-        k = (op.layer if op.layer >= 0 else num_layers) * F + PHASE_INDEX[op.phase]
-        keys.append(k * R + ranks)
+        cell_N.append(cell_O[i])
+        ranks_N.append(ranks)
         firsts.append(st)
         lasts.append(en)
-    if keys:
-        key = np.concatenate(keys)
+    if ranks_N:  # key = cell · R + rank, per member of each op (one repeat, one concatenate)
+        sizes_N = np.fromiter((len(r) for r in ranks_N), np.int64, len(ranks_N))
+        key = np.repeat(np.asarray(cell_N, np.int64) * R, sizes_N)
+        key += np.concatenate(ranks_N)
         first, last = np.concatenate(firsts), np.concatenate(lasts)
     else:
         key, first, last = np.zeros(0, np.int64), np.zeros(0), np.zeros(0)

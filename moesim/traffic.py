@@ -58,12 +58,17 @@ class Traffic:
         """The traffic of a program's ``ops`` (all-to-alls held as blocks summed block-wise)."""
         out = cls(world)
         uses: dict[tuple, list] = {}
+        firsts: dict[int, tuple] = {}  # id(ranks) -> (ranks, first): a stage's ops share one
+        rings: dict[int, tuple] = {}  # id(groups) -> (groups, ring layout)
         for op in ops:
             k = PHASE_INDEX[op.phase]
             B = getattr(op, "bytes_RR", None)
-            first = _first_rank(op.ranks) if isinstance(B, BlockDiag) else None
+            first = _first_rank_memo(op.ranks, firsts) if isinstance(B, BlockDiag) else None
             if first is None or B.kr != B.kc or first % B.kr:
-                out.add_op(k, op)
+                if isinstance(op, GroupCollective):
+                    out.add_edges(k, *_collective_edges(op, rings))
+                else:
+                    out.add_op(k, op)
                 continue
             entry = uses.setdefault((id(B.local_RK), B.kr, B.scale, first), [B, first, []])
             entry[2].append((k, B.transposed))
@@ -199,6 +204,30 @@ def _first_rank(ranks: np.ndarray | None) -> int | None:
     return int(r[0])
 
 
+def _first_rank_memo(ranks: np.ndarray | None, memo: dict[int, tuple]) -> int | None:
+    """:func:`_first_rank`, memoised per ``ranks`` object (the entry keeps it alive, so its
+    ``id`` stays unique while ``memo`` lives)."""
+    if ranks is None:
+        return 0
+    hit = memo.get(id(ranks))
+    if hit is None or hit[0] is not ranks:
+        hit = memo[id(ranks)] = (ranks, _first_rank(ranks))
+    return hit[1]
+
+
+def _ring_layout(groups: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """``(members, next member in the ring, members per group)`` of a ragged grouping
+    (each member's ring neighbour is the next member of its group, the last wrapping to
+    the first), and each member's group size ``n``."""
+    sizes = np.array([len(g) for g in groups], dtype=np.int64)
+    members = np.concatenate([np.asarray(g, dtype=np.int64) for g in groups])
+    start = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    n = np.repeat(sizes, sizes)
+    pos = np.arange(len(members)) - start
+    nxt = members[start + (pos + 1) % np.maximum(n, 1)]
+    return sizes, members, nxt, n
+
+
 def _sum_mats(mats: list[np.ndarray]) -> np.ndarray:
     """Sum of same-shape matrices (int64 for integers: exact)."""
     acc = np.array(mats[0], dtype=np.int64 if mats[0].dtype.kind in "iub" else np.float64)
@@ -207,24 +236,26 @@ def _sum_mats(mats: list[np.ndarray]) -> np.ndarray:
     return acc
 
 
-def _collective_edges(op: GroupCollective) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _collective_edges(op: GroupCollective, rings: dict[int, tuple] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(src, dst, bytes)`` of a group collective as NCCL's algorithms move it: rings (each
     member to the next of its group) for all-reduce ``2(n−1)/n``, all-gather and
     reduce-scatter ``(n−1)/n``; a pipelined chain from / to the root for broadcast / reduce
-    (each link the whole buffer)."""
+    (each link the whole buffer). ``rings`` (optional) memoises the ring layout per
+    ``groups`` object (ops of one program share their groupings)."""
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
-    sizes = op.group_sizes
-    if not len(sizes):
+    if not len(op.groups):
         return empty
     if not isinstance(op, (Broadcast, Reduce)):
         assert isinstance(op, (AllReduce, AllGather, ReduceScatter, GroupCollective))
         factor = 2.0 if isinstance(op, AllReduce) else 1.0
         size_G = np.asarray(op.bytes_G, dtype=np.float64)
-        members = np.concatenate([np.asarray(g, dtype=np.int64) for g in op.groups])
-        start = np.repeat(np.cumsum(sizes) - sizes, sizes)
-        n = np.repeat(sizes, sizes)
-        pos = np.arange(len(members)) - start
-        nxt = members[start + (pos + 1) % np.maximum(n, 1)]
+        hit = None if rings is None else rings.get(id(op.groups))
+        if hit is None or hit[0] is not op.groups:
+            hit = (op.groups, _ring_layout(op.groups))
+            if rings is not None:
+                rings[id(op.groups)] = hit
+        sizes, members, nxt, n = hit[1]
         val = factor * np.repeat(size_G, sizes) * (n - 1) / np.maximum(n, 1)
         keep = (n >= 2) & (val > 0)
         return members[keep], nxt[keep], val[keep]
