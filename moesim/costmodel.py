@@ -191,11 +191,22 @@ class CostModel:
     def durations(self, program: Program) -> list[np.ndarray]:
         """:meth:`duration` of every op; an all-to-all whose matrix is another's transpose
         (combine vs dispatch: same buffer, transposed view) is costed once — its time is
-        symmetric under transposition (out and in swap) — before each op's context factor."""
+        symmetric under transposition (out and in swap) — before each op's context factor.
+        Expert GEMMs and block all-to-alls are priced in batches (:mod:`moesim.cost_batch`,
+        bit-identical to the per-op path)."""
+        from moesim.cost_batch import block_all_to_all_times, expert_gemm_times
+
         memo: dict[tuple, np.ndarray] = {}
-        gemm_t = self._expert_gemms_batched(program.ops)
+        gemm_t = expert_gemm_times(self, program.ops)
+        a2a_t = block_all_to_all_times(self, program.ops)
         out = []
         for i, op in enumerate(program.ops):
+            t = a2a_t.get(i)
+            if t is not None:  # a block all-to-all: what the memoised path gives it
+                t = t + self.hw.op_overhead_s if self.hw.op_overhead_s > 0 else t
+                f = self._factor(op)
+                out.append(t * f if f != 1.0 else t)
+                continue
             t = gemm_t.get(i)
             if t is not None:  # batched expert GEMMs: compute()'s remaining steps, then _base's
                 t = t * self.hw.cores_shared_by
@@ -240,31 +251,6 @@ class CostModel:
         flop_t = p * m_RS * f / (hw.peak_flops * self.efficiency(m_RS, "bwd" if p >= 2 else ""))
         slot_t = np.maximum(p * w / (hw.mem_bw_GBps * GB), flop_t) + hw.launch_s
         return np.where(m_RS > 0, slot_t, 0.0).sum(axis=1)
-
-    def _expert_gemms_batched(self, ops: list[Op]) -> dict[int, np.ndarray]:
-        """:meth:`_expert_gemms` of every expert-GEMM op of a program (by op index), computed
-        a batch at a time: ops with the same slot-array shape, passes, weight bytes and FLOPs
-        per token are stacked ``[N, R, S]`` and costed with the same elementwise formula and
-        the same per-row slot sum, so each op's ``[R]`` is what it would get alone."""
-        batches: dict[tuple, list] = {}
-        for i, op in enumerate(ops):
-            if type(op) is not Compute or op.gemm_tokens_RS is None:
-                continue
-            m_RS = np.asarray(op.gemm_tokens_RS, dtype=np.float64)
-            p = float(op.gemm_passes)
-            w, f = op.weight_bytes, op.flops_per_token
-            if w <= 0 and f <= 0 or m_RS.ndim != 2:
-                continue  # derived per op (or an odd shape): costed alone by compute()
-            batches.setdefault((m_RS.shape, p, w, f), []).append((i, m_RS))
-        hw, out = self.hw, {}
-        for (_, p, w, f), items in batches.items():
-            m_NRS = np.stack([m for _, m in items])
-            flop_t = p * m_NRS * f / (hw.peak_flops
-                                      * self.efficiency(m_NRS, "bwd" if p >= 2 else ""))
-            slot_t = np.maximum(p * w / (hw.mem_bw_GBps * GB), flop_t) + hw.launch_s
-            t_NR = np.where(m_NRS > 0, slot_t, 0.0).sum(axis=2)
-            out.update((i, t_NR[n]) for n, (i, _) in enumerate(items))
-        return out
 
     # -- collectives ------------------------------------------------------------------------
     def _latency(self, spans_nodes: np.ndarray | bool, kind: str = "",
