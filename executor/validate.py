@@ -27,8 +27,6 @@ smartmoe-trace``). Shape legend: ``T`` passes, ``L`` layers, ``R`` ranks, ``E`` 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import sys
 import time
@@ -36,15 +34,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from moesim import validation
 from moesim.errors import MoesimError
+from moesim.executor.validate_output import (  # noqa: F401  (re-exported)
+    summary_table,
+    validation_json,
+    write_csv,
+    write_figure,
+)
+from moesim.executor.validate_traces import (  # noqa: F401  (re-exported)
+    SMARTMOE_DIR,
+    load_named_trace,
+    prepare_trace,
+)
 from moesim.specs import ModelSpec
-
-# the real SmartMoE sample: ``$MOESIM_SMARTMOE_DIR``, else ``shared/`` beside the checkout
-SMARTMOE_DIR = Path(os.environ.get("MOESIM_SMARTMOE_DIR") or Path(__file__).resolve().parents[2]
-                    / "shared" / "data" / "smartmoe-trace")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,88 +82,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_json_flag(p, "every configuration's prediction errors")
     p.set_defaults(func=run_validate)
-
-
-# -- traces ----------------------------------------------------------------------------------
-
-
-def _merge(counts: np.ndarray, axis: int, groups: int, what: str) -> np.ndarray:
-    """Sum consecutive blocks along ``axis`` into ``groups`` blocks."""
-    n = counts.shape[axis]
-    if n % groups:
-        raise MoesimError(f"cannot regroup {n} {what} into {groups}; choose a divisor of {n}")
-    shape = counts.shape[:axis] + (groups, n // groups) + counts.shape[axis + 1:]
-    return counts.reshape(shape).sum(axis=axis + 1)
-
-
-def _scale_rows(counts: np.ndarray, total: int, cap: int) -> np.ndarray:
-    """Scale every last-axis row to sum to ``total`` with no entry above ``cap`` (a token picks
-    an expert at most once): water-filling, then exact integer row sums."""
-    from moesim.traces.synth import fix_row_sums, waterfill
-
-    x = counts.astype(np.float64) + 1e-9
-    x = waterfill(x, float(total), float(cap))
-    return fix_row_sums(np.floor(x).astype(np.int64), total, cap)
-
-
-def prepare_trace(trace, world: int, model: ModelSpec):
-    """Fit a trace to ``world`` ranks and ``model``'s shape (documented, lossy):
-
-    ranks are regrouped by summing consecutive groups of ``R / world`` ranks; the first
-    ``model.num_layers`` layers are kept; experts are merged by summing consecutive groups of
-    ``E / model.num_experts``; each iteration keeps its first ``model.micro_batches`` passes;
-    every (pass, layer, rank) row is scaled to ``model.tokens_per_rank · top_k`` assignments with
-    no expert above ``tokens_per_rank`` (water-filling: merged experts can exceed what top-k
-    routing allows), so the routing *shape* (skew, drift) is kept at the tiny model's size.
-    """
-    from moesim.traces.format import RoutingTrace
-
-    meta = trace.meta
-    if meta.top_k != model.top_k:
-        raise MoesimError(f"trace top_k={meta.top_k} but model {model.name} has "
-                          f"top_k={model.top_k}; use a model with the trace's top-k")
-    M = min(meta.micro_batches_per_iteration, model.micro_batches)
-    I = trace.num_iterations
-    c = np.asarray(trace.counts_TLRE).reshape(I, meta.micro_batches_per_iteration,
-                                              *trace.counts_TLRE.shape[1:])[:, :M]
-    c = c.reshape(I * M, *c.shape[2:])[:, :model.num_layers]
-    if c.shape[1] < model.num_layers:
-        raise MoesimError(f"trace has {c.shape[1]} layers, model {model.name} needs "
-                          f"{model.num_layers}")
-    c = _merge(_merge(c, 2, world, "ranks"), 3, model.num_experts, "experts")
-    c = _scale_rows(c, model.tokens_per_rank * model.top_k, model.tokens_per_rank)
-    new = meta.replace(num_layers=model.num_layers, num_ranks=world,
-                       num_experts=model.num_experts, tokens_per_rank=model.tokens_per_rank,
-                       micro_batches_per_iteration=M, variable_k=False, rank_resolved=True,
-                       source=f"{meta.source} (regrouped for {world} ranks, {model.name})")
-    return RoutingTrace(c, new)
-
-
-def load_named_trace(name: str, world: int, model: ModelSpec, iterations: int):
-    """A trace by name (see the module docstring), fitted to ``world`` and ``model``."""
-    from moesim.traces.io import load_trace
-
-    if name == "synth":
-        from moesim.traces.synth import SynthConfig, synthesize
-
-        cfg = SynthConfig(num_layers=model.num_layers, num_ranks=world,
-                          num_experts=model.num_experts, top_k=model.top_k,
-                          tokens_per_rank=model.tokens_per_rank,
-                          micro_batches_per_iteration=model.micro_batches,
-                          num_iterations=max(iterations, 1), doc_tokens=64, skew_start=1.0)
-        return synthesize(cfg, rng=world)
-    if name.startswith("smartmoe"):
-        from moesim.traces.importers import import_smartmoe
-
-        directory = Path(name.partition("=")[2] or SMARTMOE_DIR)
-        if not directory.is_dir():
-            raise MoesimError(f"no SmartMoE trace at {directory}; pass smartmoe=DIR")
-        trace = import_smartmoe(directory)
-        return prepare_trace(trace.select_iterations(0, max(iterations, 1)), world, model)
-    trace = load_trace(name)
-    if trace.meta.num_ranks != world or trace.meta.num_experts != model.num_experts:
-        trace = prepare_trace(trace, world, model)
-    return trace
 
 
 # -- a quiet machine ---------------------------------------------------------------------------
@@ -342,73 +263,3 @@ def layout_tag(parallel: str | None) -> str:
     if not parallel:
         return ""
     return "-" + "".join(c for c in parallel.replace(",", "_") if c.isalnum() or c in "_-.")
-
-
-def validation_json(results: list[ConfigResult], out: Path) -> dict:
-    """``validate --json``: per configuration, its step-time errors and the per-quantity rows
-    of validation.csv (schema in docs/cli.md)."""
-    return {"out_dir": str(out), "configs": [
-        {"name": r.name, "trace": r.trace, "policy": r.policy, "world_size": r.world,
-         "step_mape_pct": r.comparison.step.mape_pct, "step_max_pct": r.comparison.step.max_pct,
-         "rows": r.rows()} for r in results]}
-
-
-def summary_table(results: list[ConfigResult]) -> str:
-    """One line per configuration: step-time MAPE and max error."""
-    lines = [f"{'configuration':<40}{'step MAPE %':>12}{'max %':>8}"]
-    for r in results:
-        s = r.comparison.step
-        lines.append(f"{r.name:<40}{s.mape_pct:>12.1f}{s.max_pct:>8.1f}")
-    return "\n".join(lines)
-
-
-def write_csv(results: list[ConfigResult], path: Path) -> None:
-    from moesim.results import atomic_write_bytes
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["config", "trace", "policy", "world_size", "quantity", "predicted_s",
-                "measured_s", "mape_pct", "max_pct"])
-    for r in results:
-        for row in r.rows():
-            w.writerow([r.name, r.trace, r.policy, r.world, row["quantity"],
-                        row["predicted_s"], row["measured_s"], row["mape_pct"], row["max_pct"]])
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def write_figure(results: list[ConfigResult], path: Path) -> Path:
-    """Predicted vs measured step time per iteration (left) and per-phase MAPE (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5))
-    hi = 0.0
-    for r in results:
-        s = r.comparison.step
-        ax.scatter(s.measured_I * 1e3, s.predicted_I * 1e3, s=18, label=r.name)
-        hi = max(hi, float(s.measured_I.max()), float(s.predicted_I.max()))
-    ax.plot([0, hi * 1e3 * 1.05], [0, hi * 1e3 * 1.05], "k--", lw=0.8)
-    ax.set_xlabel("measured step time (ms)")
-    ax.set_ylabel("predicted step time (ms)")
-    ax.set_title("per iteration")
-    ax.legend(fontsize=6)
-    phases = sorted({p for r in results for p in r.comparison.phases})
-    width = 0.8 / max(len(results), 1)
-    for i, r in enumerate(results):
-        vals = [r.comparison.phases[p].mape_pct if p in r.comparison.phases else np.nan
-                for p in phases]
-        bx.bar(np.arange(len(phases)) + i * width, vals, width, label=r.name)
-    bx.set_xticks(np.arange(len(phases)) + 0.4 - width / 2, phases, rotation=30, fontsize=7)
-    bx.set_ylabel("MAPE (%)")
-    bx.set_title("per phase")
-    fig.tight_layout()
-    from moesim.safeio import atomic_file, writing
-
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path, suffix=path.suffix) as fh:
-            fig.savefig(fh, dpi=120, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    return path

@@ -63,9 +63,6 @@ depends on how fast the machine is — raise ``time_limit_s`` when reproducibili
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -85,48 +82,20 @@ from moesim.policies.base import (
     check_slots_cover,
     register_policy,
 )
-from moesim.policies.greedy import copies_to_phy2log, greedy_place, precise_replicas
+from moesim.policies.greedy import copies_to_phy2log
+from moesim.policies.oracle_model import (  # noqa: F401  (resolve_solver re-exported)
+    build_layer,
+    highs_available,
+    objective_value,
+    quiet_stdout,
+    resolve_solver,
+    warm_start,
+)
 from moesim.policies.primitives import gpu_load, relabel_gpus_for_layer, slot_capacity
 from moesim.specs import Cluster, ModelSpec
 
 OBJECTIVES = ("max_load", "layer_time")
 SOLVERS = ("auto", "cbc", "highs")
-
-
-def _highs_available() -> bool:
-    try:
-        import highspy  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _quiet_stdout():
-    """Send file descriptor 1 to /dev/null for the block: HiGHS writes its banner from C when a
-    solver object is created, past Python's ``sys.stdout``."""
-    try:
-        sys.stdout.flush()
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stdout (e.g. captured): nothing to do
-        yield
-        return
-    saved = os.dup(fd)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-        yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-        os.close(devnull)
-
-
-def resolve_solver(name: str) -> str:
-    """``auto`` → ``highs`` when ``highspy`` is installed, else ``cbc``."""
-    if name != "auto":
-        return name
-    return "highs" if _highs_available() else "cbc"
 
 
 def pair_sorted(load_E: np.ndarray, num_ranks: int) -> np.ndarray:
@@ -168,102 +137,6 @@ def max_load_lower_bound(load_E: np.ndarray, num_ranks: int, slots_per_rank: int
     return float(cand[lo])
 
 
-def _var(prob: pulp.LpProblem, name: str, binary: bool = False) -> pulp.LpVariable:
-    """A non-negative variable attached to ``prob`` (PuLP ≥ 3.3's API when present)."""
-    cat = pulp.LpBinary if binary else pulp.LpContinuous
-    if hasattr(prob, "add_variable"):
-        return prob.add_variable(name, lowBound=0, upBound=1 if binary else None, cat=cat)
-    return pulp.LpVariable(name, lowBound=0, upBound=1 if binary else None, cat=cat)
-
-
-@dataclass
-class _Layer:
-    """One layer's integer program and its variables."""
-
-    prob: pulp.LpProblem
-    x: list
-    y: list
-    z: pulp.LpVariable
-
-
-def _build(load_E: np.ndarray, counts_GE: np.ndarray, S: int, objective: str, comp_s: float,
-           comm_s: float) -> _Layer:
-    """The PuLP model of one layer (loads scaled to a mean GPU load of 1)."""
-    E, G = load_E.shape[0], counts_GE.shape[0]
-    prob = pulp.LpProblem("oracle_layer", pulp.LpMinimize)
-    x = [[_var(prob, f"x_{e}_{g}", binary=True) for g in range(G)] for e in range(E)]
-    y = [[_var(prob, f"y_{e}_{g}") for g in range(G)] for e in range(E)]
-    z = _var(prob, "z")
-    gpu = [pulp.lpSum(y[e][g] for e in range(E)) for g in range(G)]
-    for g in range(G):
-        prob += pulp.lpSum(x[e][g] for e in range(E)) <= S, f"slots_{g}"
-        prob += gpu[g] <= z, f"zmax_{g}"
-    for e in range(E):
-        prob += pulp.lpSum(x[e]) >= 1, f"placed_{e}"
-        prob += pulp.lpSum(y[e]) == float(load_E[e]), f"tokens_{e}"
-        for g in range(G):
-            prob += y[e][g] <= float(load_E[e]) * x[e][g], f"link_{e}_{g}"
-    if objective == "max_load":
-        for g in range(G - 1):
-            prob += gpu[g] >= gpu[g + 1], f"sym_{g}"
-        prob += z
-    else:
-        c = _dispatch_time(prob, x, y, gpu, counts_GE, comm_s)
-        prob += 3.0 * comp_s * z + 4.0 * c
-    return _Layer(prob, x, y, z)
-
-
-def _dispatch_time(prob: pulp.LpProblem, x: list, y: list, gpu: list, counts_GE: np.ndarray,
-                   comm_s: float) -> pulp.LpVariable:
-    """``c ≥ β·send_g`` and ``c ≥ β·recv_g`` for every GPU, with local tokens ``ℓ[e,g] ≤
-    n[g,e]·x[e,g]``, ``ℓ[e,g] ≤ y[e,g]`` (module docstring); returns ``c``."""
-    G, E = counts_GE.shape
-    c = _var(prob, "c")
-    for g in range(G):
-        loc = [_var(prob, f"l_{e}_{g}") for e in range(E)]
-        for e in range(E):
-            prob += loc[e] <= float(counts_GE[g, e]) * x[e][g], f"lx_{e}_{g}"
-            prob += loc[e] <= y[e][g], f"ly_{e}_{g}"
-        kept = pulp.lpSum(loc)
-        prob += c >= comm_s * (float(counts_GE[g].sum()) - kept), f"send_{g}"
-        prob += c >= comm_s * (gpu[g] - kept), f"recv_{g}"
-    return c
-
-
-def _warm_start(layer: _Layer, load_E: np.ndarray, S: int, gpus_per_node: int,
-                sort_gpus: bool) -> np.ndarray:
-    """Seed the solver with LAER's precise split, placed greedily, tokens split evenly; GPUs
-    ordered by decreasing load when the model orders them (symmetry breaking). Returns the
-    seed's copies ``[G, E]``."""
-    E, G = len(layer.x), len(layer.x[0])
-    r_E = precise_replicas(load_E, G * S, 1, G)
-    copies = greedy_place(r_E, load_E, gpus_per_node, np.full(G, S), allow_duplicates=False,
-                          skip_unplaceable=True)
-    copies = np.minimum(copies, 1)
-    share = copies * (load_E / np.maximum(copies.sum(0), 1))[None, :]
-    if sort_gpus:
-        order = np.argsort(-share.sum(1), kind="stable")
-        copies, share = copies[order], share[order]
-    for e in range(E):
-        for g in range(G):
-            layer.x[e][g].setInitialValue(int(copies[g, e]))
-            layer.y[e][g].setInitialValue(float(share[g, e]))
-    layer.z.setInitialValue(float(share.sum(1).max()))
-    return copies
-
-
-def _objective(x_GE: np.ndarray, y_GE: np.ndarray, counts_GE: np.ndarray, objective: str,
-               comp_s: float, comm_s: float) -> float:
-    """The program's objective for a solution (scaled units), recomputed from ``x`` and ``y``."""
-    z = float(y_GE.sum(1).max())
-    if objective == "max_load":
-        return z
-    kept = np.minimum(counts_GE, y_GE) * (x_GE > 0)
-    send = (counts_GE - kept).sum(1)
-    recv = (y_GE - kept).sum(1)
-    return 3.0 * comp_s * z + 4.0 * comm_s * float(np.maximum(send, recv).max())
-
-
 @register_policy("oracle_ilp")
 class OracleIlp(Policy):
     """Per-layer integer program on the current iteration's counts (an upper-bound oracle)."""
@@ -290,7 +163,7 @@ class OracleIlp(Policy):
             check_ints("oracle_ilp", self, {"slots_per_rank": 1, "threads": 1})
             check_choice("oracle_ilp", "objective", self.objective, OBJECTIVES)
             check_choice("oracle_ilp", "solver", self.solver, SOLVERS)
-            if self.solver == "highs" and not _highs_available():
+            if self.solver == "highs" and not highs_available():
                 raise MoesimError("oracle_ilp: solver='highs' needs the highspy package; "
                                   "pip install highspy, or use solver='cbc'")
             if not (isinstance(self.time_limit_s, (int, float)) and self.time_limit_s > 0):
@@ -339,10 +212,10 @@ class OracleIlp(Policy):
         comm_s = scale * model.token_bytes / (link.bw_GBps * 1e9)
         if cfg.objective == "max_load" and S == 2 and G * S == E:
             return self._paired_layer(load, G)
-        layer = _build(load_n, counts_n, S, cfg.objective, comp_s, comm_s)
-        seed = _warm_start(layer, load_n, S, cluster.gpus_per_node, cfg.objective == "max_load")
+        layer = build_layer(load_n, counts_n, S, cfg.objective, comp_s, comm_s)
+        seed = warm_start(layer, load_n, S, cluster.gpus_per_node, cfg.objective == "max_load")
         seed_y = seed * (load_n / np.maximum(seed.sum(0), 1))[None, :]
-        seed_obj = _objective(seed, seed_y, counts_n, cfg.objective, comp_s, comm_s)
+        seed_obj = objective_value(seed, seed_y, counts_n, cfg.objective, comp_s, comm_s)
         lb_load, lb_obj = self._bounds("bound", seed_obj, load_n, G, comp_s)
         if seed_obj <= lb_obj * (1.0 + cfg.mip_gap) + 1e-12:
             status, x, y = "optimal", seed, seed_y   # the seed meets a proven bound
@@ -356,9 +229,9 @@ class OracleIlp(Policy):
                 x_s = np.array([[round(v.varValue or 0.0) for v in row] for row in layer.x],
                                dtype=np.int64).T                              # [G, E]
                 y_s = np.array([[v.varValue or 0.0 for v in row] for row in layer.y]).T
-                if _objective(x_s, y_s, counts_n, cfg.objective, comp_s, comm_s) <= seed_obj:
+                if objective_value(x_s, y_s, counts_n, cfg.objective, comp_s, comm_s) <= seed_obj:
                     x, y = x_s, y_s
-        found = _objective(x, y, counts_n, cfg.objective, comp_s, comm_s)
+        found = objective_value(x, y, counts_n, cfg.objective, comp_s, comm_s)
         lb_load, lb_obj = self._bounds(status, found, load_n, G, comp_s)
         row = copies_to_phy2log(x, S)
         unit = scale if cfg.objective == "max_load" else 1.0
@@ -410,7 +283,7 @@ class OracleIlp(Policy):
                     solver = pulp.PULP_CBC_CMD(warmStart=True, **opts)
             prob.solve(solver)
         else:
-            with _quiet_stdout():
+            with quiet_stdout():
                 prob.solve(pulp.HiGHS(**opts))
         if prob.sol_status == pulp.LpSolutionOptimal:
             return "optimal"
