@@ -13,7 +13,9 @@ calibrate's own workload — never from validation runs:
   2.4–4× a forward, not the 2× one curve would imply; see :func:`fit_compute`);
   ``dense_gemm_eff_curve`` from the executor's stand-in for attention at the FLOPs the
   lowering gives it (:func:`fit_dense`), so the simulator's dense compute costs exactly the
-  workload the executor runs;
+  workload the default layout's executor runs; ``attention_block_eff`` from the real attention
+  block a parallel layout runs, forward, backward and recompute at each TP shard size
+  (:mod:`moesim.executor.calibrate_block`), for the ops a layout lowers as that block;
   ``mem_bw_GBps`` from the optimizer step (its Adam traffic per parameter as the lowering counts
   it, ``2·bytes_optim + bytes_grad + bytes_weight``, with the executor's one call per
   expert-sized tensor), so the memory-bound op it costs is right; ``host_optimizer_GBps`` from
@@ -298,6 +300,10 @@ def fit_profile(raw: dict, model) -> dict:
     c = fit_compute([r for r in comp if r["kind"] == "expert"],
                     launch=min(gemm_t) if gemm_t else None)
     dense_curve = fit_dense(c, [r for r in comp if r["kind"] == "standin"])
+    from moesim.executor.calibrate_block import fit_block
+
+    block_rows = [r for r in comp if r["kind"] == "attention_block"]
+    block = fit_block(c, block_rows)
     adam = [r for r in comp if r["kind"] == "adam"]
     per_param = 2 * model.bytes_optim + model.bytes_grad + model.bytes_weight
     x = np.array([r["numel"] * per_param for r in adam], dtype=float)
@@ -317,7 +323,9 @@ def fit_profile(raw: dict, model) -> dict:
     measured = (conc["together_s"] / conc["alone_s"] if conc and conc["alone_s"] > 0
                 else float("nan"))
     overhead = float((raw.get("op_overhead") or {}).get("gap_s", 0.0))
-    return {"compute": c, "dense_curve": dense_curve, "cores_shared_by": shared,
+    return {"compute": c, "dense_curve": dense_curve, "attention_block": block,
+            "block_rows": block_rows,
+            "cores_shared_by": shared,
             "cores_shared_measured": measured,
             "op_overhead_s": max(overhead, 0.0),
             "mem_bw_GBps": mem_bw / GB, "host_optimizer_GBps": host_bw / GB,
@@ -364,6 +372,9 @@ def write_profile(fit: dict, meta: dict, out: Path) -> Path:
         hw["backward_gemm_eff_curve"] = [list(p) for p in c["backward_curve"]]
     if fit.get("dense_curve"):
         hw["dense_gemm_eff_curve"] = [list(p) for p in fit["dense_curve"]]
+    if fit.get("attention_block"):
+        hw["attention_block_eff"] = {k: [list(p) for p in v]
+                                     for k, v in fit["attention_block"].items()}
     if coll is None:
         intra, inter, copied = _links_of(fit["links_from"])
     else:
@@ -427,6 +438,8 @@ def _links_of(name: str) -> tuple[dict, dict, str]:
 
 
 def summary_text(fit: dict, meta: dict, path: Path) -> str:
+    from moesim.executor.calibrate_block import summary_line
+
     c, coll = fit["compute"], fit["collectives"]
     lines = [f"calibrated {meta['backend']} on {meta['world_size']} ranks "
              f"({meta['cpu_count']} CPUs) -> {path}",
@@ -438,6 +451,7 @@ def summary_text(fit: dict, meta: dict, path: Path) -> str:
              f"{'in the curves' if meta.get('compute_concurrent') else 'ranks / cpus'}), "
              f"op overhead {fit.get('op_overhead_s', 0.0) * 1e6:.1f} us, load average "
              f"{meta.get('load_avg', float('nan')):.2f}",
+             summary_line(fit.get("block_rows") or []),
              f"  memory: {fit['mem_bw_GBps']:.2f} GB/s (Adam), host Adam "
              f"{fit['host_optimizer_GBps']:.2f} GB/s, host copy "
              f"{fit['host_link']['bw_GBps']:.2f} GB/s"]

@@ -13,6 +13,8 @@
   overhead: ``launch_s``);
 - ``standin`` — the executor's stand-in for attention / router work at the FLOPs the lowering
   gives those ops (the simulator prices them with the dense efficiency this yields);
+- ``attention_block`` — the real attention block a parallel layout runs, forward, backward and
+  recompute at every TP shard size (:mod:`moesim.executor.calibrate_block`);
 - ``op_overhead`` — the interpreter's own time between two ops (:func:`bench_op_overhead`);
 - ``adam`` — the executor's optimizer step: Adam over expert-sized tensors one call each, as
   :meth:`RankExecutor._optimizer_step` walks the slots; ``host_adam`` / ``copy`` — the host
@@ -55,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 from moesim.executor import moe_layer as ml
+from moesim.executor.calibrate_block import bench_attention_block
 from moesim.executor.interpreter import RankExecutor
 from moesim.executor.optim import HOST_ADAM_CHUNK, Adam
 from moesim.executor.replay import expert_weights, torch_dtype
@@ -471,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     compute = bench_expert(model, world)
     hb.beat(force=True)
     compute += bench_gemm(model) + bench_standin(model, rank, world) + bench_memory(model, world)
+    compute += bench_attention_block(model, rank, world)
     hb.beat(force=True)
     concurrency = bench_concurrency(model, world)
     overhead = bench_op_overhead(model, rank, world, hb)

@@ -130,6 +130,13 @@ class HardwareProfile:
     ``class.phase.direction`` with ``class`` one of :data:`CONTEXT_CLASSES` (the most specific
     key present wins; see :func:`moesim.costmodel.context_factor`). ``moesim calibrate``
     measures them in a short run of its own calibration workload; empty means 1.
+    ``attention_block_eff`` (optional, ``{pass: [[m, eff], ...]}`` with pass ``fwd``, ``bwd``
+    or ``recompute``) prices the attention ops a parallel layout lowers as the real attention
+    block (``Compute.block == "attention"``: LayerNorm, QKV, scores, softmax, values, output
+    projection, at the TP shard the layout gives a rank): ``eff(m)`` of that pass at
+    ``gemm_rows = m`` against the op's own FLOPs; ``moesim calibrate`` measures it on the
+    executor's block (:mod:`moesim.executor.calibrate_block`). A pass it lacks falls back to
+    ``dense_gemm_eff_curve``.
     """
 
     name: str
@@ -146,6 +153,8 @@ class HardwareProfile:
     dense_gemm_eff_curve: tuple[tuple[float, float], ...] = ()
     op_overhead_s: float = 0.0
     context_factors: dict[str, float] = field(default_factory=dict, hash=False)
+    attention_block_eff: dict[str, tuple[tuple[float, float], ...]] = field(
+        default_factory=dict, hash=False)
     description: str = ""
     source: str = ""
 
@@ -162,6 +171,8 @@ class HardwareProfile:
         for name in ("backward_gemm_eff_curve", "dense_gemm_eff_curve"):
             curve = getattr(self, name)
             object.__setattr__(self, name, _eff_curve(curve) if len(curve) else ())
+        object.__setattr__(self, "attention_block_eff",
+                           _block_curves(self.attention_block_eff))
 
     def gemm_efficiency(self, m: np.ndarray | float) -> np.ndarray:
         """Fraction of peak FLOP/s a GEMM with ``m`` rows reaches (vectorised)."""
@@ -203,6 +214,18 @@ def _context_factors(table: Any) -> dict[str, float]:
                               f"number, got {value!r}")
         out[str(key)] = float(value)
     return out
+
+
+BLOCK_PASSES = ("fwd", "bwd", "recompute")
+
+
+def _block_curves(table: Any) -> dict[str, tuple[tuple[float, float], ...]]:
+    """Validate ``HardwareProfile.attention_block_eff``: ``{pass: curve}``, pass in
+    :data:`BLOCK_PASSES`, each curve as ``gemm_eff_curve``."""
+    if not isinstance(table, dict) or any(k not in BLOCK_PASSES for k in table):
+        raise MoesimError(f"HardwareProfile.attention_block_eff must be a table with keys in "
+                          f"{', '.join(BLOCK_PASSES)} of [[m, eff], ...] curves, got {table!r}")
+    return {k: _eff_curve(v) for k, v in table.items()}
 
 
 def _eff_curve(points: Any) -> tuple[tuple[float, float], ...]:

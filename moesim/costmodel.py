@@ -15,6 +15,11 @@ Compute (``Compute``), multiplied by ``hardware.cores_shared_by`` (CPU ranks sha
 ``eff`` is ``hardware.gemm_eff_curve``; expert backward passes use
 ``backward_gemm_eff_curve`` and non-expert GEMM-shaped work ``dense_gemm_eff_curve`` where the
 profile has them (calibrated CPU profiles do; the GPU presets use one curve).
+An op that is a whole attention block (``Compute.block == "attention"``: a parallel layout's
+attention forward, backward and full recompute) takes ``eff`` from
+``hardware.attention_block_eff[pass]`` (pass ``recompute`` for ops labelled so, else the op's
+direction) where the profile has that pass: ``moesim calibrate`` measures it on the block itself
+at the TP shard sizes, so the op costs what the block costs in isolation.
 
 Collectives follow nccl-tests' definitions (``doc/PERFORMANCE.md`` in NVIDIA/nccl-tests): for a
 collective of size ``S`` bytes taking ``t``, ``algbw = S / t`` and ``busbw = algbw · factor``
@@ -138,6 +143,9 @@ class CostModel:
         self._curves = {name: (np.log2([p[0] for p in c]), np.array([p[1] for p in c]))
                         for name, c in (("bwd", self.hw.backward_gemm_eff_curve or curve),
                                         ("dense", self.hw.dense_gemm_eff_curve or curve))}
+        self._curves.update({f"block.{p}": (np.log2([x[0] for x in c]),
+                                             np.array([x[1] for x in c]))
+                             for p, c in self.hw.attention_block_eff.items()})
         self._links = {kind: self._link_arrays(kind) for kind in ("", *_KIND.values())}
 
     def _link_arrays(self, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -231,12 +239,22 @@ class CostModel:
         if op.gemm_tokens_RS is not None:
             t = self._expert_gemms(op)
         else:
-            eff = (self.efficiency(op.gemm_rows, "dense") if op.gemm_rows > 0
+            eff = (self.efficiency(op.gemm_rows, self._dense_curve(op)) if op.gemm_rows > 0
                    else hw.elementwise_eff)
             t = np.maximum(np.asarray(op.bytes_R, dtype=np.float64) / (hw.mem_bw_GBps * GB),
                            np.asarray(op.flops_R, dtype=np.float64) / (hw.peak_flops * eff))
             t = t + hw.launch_s
         return t * hw.cores_shared_by
+
+    def _dense_curve(self, op: Compute) -> str:
+        """The efficiency curve of a non-expert GEMM-shaped op: its block pass's measured one
+        (``block.fwd`` / ``block.bwd`` / ``block.recompute``) where the profile has it, else
+        ``dense``."""
+        if op.block == "attention":
+            name = f"block.{'recompute' if op.label == 'recompute' else op.direction}"
+            if name in self._curves:
+                return name
+        return "dense"
 
     def _expert_gemms(self, op: Compute) -> np.ndarray:
         """``Σ_slots [max(p·w/bw, p·m·f/(peak·eff(m))) + launch]`` per rank: ``[R]``."""
@@ -364,16 +382,17 @@ def _memo_key(op: Op) -> tuple | None:
     """A key under which ``op``'s duration may be shared within one program (every op is
     alive during the call, so ``id`` values are unique): all-to-alls by buffer
     (:func:`_matrix_key`); non-GEMM compute ops that share their (read-only) per-rank
-    arrays by those arrays' identity (the lowering reuses one array for every layer's
-    attention; a stage's ops share one read-only ranks array too); ``None`` for everything
-    else."""
+    arrays by those arrays' identity and their block pass (the lowering reuses one array for
+    every layer's attention, forward and recompute alike; a stage's ops share one read-only
+    ranks array too); ``None`` for everything else."""
     if isinstance(op, AllToAll):
         key = _matrix_key(op.bytes_RR, op.ranks)
         return None if key is None else ("a2a", *key)
     if (type(op) is Compute and op.gemm_tokens_RS is None and _read_only(op.flops_R)
             and _read_only(op.bytes_R) and (op.ranks is None or _read_only(op.ranks))):
         return ("compute", id(op.flops_R), id(op.bytes_R), op.gemm_rows,
-                None if op.ranks is None else id(op.ranks))
+                None if op.ranks is None else id(op.ranks),
+                op.block and (op.direction, op.label == "recompute"))
     return None
 
 

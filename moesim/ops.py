@@ -79,6 +79,10 @@ class Compute(Op):
     per GEMM pass) and ``flops_per_token`` one token's forward FLOPs through one expert, both for
     ``gemm_tokens_RS`` ops; ``gemm_rows`` is the row count ``m`` of a non-expert op's GEMMs
     (tokens per rank), which picks its efficiency on the GEMM curve (0: elementwise).
+    ``block`` names the block a non-expert op is (``"attention"``: the whole attention block,
+    LayerNorm to output projection, as a parallel layout lowers it); a profile with measured
+    coefficients for that block prices it with them (``HardwareProfile.attention_block_eff``);
+    empty: priced from its FLOPs alone.
     """
 
     flops_R: np.ndarray
@@ -90,6 +94,7 @@ class Compute(Op):
     weight_bytes: float = 0.0
     flops_per_token: float = 0.0
     gemm_rows: int = 0
+    block: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -200,7 +200,8 @@ def spec_to_dict(spec: Any) -> dict[str, Any]:
 
 
 _OPTIONAL_EMPTY = ("per_kind", "backward_gemm_eff_curve", "dense_gemm_eff_curve",
-                   "op_overhead_s", "context_factors", *SHAPE_FIELDS, "tied_embeddings")
+                   "op_overhead_s", "context_factors", "attention_block_eff",
+                   *SHAPE_FIELDS, "tied_embeddings")
 
 
 def _drop_empty(obj: Any) -> Any:

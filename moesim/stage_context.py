@@ -178,6 +178,8 @@ class StageView(ExpertTPView):
             dense = dict(kind="attention", gemm_rows=T * t,
                          flops_R=self.const_R(m.attention_flops_per_token * T),
                          bytes_R=self.const_R(m.dense_params * m.bytes_weight / t + 2 * act))
+            if not self.layout.is_default:  # the whole block (the executor runs it for real)
+                dense["block"] = "attention"
             route = dict(kind="router", gemm_rows=T,
                          flops_R=self.const_R(2.0 * m.hidden_size * m.num_experts * T),
                          bytes_R=self.const_R(m.hidden_size * m.num_experts * m.bytes_weight
