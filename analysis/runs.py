@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moesim import traffic_io
 from moesim.errors import MoesimError
 from moesim.results import RunResult, load_run
 
@@ -49,7 +50,7 @@ def _load_parts(run: RunResult) -> None:
     for part in parts:
         try:
             with np.load(part, allow_pickle=False) as z:
-                loaded.append({k: z[k] for k in z.files})
+                loaded.append(traffic_io.upgrade_part({k: z[k] for k in z.files}))
         except (OSError, ValueError):
             continue  # a part being written when the run was killed
     if not loaded:
@@ -188,7 +189,7 @@ def iterations(run: RunResult) -> np.ndarray:
 
 def require(run: RunResult, *names: str) -> None:
     """Raise MoesimError unless the run holds all array ``names`` (e.g. ``expert_load``)."""
-    missing = [n for n in names if n not in run.arrays]
+    missing = [n for n in names if not run.has(n)]
     if missing:
         status = run.manifest.get("status", "?")
         raise MoesimError(f"{run.path}: run has no {', '.join(missing)} (status {status}); "

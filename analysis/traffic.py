@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moesim import traffic_io
 from moesim.errors import MoesimError
 from moesim.metrics import hottest_links
 from moesim.ops import PHASES
@@ -27,15 +28,19 @@ def gpus_per_node(run: RunResult) -> int:
     cluster = run.config.get("cluster")
     if isinstance(cluster, dict) and cluster.get("gpus_per_node"):
         return int(cluster["gpus_per_node"])
-    return int(run["traffic_bytes"].shape[-1]) if "traffic_bytes" in run.arrays else 1
+    return traffic_io.world_size(run.arrays)
 
 
 def traffic_IFRR(run: RunResult) -> np.ndarray:
-    """The run's per-phase GPU-pair bytes; MoesimError for runs written without them."""
-    if "traffic_bytes" not in run.arrays:
+    """The run's per-phase GPU-pair bytes, dense; MoesimError for runs written without them."""
+    _require_traffic(run)
+    return np.asarray(run["traffic_bytes"], dtype=np.float64)
+
+
+def _require_traffic(run: RunResult) -> None:
+    if not run.has("traffic_bytes"):
         raise MoesimError(f"{run.path}: run has no traffic.npz (written before per-GPU-pair "
                           "traffic was recorded, or unfinished); re-run or resume it")
-    return np.asarray(run["traffic_bytes"], dtype=np.float64)
 
 
 def plot_traffic_heatmap(run: RunLike, out: str | os.PathLike) -> Path:
@@ -44,7 +49,9 @@ def plot_traffic_heatmap(run: RunLike, out: str | os.PathLike) -> Path:
     from .figio import mark_incomplete, new_figure, save_figure
 
     run = as_run(run)
-    T_FRR = traffic_IFRR(run).mean(axis=0)
+    _require_traffic(run)   # summed from the sparse file: no [I, F, R, R] array
+    T_FRR = traffic_io.summed(run.arrays, keep_iterations=False) / max(
+        traffic_io.num_iterations(run.arrays), 1)
     used = [f for f in range(len(PHASES)) if T_FRR[f].sum() > 0]
     if not used:
         raise MoesimError(f"{run.path}: no GPU-to-GPU traffic in this run (one GPU?)")
@@ -77,7 +84,8 @@ def _unit(largest: float) -> tuple[float, str]:
 
 def link_rows(run: RunResult, most: int = 3, max_iterations: int = 12) -> list[list[str]]:
     """Per iteration: its hottest ``most`` GPU links (all phases) as ``src→dst GB`` cells."""
-    T_IRR = traffic_IFRR(run).sum(axis=1)
+    _require_traffic(run)
+    T_IRR = traffic_io.summed(run.arrays, keep_iterations=True)
     its = run.arrays.get("iterations", np.arange(T_IRR.shape[0]))
     rows = []
     for i in range(min(len(T_IRR), max_iterations)):
@@ -123,7 +131,7 @@ def metrics_section(runs: list[RunResult], table) -> str:
              "(max / mean tokens per expert) across layers; GPU links by bytes.</p>",
              table(METRIC_HEAD, [metric_cells(r) for r in runs])]
     for run in runs:
-        if "traffic_bytes" not in run.arrays or not iterations(run).size:
+        if not run.has("traffic_bytes") or not iterations(run).size:
             continue
         parts += [f"<h3>Hottest GPU links per iteration — {html.escape(run.path.name)}</h3>",
                   table(["iteration", "1st (GB)", "2nd", "3rd"], link_rows(run))]

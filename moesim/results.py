@@ -19,9 +19,10 @@ A run directory holds::
                       rank_tokens[I, L, R]   tokens each rank's slots computed (after drops)
                       dropped[I, L, R]       tokens each source rank dropped
     memory.npz        memory_bytes[I, C, R], components[C] (GPU peak breakdown)
-    traffic.npz       traffic_bytes[I, F, R, R]  bytes GPU i sent GPU j in each phase
-                                             (moesim.metrics.traffic_FRR; absent in runs
-                                             written before it existed)
+    traffic.npz       bytes GPU i sent GPU j in each phase (moesim.metrics.traffic_FRR),
+                      sparse: traffic_iteration/phase/src/dst/value[N], traffic_world[I]
+                      (moesim.traffic_io; RunResult["traffic_bytes"] is the dense
+                      [I, F, R, R] view, and older runs' dense files still load)
     timeline_iter{N}.json   Chrome-trace / Perfetto JSON of chosen iterations
 
 Writes are atomic and resumable: each finished chunk of iterations lands in ``parts/`` via a
@@ -41,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim import dirlock, rundir, safeio
+from moesim import dirlock, rundir, safeio, traffic_io
 from moesim.errors import MoesimError
 from moesim.ops import PHASES
 
@@ -54,7 +55,7 @@ ARRAY_FILES = {
     "times.npz": ("busy_s", "start_s", "end_s"),
     "load.npz": ("expert_load", "rank_tokens", "dropped"),
     "memory.npz": ("memory_bytes",),
-    "traffic.npz": ("traffic_bytes",),
+    "traffic.npz": traffic_io.COO_KEYS,
 }
 
 
@@ -102,8 +103,8 @@ class IterationRecord:
 
     def arrays(self) -> dict[str, np.ndarray]:
         comps = sorted(self.memory_CR)
-        extra = {} if self.traffic_FRR is None else {
-            "traffic_bytes": np.asarray(self.traffic_FRR, dtype=np.float32)}
+        extra = {} if self.traffic_FRR is None else traffic_io.record_arrays(
+            self.iteration, self.traffic_FRR, int(np.shape(self.traffic_FRR)[-1]))
         return extra | {
             "busy_s": self.busy_s_LFR.astype(np.float32),
             "start_s": self.start_s_LFR.astype(np.float32),
@@ -185,7 +186,8 @@ class RunWriter:
             return
         recs = self._pending
         per = [r.arrays() for r in recs]
-        arrays = {k: np.stack([p[k] for p in per]) for k in per[0] if k != "components"}
+        arrays = {k: (np.concatenate if k in traffic_io.COO_KEYS else np.stack)(
+            [p[k] for p in per]) for k in per[0] if k != "components"}
         arrays["components"] = per[0]["components"]
         arrays["iterations"] = np.array([r.iteration for r in recs], dtype=np.int64)
         summaries = [dict(r.summary, iteration=r.iteration) for r in recs]
@@ -206,7 +208,7 @@ class RunWriter:
         self.flush()
         parts = self._part_files()
         if parts:
-            loaded = [rundir.load_part_arrays(p) for p in parts]
+            loaded = [traffic_io.upgrade_part(rundir.load_part_arrays(p)) for p in parts]
             for fname, keys in ARRAY_FILES.items():
                 if not all(k in z for z in loaded for k in keys):
                     continue  # e.g. traffic from a producer that does not record it
@@ -216,6 +218,8 @@ class RunWriter:
                     arrays["phases"] = np.array(PHASES, dtype=str)
                 if fname == "memory.npz":
                     arrays["components"] = loaded[0]["components"]
+                if fname == "traffic.npz":
+                    arrays["traffic_format"] = np.array(traffic_io.FORMAT)
                 atomic_write_bytes(self.out / fname, _npz_bytes(arrays))
         atomic_write_bytes(self.out / "iterations.csv", _summary_csv(self._summaries))
         self._write_manifest(status, error)
@@ -263,7 +267,16 @@ class RunResult:
         return self.manifest.get("backend", "")
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if name == traffic_io.DENSE_KEY and name not in self.arrays \
+                and traffic_io.has_traffic(self.arrays):   # the dense view, built once
+            self.arrays[name] = traffic_io.dense_IFRR(self.arrays)
         return self.arrays[name]
+
+    def has(self, name: str) -> bool:
+        """Whether the run holds array ``name`` (``traffic_bytes``: in either format)."""
+        if name == traffic_io.DENSE_KEY:
+            return traffic_io.has_traffic(self.arrays)
+        return name in self.arrays
 
 
 def load_run(path: str | Path) -> RunResult:
