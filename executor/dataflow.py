@@ -36,6 +36,7 @@ import torch
 from moesim.errors import MoesimError
 from moesim.executor import dense_block as db
 from moesim.executor.flow_state import FlowState
+from moesim.executor.moe_etp import ETP_LABELS, compile_etp
 from moesim.layout import ParallelLayout
 from moesim.ops import AllToAll, Compute, GroupCollective, Op, Program, SendRecv
 
@@ -71,6 +72,8 @@ class LayoutFlow(FlowState):
             return self._moe_a2a(op)
         if isinstance(op, GroupCollective) and op.label in TP_LABELS:
             return flow_comm.tp_collective(self, op)
+        if isinstance(op, GroupCollective) and op.label in ETP_LABELS:
+            return compile_etp(self, op)
         if isinstance(op, SendRecv) and op.phase == "pp_send":
             return flow_comm.pp_send(self, op)
         if isinstance(op, GroupCollective) and flow_comm.is_dense(op):

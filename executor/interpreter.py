@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moesim.executor import moe_etp
 from moesim.executor import moe_layer as ml
 from moesim.executor.dataflow import LayoutFlow
 from moesim.executor.flow_state import held_layers
@@ -114,6 +115,9 @@ class RankExecutor(CommOps):
         self._warm_grad: torch.Tensor | None = None
         # under a non-default layout the dense ops run the real dataflow (executor/dataflow.py)
         self.flow = None if layout is None or layout.is_default else LayoutFlow(self, layout)
+        # under expert TP each slot holds one 1/etp shard of its expert (executor/moe_etp.py)
+        self.etp = 1 if layout is None else layout.etp
+        self.expert_model = moe_etp.shard_model(model, self.etp)
 
     # -- set-up (untimed) -----------------------------------------------------------------
     def prepare(self, program: Program, iteration: int) -> None:
@@ -129,11 +133,20 @@ class RankExecutor(CommOps):
         self._make_masters(program)
         src, off = self._source()
         for (mb, l), route in sorted(routes.items()):
-            inp = layer_inputs(route, src, self.model, iteration, mb, l, self.dtype)
+            row = moe_etp.route_row(route, src)
+            inp = layer_inputs(route, row, self.model, iteration, mb, l, self.dtype)
             inp.x_NH, inp.grad_out_NH = inp.x_NH.to(self.device), inp.grad_out_NH.to(self.device)
             inp.gate_A = inp.gate_A.to(self.device)
-            members = [m - off for m in self._a2a_members(program, mb, l)]
-            self.passes[(mb, l)] = ml.plan_pass(inp, route, src, members, self.device)
+            # route rows of the all-to-all's members, in its process group's rank order
+            members = [moe_etp.route_row(route, m - off)
+                       for m in sorted(self._a2a_members(program, mb, l))]
+            etp_group = None
+            if self.etp > 1:
+                group = moe_etp.etp_group_of(src, self.etp)
+                moe_etp.check_same_experts(route, group)
+                etp_group = [moe_etp.route_row(route, r) for r in group]
+            self.passes[(mb, l)] = ml.plan_pass(inp, route, row, members, self.device,
+                                                etp_group)
         if self.flow is not None:
             self.flow.prepare(program, iteration, sorted(layouts))
             self.flow.check_program(program)
@@ -164,25 +177,28 @@ class RankExecutor(CommOps):
                 if self._warm_grad is None:
                     self._warm_grad = torch.zeros_like(flat)
                 x = torch.randn(m, self.model.hidden_size, device=self.device, dtype=self.dtype)
-                y, saved = ffn_forward(x, flat, self.model)
-                ffn_backward(torch.randn_like(y), saved, flat, self._warm_grad, self.model)
+                y, saved = ffn_forward(x, flat, self.expert_model)
+                ffn_backward(torch.randn_like(y), saved, flat, self._warm_grad,
+                             self.expert_model)
                 self._warm_m.add(m)
 
     def _install_slots(self, layer: int, phy2log_P: np.ndarray, routes: dict) -> None:
         """This iteration's slots of ``layer``: a slot keeps its tensor when its expert stays
         on this rank, else gets the expert's deterministic weights (the relayout ops then move
         the same values for real). The previous slots stay readable as relayout sources."""
-        S = next(r.slots_per_rank for (_, l), r in routes.items() if l == layer)
-        src = self._source()[0]
-        mine = phy2log_P[src * S:(src + 1) * S]
+        route = next(r for (_, l), r in routes.items() if l == layer)
+        S, src = route.slots_per_rank, self._source()[0]
+        row = moe_etp.route_row(route, src)
+        mine = phy2log_P[row * S:(row + 1) * S]
         self.prev_slots[layer] = list(self.slots.get(layer, []))
         old = {e: t for e, t in self.slots.get(layer, [])}
         slots = []
         for e in mine.tolist():
             t = old.pop(e, None) if e >= 0 else None
             if t is None:
-                t = (expert_weights(self.model, layer, e) if e >= 0
-                     else torch.zeros(self.model.params_per_expert))
+                t = (moe_etp.shard_expert(expert_weights(self.model, layer, e), self.model,
+                                          src % self.etp, self.etp) if e >= 0
+                     else torch.zeros(self.expert_model.params_per_expert))
                 t = t.to(device=self.device, dtype=self.dtype)
             slots.append((int(e), t))
         self.slots[layer] = slots
@@ -302,9 +318,9 @@ class RankExecutor(CommOps):
         if op.phase == "expert" and op.kind == "expert_ffn" and lp is not None:
             params = [t for _, t in self.slots[op.layer]]
             if op.direction == "fwd":
-                return lambda: ml.expert_fwd(lp, params, self.model)
+                return lambda: ml.expert_fwd(lp, params, self.expert_model)
             grads = self.slot_grads[op.layer]
-            return lambda: ml.expert_bwd(lp, params, grads, self.model)
+            return lambda: ml.expert_bwd(lp, params, grads, self.expert_model)
         if op.phase == "optimizer":
             m = self.model
             per_param = 2 * m.bytes_optim + m.bytes_grad + m.bytes_weight

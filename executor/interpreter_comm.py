@@ -44,7 +44,8 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scat
 
 class CommOps:
     """Compilers of the communication ops; the executor supplies ``rank``, ``world``,
-    ``model``, ``dtype``, ``device``, ``groups``, ``passes``, ``slots``, ``prev_slots``,
+    ``model``, ``expert_model`` (one slot's expert: a 1/etp shard under expert TP), ``dtype``,
+    ``device``, ``groups``, ``passes``, ``slots``, ``prev_slots``,
     ``slot_grads``, ``expert_grads``, ``masters`` and ``_buffer``."""
 
     # -- all-to-all -------------------------------------------------------------------------
@@ -177,7 +178,7 @@ class CommOps:
                 held = [self.slot_grads[layer][s] for s, (e, _) in enumerate(self.slots[layer])
                         if e == expert]
                 self.expert_grads[key] = (torch.stack(held).sum(0) if held else
-                                          torch.zeros(self.model.params_per_expert,
+                                          torch.zeros(self.expert_model.params_per_expert,
                                                       dtype=self.dtype, device=self.device))
             return self.expert_grads[key]
         for e, t in self.slots[layer] + self.prev_slots.get(layer, []):

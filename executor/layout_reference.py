@@ -5,8 +5,9 @@ through every MoE layer of the model for every token source of a pipeline stage 
 world / pp`` stage ranks; under PP the ranks at the same position of every stage carry the same
 tokens), exactly as :mod:`moesim.executor.dense_block` defines the model: whole attention
 weights (all heads) over each TP group's concatenated sequence shards, the MoE layer of
-:func:`moesim.executor.reference.moe_outputs` with the program's forced routes, residual adds,
-and ``loss = Σ_mb Σ_i Σ h_out ⊙ grad`` with the seeded upstream gradient. No parallelism at
+:func:`moesim.executor.reference.moe_outputs` with the program's forced routes (source
+``i``'s route row under expert TP: :func:`~moesim.executor.moe_etp.route_row`), residual
+adds, and ``loss = Σ_mb Σ_i Σ h_out ⊙ grad`` with the seeded upstream gradient. No parallelism at
 all: no shards, no collectives, no stages, no recompute — what every layout must reproduce.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from moesim.executor import dense_block as db
+from moesim.executor.moe_etp import route_row
 from moesim.executor.reference import moe_outputs
 from moesim.executor.replay import expert_weights, layer_inputs
 from moesim.ops import Program
@@ -57,7 +59,8 @@ def reference_stack(program: Program, model: ModelSpec, sources: int, tp: int,
                 P = db.attention(torch.cat(h[g0:g0 + tp]), dense[l], s)
                 h_mid += [h[g0 + j] + P[j * T:(j + 1) * T] for j in range(tp)]
             route = program.routes[(mb, l)]
-            lis = [layer_inputs(route, i, model, iteration, mb, l) for i in range(sources)]
+            lis = [layer_inputs(route, route_row(route, i), model, iteration, mb, l)
+                   for i in range(sources)]
             ws = {e: experts[(l, e)] for e in range(model.num_experts)}
             moe = moe_outputs(route, lis, h_mid, ws, model)
             h = [a + b for a, b in zip(h_mid, moe, strict=True)]

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moesim.executor import moe_etp
 from moesim.executor.groups import SELF
 from moesim.executor.replay import LayerInputs, ffn_backward, ffn_forward
 from moesim.ops import LayerRoute
@@ -48,11 +49,18 @@ class LayerPass:
     grad_recv_MH: torch.Tensor | None = None
     grad_x_recv_MH: torch.Tensor | None = None
     grad_x_NH: torch.Tensor | None = None
+    etp_rows_G: list[int] = field(default_factory=list)  # expert TP: rows of each member
+    etp_index: int = 0                                   # this rank's place in its ETP group
 
 
 def plan_pass(inputs: LayerInputs, route: LayerRoute, rank: int, members: list[int],
-              device: torch.device) -> LayerPass:
-    """Split sizes and receive layout of ``rank``'s pass over all-to-all ``members``."""
+              device: torch.device, etp_group: list[int] | None = None) -> LayerPass:
+    """Split sizes and receive layout of ``rank``'s pass over all-to-all ``members``.
+
+    ``rank`` and ``members`` are route rows (positions, :func:`moe_etp.route_row`), the
+    members in the all-to-all group's rank order. Under expert TP ``etp_group`` lists the rows
+    of this rank's ETP group (member order, each with the same all-to-all members): the slots
+    then run over the group's gathered rows (:func:`moe_etp.gathered_slot_rows`)."""
     S = route.slots_per_rank
     kept_RP = np.asarray(route.kept_RP, dtype=np.int64)
     per_rank = kept_RP.reshape(kept_RP.shape[0], -1, S)            # [R, G, S]
@@ -60,15 +68,16 @@ def plan_pass(inputs: LayerInputs, route: LayerRoute, rank: int, members: list[i
     assert send.sum() == send[members].sum(), "tokens routed outside the all-to-all's ranks"
     recv_RS = per_rank[members, rank, :]                           # [W, S]
     # receive buffer holds, per source, its rows slot by slot: position of slot s's rows
-    slot_of_row = np.concatenate([np.repeat(np.arange(S), c) for c in recv_RS]) \
-        if recv_RS.size else np.zeros(0, dtype=np.int64)
-    slot_rows = [torch.from_numpy(np.flatnonzero(slot_of_row == s)).to(device)
-                 for s in range(S)]
+    recv_GRS = [per_rank[members, g, :] for g in etp_group] if etp_group else [recv_RS]
+    rows = moe_etp.gathered_slot_rows(recv_GRS, S)
+    slot_rows = [torch.from_numpy(r).to(device) for r in rows]
     order = inputs.kept_order
     tok = torch.from_numpy(inputs.token_A[order]).to(device)
     gate = inputs.gate_A[torch.from_numpy(order).to(inputs.gate_A.device)].to(device)
     return LayerPass(inputs=inputs, tok_K=tok, gate_K=gate, send_split_W=send[members].tolist(),
-                     recv_split_W=recv_RS.sum(axis=1).tolist(), slot_rows=slot_rows)
+                     recv_split_W=recv_RS.sum(axis=1).tolist(), slot_rows=slot_rows,
+                     etp_rows_G=[int(r.sum()) for r in recv_GRS] if etp_group else [],
+                     etp_index=etp_group.index(rank) if etp_group else 0)
 
 
 def _a2a(send: torch.Tensor, out_rows: int, send_split: list[int], recv_split: list[int],

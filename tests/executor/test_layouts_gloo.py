@@ -5,10 +5,11 @@ Each world size is one launch of :mod:`moesim.executor.selfcheck` ``--cases`` ov
 gradients, dense gradients (before and after their sync) and expert gradients must equal the
 float64 reference of the whole layer stack over all micro-batches. World 2: TP 2 (static EP,
 SwiftMoE, LAER FSEP), PP 2 (1F1B over 4 micro-batches, interleaved, GPipe), recomputation,
-ZeRO-1/3, the all-to-all overlap's fused steps; world 4: TP 2 × EP 2, PP 2 × EP 2,
-PP 2 × TP 2, the three policies under TP and PP, ZeRO-2/3. Recomputation must also shrink
-the activations a rank holds for its backward, and 1F1B must hold more on the first stage
-than on the last.
+ZeRO-1/3, the all-to-all overlap's fused steps, expert TP 2; world 4: TP 2 × EP 2,
+PP 2 × EP 2, PP 2 × TP 2, the three policies under TP and PP, ZeRO-2/3, ETP 2 × EP 2 (EP
+groups strided by etp), TP 2 × ETP 2, ETP 2 × EDP 2 (each shard's gradients all-reduced over
+its EDP group). Recomputation must also shrink the activations a rank holds for its
+backward, and 1F1B must hold more on the first stage than on the last.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ CASES = {
         "zero1_laer": ("zero=1", "laer_fsep:slots_per_rank=5", 128, 2),
         "zero3_laer": ("zero=3", "laer_fsep:slots_per_rank=5", 128, 2),
         "tp2_zero0_swiftmoe": ("tp=2,sp=true,zero=0", "swiftmoe", 64, 2),
+        "etp2": ("etp=2", "static_ep", 128, 2),
     },
     4: {
         "tp2_ep2": ("tp=2,sp=true,ep=2", "static_ep", 64, 2),
@@ -60,6 +62,9 @@ CASES = {
         "pp2_laer": ("pp=2", "laer_fsep:slots_per_rank=5", 128, 4),
         "zero2_tp2": ("tp=2,sp=true,zero=2", "static_ep", 64, 2),
         "zero3_pp2": ("pp=2,zero=3", "static_ep", 128, 4),
+        "etp2_ep2": ("etp=2,ep=2", "static_ep", 128, 2),
+        "tp2_etp2": ("tp=2,sp=true,etp=2", "static_ep", 64, 2),
+        "etp2_edp2": ("etp=2,ep=1", "static_ep", 128, 2),
     },
 }
 
@@ -125,12 +130,69 @@ def test_pipeline_schedules_hold_what_they_should(runs):
     ("tp=2", "without sequence parallelism"),
     ("cp=2", "context parallelism"),
     ("recompute=selective,recompute_modules=moe_act", "selective recomputation"),
-    ("etp=2", "expert tensor parallelism"),
+    ("etp=2,recompute=full", "expert tensor parallelism"),
 ])
 def test_unsupported_layouts_are_refused_in_one_line(text, needle):
     with pytest.raises(MoesimError) as err:
         check_layout(text)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+ETP_CASES = [(2, "etp2"), (4, "etp2_ep2"), (4, "tp2_etp2"), (4, "etp2_edp2")]
+
+
+@pytest.mark.parametrize("world,name", ETP_CASES)
+def test_expert_tp_cases_run_the_etp_collectives_and_shards(runs, world, name):
+    program = runs[world][0][name]["items"][0][1]
+    labels = [op.label for op in program.ops]
+    moe_passes = len(program.routes)
+    # forward and backward: one all-gather and one reduce-scatter each per layer-pass
+    assert labels.count("etp_all_gather") == labels.count("etp_reduce_scatter") \
+        == 2 * moe_passes
+    it = _report(runs, world, name)
+    assert it["grad_w_local"] > 0  # the sharded expert gradients were compared
+    if name == "etp2_edp2":  # each shard's EDP all-reduce was checked too
+        assert it["grad_w_synced"] > 0
+
+
+def test_expert_tp_check_fails_on_a_wrong_shard():
+    """The whole-stack check of sharded expert gradients can fail: payloads built from the
+    reference itself pass, and the same payloads with rank 0 holding shard 1's gradient (or
+    the whole expert's) fail."""
+    import torch
+
+    from moesim.executor.layout_check import compare_stack
+    from moesim.executor.layout_reference import reference_flat, reference_stack
+    from moesim.executor.moe_etp import shard_expert
+
+    case = _case(2, ("etp=2", "static_ep", 128, 2))
+    program, model = case["items"][0][1], case["model"]
+    ref = reference_stack(program, model, 2, 1, 0)
+    layers = sorted({l for _, l in program.routes})
+
+    def payloads(shard_of=lambda r: r) -> list[dict]:
+        out = []
+        for r in range(2):
+            local = {(l, e, r): shard_expert(ref.expert_grads[(l, e)], model, shard_of(r),
+                                             2).float()
+                     for l in layers for e in range(model.num_experts)}
+            out.append({"rank": r, "source": r, "etp": 2, "tp_index": 0, "dp_index": r,
+                        "layers": tuple(layers),
+                        "outputs": {mb: o[r].float() for mb, o in ref.outputs.items()},
+                        "input_grads": {mb: g[r].float() for mb, g in ref.input_grads.items()},
+                        "dense_local": reference_flat(ref, layers, 0, 1).float() / 2,
+                        "dense_synced": None, "experts_local": local, "experts_synced": {},
+                        "saved_peak_bytes": 0})
+        return out
+
+    good = compare_stack(payloads(), program, model, 2, 1, 0)
+    assert good["ok"], good
+    bad = compare_stack(payloads(lambda r: 1 - r), program, model, 2, 1, 0)
+    assert not bad["ok"] and bad["grad_w_local"] > 0.1, bad
+    whole = payloads()
+    for k in whole[0]["experts_local"]:
+        whole[0]["experts_local"][k] = torch.zeros_like(whole[0]["experts_local"][k])
+    assert not compare_stack(whole, program, model, 2, 1, 0)["ok"]
 
 
 def test_models_whose_flops_the_attention_would_not_do_are_refused():
