@@ -35,14 +35,13 @@ across modules would scatter the order of collectives every rank must agree on.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing as std_mp
 import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -53,6 +52,13 @@ import torch.distributed as dist
 from moesim.errors import MoesimError
 from moesim.executor.launch import free_port
 from moesim.executor.train_experts import DistributedExperts, Experts
+from moesim.executor.train_results import (  # noqa: F401  (running_mean re-exported)
+    config_dict,
+    fmt,
+    running_mean,
+    time_to_target,
+    write_results,
+)
 from moesim.policies import History, make_policy, policy_class
 from moesim.specs import Cluster, ModelSpec, load_cluster
 from moesim.traces.record_train import Corpus, load_corpus, sample_batch
@@ -261,22 +267,6 @@ def run_policy(cfg: TrainConfig, policy_name: str) -> list[dict]:
     return payload
 
 
-def running_mean(values: list[float], window: int) -> np.ndarray:
-    """Mean of the last ``window`` values at each position (fewer at the start)."""
-    c = np.cumsum(np.concatenate([[0.0], values]))
-    i = np.arange(1, len(values) + 1)
-    lo = np.maximum(0, i - window)
-    return (c[i] - c[lo]) / (i - lo)
-
-
-def time_to_target(records: list[dict], target: float | None, smooth: int) -> float | None:
-    """Wall time at which the mean loss of the last ``smooth`` steps first reaches ``target``."""
-    if target is None:
-        return None
-    hit = np.flatnonzero(running_mean([r["loss"] for r in records], smooth) <= target)
-    return records[int(hit[0])]["wall_s"] if len(hit) else None
-
-
 def reference_losses(cfg: TrainConfig, steps: int) -> list[float]:
     """Single-process training of the same model on the same data (``groups = W``, no drops)."""
     model = build_model(cfg.model, cfg.seed)
@@ -312,48 +302,11 @@ def compare_policies(cfg: TrainConfig, policies: list[str], out_dir: str | Path 
             "launch_overhead_s": time.perf_counter() - t0 - recs[-1]["wall_s"],
         }
         if log:
-            log(f"{name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary[name].items()))
-    result = {"config": _config_dict(cfg), "policies": summary, "steps": runs}
+            log(f"{name}: " + ", ".join(f"{k}={fmt(v)}" for k, v in summary[name].items()))
+    result = {"config": config_dict(cfg), "policies": summary, "steps": runs}
     if out_dir is not None:
         write_results(result, Path(out_dir))
     return result
-
-
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _config_dict(cfg: TrainConfig) -> dict:
-    d = asdict(cfg)
-    d["torch_version"] = torch.__version__
-    return d
-
-
-def write_results(result: dict, out_dir: Path) -> None:
-    """``train_results.json`` and ``loss_vs_time.png`` (loss vs wall clock, drops per step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_results.json").write_text(json.dumps(result, indent=1))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    smooth = result["config"]["smooth"]
-    for name, recs in result["steps"].items():
-        ax1.plot([r["wall_s"] for r in recs], running_mean([r["loss"] for r in recs], smooth),
-                 label=name)
-        ax2.plot([r["step"] for r in recs], [r["dropped"] for r in recs], label=name)
-    target = result["config"]["target_loss"]
-    if target is not None:
-        ax1.axhline(target, color="grey", linestyle=":", label="target")
-    ax1.set(xlabel="wall clock (s)", ylabel=f"LM loss, mean of last {smooth} steps",
-            title="loss vs time")
-    ax2.set(xlabel="step", ylabel="dropped assignments", title="drops per step")
-    ax1.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss_vs_time.png", dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- CLI
