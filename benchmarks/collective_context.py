@@ -3,7 +3,7 @@
     python benchmarks/collective_context.py [--rounds 5]    # ~10 s; prints a table
 
 `moesim calibrate` times each collective after 1 ms of cache-resident busy work, a 64 × 64
-matmul, in `calibrate_bench._time_collective`. In a run, a collective follows several ms of
+matmul, in `calibrate_collectives._time_collective`. In a run, a collective follows several ms of
 GEMMs whose data evicts the caches. This benchmark times the same executor operations through
 that same function, alternating four kinds of preceding work: short or long (1 or 10 ms), and
 cache-resident or cache-evicting (64 × 64, or 512 × 256 × 2048 matmuls). The operations are:
@@ -50,7 +50,7 @@ def rank_main(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from moesim.executor.calibrate_bench import _compiled, _time_collective, _token_a2a
+    from moesim.executor.calibrate_collectives import _compiled, _time_collective, _token_a2a
     from moesim.executor.interpreter import RankExecutor
     from moesim.executor.worker import init_distributed
     from moesim.ops import AllReduce

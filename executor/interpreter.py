@@ -65,6 +65,7 @@ from moesim.executor.dataflow import LayoutFlow
 from moesim.executor.flow_state import held_layers
 from moesim.executor.groups import GroupCache
 from moesim.executor.interpreter_comm import CommOps
+from moesim.executor.interpreter_host import HostOps
 from moesim.executor.optim import HOST_ADAM_CHUNK, Adam
 from moesim.executor.replay import (
     expert_weights,
@@ -92,7 +93,7 @@ ASYNC_STREAMS = ("prefetch", "p2p", "p2p_odd", "p2p_wrap")
 
 
 
-class RankExecutor(CommOps):
+class RankExecutor(CommOps, HostOps):
     """One rank's interpreter; keeps slot weights, groups and buffers across iterations."""
 
     def __init__(self, model: ModelSpec, rank: int, world_size: int, device: torch.device,
@@ -356,56 +357,3 @@ class RankExecutor(CommOps):
                 yb, _ = ffn_forward(x.index_select(0, rows_b), w, self.model)
                 y.index_copy_(0, rows_b, yb)
         return work
-
-    def _optimizer_step(self, numel: int) -> None:
-        """Adam over ``numel`` parameters: slot parameters (all layers, in order) first, then a
-        buffer for the rest (the dense shard)."""
-        for l in sorted(self.slots):
-            for s, (e, p) in enumerate(self.slots[l]):
-                if e < 0 or numel <= 0:
-                    continue
-                k = min(numel, p.numel())
-                g = self.expert_grads.get((l, e), self.slot_grads[l][s])
-                self.adam.step((l, s, e, k), p[:k], g[:k])
-                numel -= k
-        if numel > 0 and self.flow is not None:  # the real dense shard (its DP share)
-            p, g = self.flow.dense_chunk(numel)
-            if p.numel():
-                self.adam.step(("dense", p.numel()), p, g)
-            numel -= p.numel()
-        if numel > 0:
-            p = self._buffer(("opt_p", numel), (numel,))
-            g = self._buffer(("opt_g", numel), (numel,), randn=True)
-            self.adam.step(("dense", numel), p, g)
-
-    def _host_copy(self, nbytes: int, to_host: bool) -> Callable[[], None]:
-        """Copy ``nbytes`` between device memory and (pinned, on CUDA) host memory."""
-        if nbytes <= 0:
-            return lambda: None
-        dev = self._buffer(("copy_dev", nbytes), (nbytes,), dtype=torch.uint8)
-        host = self._buffers.get(("copy_host", nbytes))
-        if host is None:  # pinned on CUDA, as a real offload buffer would be
-            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-            self._buffers[("copy_host", nbytes)] = host
-        src, dst = (dev, host) if to_host else (host, dev)
-        return lambda: dst.copy_(src)
-
-    def _host_adam(self, state_bytes: float) -> Callable[[], None]:
-        """A CPU Adam step over the parameters whose optimizer state is ``state_bytes``."""
-        numel = int(state_bytes / (self.model.bytes_optim or 12.0))
-        if numel <= 0:
-            return lambda: None
-        cpu = torch.device("cpu")
-        p = self._buffer(("host_p", numel), (numel,), device=cpu, dtype=torch.float32)
-        g = self._buffer(("host_g", numel), (numel,), device=cpu, dtype=torch.float32,
-                         randn=True)
-        return lambda: self.host_adam.step(("host", numel), p, g)
-
-    def _buffer(self, key: tuple, shape: tuple, *, randn: bool = False,
-                device: torch.device | None = None, dtype: torch.dtype | None = None
-                ) -> torch.Tensor:
-        if key not in self._buffers:
-            dev, dt = device or self.device, dtype or self.dtype
-            self._buffers[key] = (torch.randn(shape, device=dev).to(dt) if randn
-                                  else torch.zeros(shape, device=dev, dtype=dt))
-        return self._buffers[key]

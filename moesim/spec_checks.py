@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,24 +20,22 @@ def is_number(value: Any) -> bool:
             and math.isfinite(value))
 
 
-def check_positive(obj: Any, *names: str) -> None:
+def _check_each(obj: Any, names: tuple[str, ...], ok: Callable[[float], bool], what: str) -> None:
+    """One-line MoesimError for the first field ``name`` of ``obj`` that is not a number with
+    ``ok(value)``; ``what`` completes "must be …"."""
     for name in names:
         value = getattr(obj, name)
-        if not (is_number(value) and value > 0):
-            raise MoesimError(
-                f"{type(obj).__name__}.{name} must be a positive number, got {value!r}; "
-                f"fix the value in the spec"
-            )
+        if not (is_number(value) and ok(value)):
+            raise MoesimError(f"{type(obj).__name__}.{name} must be {what}, got {value!r}; "
+                              f"fix the value in the spec")
+
+
+def check_positive(obj: Any, *names: str) -> None:
+    _check_each(obj, names, lambda v: v > 0, "a positive number")
 
 
 def check_non_negative(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not (is_number(value) and value >= 0):
-            raise MoesimError(
-                f"{type(obj).__name__}.{name} must be a number >= 0, got {value!r}; "
-                f"fix the value in the spec"
-            )
+    _check_each(obj, names, lambda v: v >= 0, "a number >= 0")
 
 
 def check_integral(obj: Any, *names: str) -> None:
