@@ -39,7 +39,7 @@ def prepare(layout: ParallelLayout | None, model: ModelSpec, cluster: Cluster, p
     policy = _with_ep(policy, layout, n, model.num_experts)
     ep = getattr(policy.config, "ep_size", None)
     spans = ep is None or ep == n
-    if layout.etp > 1 and n and n % (ep * layout.etp):
+    if layout.etp > 1 and n and ep and n % (ep * layout.etp):
         raise MoesimError(f"parallel layout: ep·etp = {ep}·{layout.etp} does not divide the "
                           f"{n} ranks per stage; choose ep and etp whose product divides it")
     plan = plan_layout(layout, cluster, model, micro_batches, policy_spans_stage=spans)
@@ -75,7 +75,10 @@ def _with_etp(policy: Any, layout: ParallelLayout, n: int) -> Any:
     if policy.config.optimizer_on_host:
         raise MoesimError("static_ep: optimizer_on_host is not modelled with etp > 1; drop "
                           "--knob optimizer_on_host or use etp=1")
-    if layout.ep is None and policy.config.ep_size is None and n % layout.etp == 0:
+    if n and n % layout.etp:
+        raise MoesimError(f"parallel layout: etp={layout.etp} does not divide the {n} ranks per "
+                          "stage; choose an etp that divides world / pp")
+    if layout.ep is None and policy.config.ep_size is None and n:
         return type(policy)(dataclasses.replace(policy.config, ep_size=n // layout.etp))
     return policy
 

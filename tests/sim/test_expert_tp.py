@@ -179,6 +179,16 @@ def test_etp_refusals(policy: str, knobs: dict, needle: str) -> None:
     assert needle in str(exc.value) and "\n" not in str(exc.value)
 
 
+def test_etp_not_dividing_the_stage_is_refused() -> None:
+    """etp=3 on 4 ranks: a one-line error naming etp, not a TypeError from an unset EP."""
+    model = uniform_model(2, 4, micro_batches=2)
+    trace = uniform_trace(4, 2, 4, micro_batches=2)
+    with pytest.raises(MoesimError) as exc:
+        simulate(trace, model, free_comm_cluster(1, 4), "static_ep", progress=False,
+                 layout=parse_layout("etp=3"))
+    assert "etp=3 does not divide the 4 ranks" in str(exc.value) and "\n" not in str(exc.value)
+
+
 def test_etp_under_tp_needs_sp() -> None:
     model = uniform_model(2, 4, micro_batches=2)
     trace = uniform_trace(4, 2, 4, micro_batches=2)
