@@ -12,7 +12,8 @@ with real tensors and forced routing, and writes the same RunResult (backend ``e
 - :mod:`.reference` — the single-process reference MoE layer; :mod:`.check` compares with it
 - :mod:`.groups` — process groups derived from a program, created once
 - :mod:`.record` — measured times → RunResult records (simulator's conventions)
-- :mod:`.calibrate` (launch, profile), :mod:`.calibrate_fit` (fitting), :mod:`.calibrate_bench`, :mod:`.calibrate_collectives`, :mod:`.calibrate_block` (microbenchmarks) — ``moesim calibrate``
+- :mod:`.calibrate` (launch, profile), :mod:`.calibrate_fit` (fitting), :mod:`.calibrate_bench`,
+  :mod:`.calibrate_collectives`, :mod:`.calibrate_block` (microbenchmarks) — ``moesim calibrate``
 - :mod:`.validate` — ``moesim validate``; :mod:`.selfcheck` — many policies checked in one launch
 - :mod:`.cli` — the ``run`` / ``calibrate`` / ``validate`` subcommands
 - :mod:`.train` — train mode: a small MoE trained for real under a policy (time-to-loss)
