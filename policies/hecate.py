@@ -64,12 +64,12 @@ them again for the backward: −90% extra memory, 7.5–17% slower) does not cha
 it is reported in ``info`` for the lowering (a second SparseAllGather in the backward, no
 replica buffers held across the layer).
 
-Lowering (FSSDP): per layer, grouped ``Broadcast``s from owners to the devices materialising
-each expert (phase ``param_gather``, prefetch stream, issued before the layer's attention so
-they overlap it) once per iteration — per micro-batch forward and backward with
-``rematerialize`` — and grouped ``Reduce``s of those replicas' gradients back to the owners after
-the layer's last backward; owners run the optimizer for the experts they own (dense part
-ZeRO-1); a re-shard moves weights + optimizer state of experts whose owner changed.
+This module holds the decision (the overlap degree, the owner map and its re-shard schedule,
+the slot rows); the per-layer algorithms it composes are in :mod:`moesim.policies.hecate_plan`,
+and the ops and memory a decision implies (SparseAllGather / SparseReduceScatter, re-shard
+moves, the owners' optimizer, the footprint) in :mod:`moesim.policies.hecate_lowering`, mixed in
+as :class:`~moesim.policies.hecate_lowering.FSSDPLowering`; the public names of both are
+re-exported here.
 
 Departures: the paper's optional calibration (re-plan right after gating) is not modelled;
 ``t`` is computed from the model and cluster (the paper profiles it); Algorithm 2 shards all
@@ -89,7 +89,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.ops import Broadcast, Reduce, SendRecv
 from moesim.placement import Decision, Placement
 from moesim.policies.base import (
     History,
@@ -99,6 +98,10 @@ from moesim.policies.base import (
     check_ints,
     register_policy,
 )
+from moesim.policies.hecate_lowering import (  # noqa: F401  (re-exported)
+    FSSDPLowering,
+    materialised_groups,
+)
 from moesim.policies.hecate_plan import (  # noqa: F401  (re-exported)
     materialise,
     owned_copies,
@@ -107,8 +110,6 @@ from moesim.policies.hecate_plan import (  # noqa: F401  (re-exported)
 )
 from moesim.policies.migration import check_migration_knobs, model_for, rank_permutation
 from moesim.policies.primitives import (
-    dense_params_R,
-    emit_gpu_optimizer,
     per_iteration_load_TLE,
     relabel_gpus_for_layer,
     slot_capacity,
@@ -140,7 +141,7 @@ def overlap_degree(model: ModelSpec, cluster: Cluster) -> int:
 
 
 @register_policy("hecate")
-class Hecate(Policy):
+class Hecate(FSSDPLowering, Policy):
     """FSSDP: one owner per expert (re-sharded periodically) + per-iteration materialisation."""
 
     @dataclass(frozen=True, kw_only=True)
@@ -265,124 +266,6 @@ class Hecate(Policy):
             out.append(cands[pick] if ok else old[l])
             skipped.append(not ok)
         return np.stack(out), {"reshard_skipped_L": skipped}
-
-    # -- lowering hooks ---------------------------------------------------------------------
-    def lower_relayout(self, ctx) -> list[int]:
-        """At a re-shard, each expert whose owner changed moves its weights and optimizer
-        state, ``P·(b_w + b_o)``, from the old owner to the new one (``SendRecv`` per layer).
-        Materialised replicas need no re-layout: they are broadcast afresh every iteration."""
-        prev = ctx.previous.info.get("owners_LE") if ctx.previous is not None else None
-        if prev is None or np.shape(prev) != np.shape(ctx.decision.info["owners_LE"]):
-            return []
-        new, old = np.asarray(ctx.decision.info["owners_LE"]), np.asarray(prev)
-        m, out = ctx.model, []
-        for l in range(new.shape[0]):
-            moved = np.flatnonzero(new[l] != old[l])
-            if len(moved):
-                out.append(ctx.add(SendRecv(
-                    phase="relayout", direction="step", layer=l, src_N=old[l, moved],
-                    dst_N=new[l, moved], bytes_N=np.full(len(moved), m.params_per_expert
-                                                         * (m.bytes_weight + m.bytes_optim)),
-                    experts_N=moved, label="reshard")))
-        return out
-
-    def lower_param_gather(self, ctx, micro_batch: int, layer: int, direction: str) -> list[int]:
-        """SparseAllGather: grouped ``Broadcast``s from each materialised expert's owner to
-        the devices materialising it, on the prefetch stream (overlapping the attention).
-        Once per iteration in the first forward (replicas live until their grads are
-        reduced); with ``rematerialize``, in every micro-batch's forward and backward."""
-        remat = ctx.decision.info.get("rematerialize", False)
-        if ctx.world < 2 or not (remat or (direction == "fwd" and micro_batch == 0)):
-            return []
-        groups = materialised_groups(ctx.decision, layer)
-        return [ctx.add(Broadcast(
-            phase="param_gather", direction=direction, stream="prefetch", layer=layer,
-            micro_batch=micro_batch, groups=tuple(g), roots_G=np.array(r),
-            bytes_G=np.full(len(g), ctx.model.expert_weight_bytes), experts_G=np.array(e),
-            label="sparse_allgather")) for g, r, e in _disjoint_rounds(groups)]
-
-    def lower_layer_grads(self, ctx, layer: int) -> list[int]:
-        """SparseReduceScatter: grouped ``Reduce``s of the materialised replicas' gradients to
-        their owners after the layer's last backward."""
-        if ctx.world < 2:
-            return []
-        groups = materialised_groups(ctx.decision, layer)
-        grad_bytes = ctx.model.params_per_expert * ctx.model.bytes_grad
-        return [ctx.add(Reduce(
-            phase="grad_sync", direction="bwd", layer=layer, deps=(ctx.layer_bwd_done[layer],),
-            groups=tuple(g), roots_G=np.array(r), bytes_G=np.full(len(g), grad_bytes),
-            experts_G=np.array(e), label="sparse_reduce_scatter"))
-            for g, r, e in _disjoint_rounds(groups)]
-
-    def lower_grad_sync(self, ctx) -> list[int]:
-        """Owners hold each expert's only optimizer copy (replica grads were reduced per
-        layer), so only the dense grads are all-reduced."""
-        return ctx.emit_dense_grad_allreduce() + list(ctx.layer_grad_ops)
-
-    def lower_optimizer(self, ctx) -> list[int]:
-        """GPU Adam over each owner's experts plus its ZeRO-1 dense shard."""
-        return emit_gpu_optimizer(ctx, _owned_params_R(ctx.decision, ctx.model),
-                                  ctx.optimizer_deps(), label="adam_owners")
-
-    def memory_footprint(self, decision: Decision, model: ModelSpec, cluster: Cluster
-                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Owned experts: weights, grads, optimizer state. Materialised replicas: weights and
-        grads of every layer's extra slots (``buffers`` / ``grads``), or, with
-        ``rematerialize``, of the largest layer only (freed after use); dense as ZeRO-1."""
-        G, pl = cluster.world_size, decision.placement
-        P = float(model.params_per_expert)
-        owned_R = _owned_params_R(decision, model)
-        O = int(decision.info["owned_slots"])
-        extra_LR = (pl.phy2log_LP.reshape(pl.num_layers, G, -1)[:, :, O:] >= 0).sum(2)
-        extra_R = (extra_LR.max(0) if decision.info.get("rematerialize") else extra_LR.sum(0))
-        dense = model.num_layers * model.dense_params
-        gpu = {"weights": (owned_R + dense) * model.bytes_weight,
-               "grads": (owned_R + dense + extra_R * P) * model.bytes_grad,
-               "optimizer": owned_R * model.bytes_optim
-               + dense_params_R(model, G) * model.bytes_optim,
-               "buffers": extra_R * P * model.bytes_weight}
-        return gpu, {}
-
-
-def materialised_groups(decision: Decision, layer: int) -> list[tuple[np.ndarray, int, int]]:
-    """``[(ranks, owner, expert)]`` for every expert of ``layer`` materialised off its owner:
-    the owner plus the devices holding an extra copy (owner first)."""
-    pl = decision.placement
-    O = int(decision.info["owned_slots"])
-    owners = np.asarray(decision.info["owners_LE"])[layer]
-    extra = pl.layer(layer).reshape(pl.num_ranks, -1)[:, O:]
-    out = []
-    for e in np.unique(extra[extra >= 0]):
-        holders = np.flatnonzero((extra == e).any(1))
-        out.append((np.concatenate(([owners[e]], holders[holders != owners[e]])),
-                    int(owners[e]), int(e)))
-    return out
-
-
-def _disjoint_rounds(groups: list[tuple[np.ndarray, int, int]]
-                     ) -> list[tuple[list[np.ndarray], list[int], list[int]]]:
-    """Pack ``(ranks, root, expert)`` groups first-fit into rounds of pairwise disjoint groups
-    (one grouped collective op per round): ``[(groups, roots, experts)]``."""
-    rounds: list[tuple[list, list, list, set]] = []
-    for ranks, root, e in groups:
-        members = set(ranks.tolist())
-        for gs, rs, es, used in rounds:
-            if not used & members:
-                gs.append(ranks)
-                rs.append(root)
-                es.append(e)
-                used |= members
-                break
-        else:
-            rounds.append(([ranks], [root], [e], members))
-    return [(gs, rs, es) for gs, rs, es, _ in rounds]
-
-
-def _owned_params_R(decision: Decision, model: ModelSpec) -> np.ndarray:
-    """Expert parameters each device owns, all layers: ``[R]``."""
-    pl = decision.placement
-    owners = np.asarray(decision.info["owners_LE"]).ravel()
-    return np.bincount(owners, minlength=pl.num_ranks) * float(model.params_per_expert)
 
 
 def _layer_ranks(layer: int, cluster: Cluster) -> np.ndarray:
