@@ -37,14 +37,29 @@ def expert_gemm_times(cost: CostModel, ops: list[Op]) -> dict[int, np.ndarray]:
         if w <= 0 and f <= 0 or m_RS.ndim != 2:
             continue
         batches.setdefault((m_RS.shape, float(op.gemm_passes), w, f), []).append((i, m_RS))
-    hw, out = cost.hw, {}
+    out = {}
     for (_, p, w, f), items in batches.items():
-        m_NRS = np.stack([m for _, m in items])
-        flop_t = p * m_NRS * f / (hw.peak_flops * cost.efficiency(m_NRS, "bwd" if p >= 2 else ""))
-        slot_t = np.maximum(p * w / (hw.mem_bw_GBps * GB), flop_t) + hw.launch_s
-        t_NR = np.where(m_NRS > 0, slot_t, 0.0).sum(axis=2)
+        t_NR = gemm_stack_times(cost, np.stack([m for _, m in items]), p, w, f)
         out.update((i, t_NR[n]) for n, (i, _) in enumerate(items))
     return out
+
+
+def gemm_stack_times(cost: CostModel, m_XRS: np.ndarray, passes: float, weight_bytes: float,
+                     flops_per_token: float) -> np.ndarray:
+    """``Σ_slots [max(p·w/bw, p·m·f/(peak·eff(m))) + launch]`` ``[..., R]`` of a stack of
+    same-shape expert-GEMM row arrays ``[..., R, S]`` (float64), the per-op formula
+    elementwise."""
+    hw, p, w, f = cost.hw, passes, weight_bytes, flops_per_token
+    flop_t = p * m_XRS * f / (hw.peak_flops * cost.efficiency(m_XRS, "bwd" if p >= 2 else ""))
+    slot_t = np.maximum(p * w / (hw.mem_bw_GBps * GB), flop_t) + hw.launch_s
+    return np.where(m_XRS > 0, slot_t, 0.0).sum(axis=-1)
+
+
+def a2a_latency_times(cost: CostModel, tmax: np.ndarray, spans: np.ndarray, members: int
+                      ) -> np.ndarray:
+    """A block all-to-all's seconds from its slowest member's transfer time and whether it
+    crosses nodes (arrays alike): ``tmax`` plus the all-to-all latency of ``members``."""
+    return tmax + cost._latency(spans, "all_to_all", members)
 
 
 def block_all_to_all_times(cost: CostModel, ops: list[Op]) -> dict[int, np.ndarray]:
@@ -69,18 +84,18 @@ def block_all_to_all_times(cost: CostModel, ops: list[Op]) -> dict[int, np.ndarr
         key = (id(batch), B.scale, B.transposed)
         hit = tables.get(key)
         if hit is None or hit[0] is not batch:  # the entry keeps ``batch`` alive
-            hit = tables[key] = (batch, _batch_times(B, batch, g, bw))
+            hit = tables[key] = (batch, batch_times(B, batch, g, bw))
         if hit[1] is None:
             continue
         tmax_ML, spans_ML, K = hit[1]
         if K <= 1:
             continue
-        out[i] = np.array([float(tmax_ML[index]
-                                 + cost._latency(bool(spans_ML[index]), "all_to_all", K))])
+        out[i] = np.array([float(a2a_latency_times(cost, tmax_ML[index],
+                                                   bool(spans_ML[index]), K))])
     return out
 
 
-def _batch_times(B: BlockDiag, batch: BlockBatch, g: int, bw: tuple
+def batch_times(B: BlockDiag, batch: BlockBatch, g: int, bw: tuple
                  ) -> tuple[np.ndarray, np.ndarray, int] | None:
     """Per matrix of ``batch`` (scaled and oriented as ``B``): the slowest member's transfer
     seconds ``max(max(intra_out, intra_in)/bw_intra, max(inter_out, inter_in)/bw_inter)``,

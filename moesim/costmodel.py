@@ -163,17 +163,12 @@ class CostModel:
         out = []
         for i, op in enumerate(program.ops):
             t = a2a_t.get(i)
-            if t is not None:  # a block all-to-all: what the memoised path gives it
-                t = t + self.hw.op_overhead_s if self.hw.op_overhead_s > 0 else t
-                f = self._factor(op)
-                out.append(t * f if f != 1.0 else t)
+            if t is not None:
+                out.append(self.finish_a2a(t, op))
                 continue
             t = gemm_t.get(i)
-            if t is not None:  # batched expert GEMMs: compute()'s remaining steps, then _base's
-                t = t * self.hw.cores_shared_by
-                t = t + self.hw.op_overhead_s if self.hw.op_overhead_s > 0 else t
-                f = self._factor(op)
-                out.append(t * f)
+            if t is not None:
+                out.append(self.finish_gemm(t, op))
                 continue
             key = _memo_key(op)
             if key is None:
@@ -184,6 +179,20 @@ class CostModel:
             f = self._factor(op)
             out.append(memo[key] * f if f != 1.0 else memo[key])
         return out
+
+    def finish_a2a(self, t: np.ndarray, op: Op) -> np.ndarray:
+        """A batched block all-to-all's transfer-plus-latency seconds → what the memoised
+        path gives it (overhead, then the context factor)."""
+        t = t + self.hw.op_overhead_s if self.hw.op_overhead_s > 0 else t
+        f = self._factor(op)
+        return t * f if f != 1.0 else t
+
+    def finish_gemm(self, t: np.ndarray, op: Op) -> np.ndarray:
+        """Batched expert-GEMM seconds → :meth:`compute`'s remaining step, then
+        :meth:`_base`'s overhead and the context factor."""
+        t = t * self.hw.cores_shared_by
+        t = t + self.hw.op_overhead_s if self.hw.op_overhead_s > 0 else t
+        return t * self._factor(op)
 
     # -- compute ----------------------------------------------------------------------------
     def compute(self, op: Compute) -> np.ndarray:

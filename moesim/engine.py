@@ -10,7 +10,9 @@ work) start there; a collective group starts at the max ready time of its member
 (``start + duration``); an all-to-all is one group of its members; a ``SendRecv`` batch starts
 when all its participants are ready and each ends after its own transfers. A rank an op does not
 name skips it: it takes no stream time, and later ops that depend on it wait only for what it
-depended on (``done = max(done[deps])``). Program order is a valid order, so one pass suffices.
+depended on (``done = max(done[deps])``). Program order is a valid order, so one pass suffices. The
+pass does not branch on times, so :func:`schedule_batch` runs it once for a batch of
+iterations that share a program structure, every array with a leading batch axis.
 
 :class:`EventQueue` is a generic heap of ``(time, priority, seq, event)`` for future dynamic
 behaviour (e.g. policies that react during an iteration); the hot path never uses it.
@@ -135,14 +137,44 @@ def schedule(ops: Sequence[Op], durations: Sequence[np.ndarray], num_ranks: int,
     """Schedule ``ops`` with their ``durations`` (as :meth:`CostModel.duration` returns them:
     ``[R]`` per rank, ``[G]`` per group, ``[1]`` all-to-all). ``t0_R``: per-rank start times.
 
+    One iteration of :func:`schedule_batch` (a batch of one)."""
+    dur_B = [np.asarray(d, dtype=np.float64)[None] for d in durations]
+    t0 = None if t0_R is None else np.asarray(t0_R, dtype=np.float64)[None]
+    return schedule_batch(ops, dur_B, num_ranks, 1, t0).iteration(0)
+
+
+class BatchSchedule:
+    """The schedules of ``batch`` iterations that share one program structure: per op its
+    member ranks (``ranks_O[i]`` None: every rank) and ``[B, members]`` start / end arrays."""
+
+    def __init__(self, num_ranks: int, batch: int, ranks_O: list, start_O: list, end_O: list
+                 ) -> None:
+        self.num_ranks, self.batch = num_ranks, batch
+        self.ranks_O, self.start_O, self.end_O = ranks_O, start_O, end_O
+
+    def iteration(self, b: int) -> Schedule:
+        """Iteration ``b``'s :class:`Schedule` (views into the batch's arrays)."""
+        return Schedule.compact(self.num_ranks, self.ranks_O, [s[b] for s in self.start_O],
+                                [e[b] for e in self.end_O])
+
+
+def schedule_batch(ops: Sequence[Op], durations_O: Sequence[np.ndarray], num_ranks: int,
+                   batch: int, t0_BR: np.ndarray | None = None) -> BatchSchedule:
+    """Schedule ``batch`` iterations of one program structure at once: ``durations_O[i]`` is
+    op ``i``'s ``[B, R]`` / ``[B, G]`` / ``[B, 1]`` seconds in each iteration (what
+    :meth:`CostModel.duration` gives, one row per iteration). Program order does not depend
+    on the durations, so every iteration's times are exactly what :func:`schedule` gives it
+    alone: the same elementwise steps, with a leading batch axis.
+
     The hot loop of the simulator, kept in one function (with a fast path for ops on every
-    rank) so that per-op Python overhead stays a few microseconds. Each op's ``done`` row (its
-    end on its members, what it depended on elsewhere) is kept only while a later op depends
-    on it, and times are stored for members only (:meth:`Schedule.compact`), so memory grows
+    rank) so that per-op Python overhead stays a few microseconds, shared by the batch. Each
+    op's ``done`` rows (its end on its members, what it depended on elsewhere) are kept only
+    while a later op depends on it, and times are stored for members only, so memory grows
     with the ops' members, not with ``ops × ranks``."""
-    R = num_ranks
-    free_QR = np.zeros((len(STREAMS), R)) if t0_R is None else np.tile(t0_R, (len(STREAMS), 1))
-    zeros_R = np.zeros(R)
+    R, B = num_ranks, batch
+    Q = len(STREAMS)
+    free_QBR = np.zeros((Q, B, R)) if t0_BR is None else np.tile(t0_BR, (Q, 1, 1))
+    zeros_BR = np.zeros((B, R))
     last = _last_uses(ops)
     done: dict[int, np.ndarray] = {}
     groups_seen: dict[int, tuple] = {}
@@ -150,28 +182,29 @@ def schedule(ops: Sequence[Op], durations: Sequence[np.ndarray], num_ranks: int,
     start_O: list[np.ndarray] = []
     end_O: list[np.ndarray] = []
     for i, op in enumerate(ops):
-        dep_R = _dep_ready(done, op.deps, zeros_R)
+        dep_BR = _dep_ready(done, op.deps, zeros_BR)
         q = STREAM_INDEX[op.stream]
-        ready_R = np.maximum(free_QR[q], dep_R)
-        dur = np.asarray(durations[i], dtype=np.float64)
+        ready_BR = np.maximum(free_QBR[q], dep_BR)
+        dur = durations_O[i]
         if _spans_world(op):  # fast path: every rank, one start per rank or one group
-            if dur.shape[0] == R:
-                start, end = ready_R, ready_R + dur
+            if dur.shape[1] == R:
+                start, end = ready_BR, ready_BR + dur
             else:
-                start = np.full(R, ready_R.max())
-                end = start + dur[0]
-            free_QR[q] = end
+                start = np.empty((B, R))
+                start[:] = ready_BR.max(axis=1, keepdims=True)
+                end = start + dur[:, :1]
+            free_QBR[q] = end
             ranks_O.append(None)
             row = end
         else:
             ranks, group, layout = _members(op, R, groups_seen)
-            start, end = _op_times(op, dur, ready_R, ranks, group, layout, R)
-            free_QR[q, ranks] = end
+            start, end = _op_times(op, dur, ready_BR, ranks, group, layout, R)
+            free_QBR[q][:, ranks] = end
             ranks_O.append(ranks)
             row = None
             if last[i] >= 0:
-                row = dep_R.copy()
-                row[ranks] = end
+                row = dep_BR.copy()
+                row[:, ranks] = end
         start_O.append(start)
         end_O.append(end)
         if last[i] >= 0:
@@ -179,14 +212,14 @@ def schedule(ops: Sequence[Op], durations: Sequence[np.ndarray], num_ranks: int,
         for d in op.deps:
             if last[d] == i:
                 done.pop(d, None)
-    return Schedule.compact(R, ranks_O, start_O, end_O)
+    return BatchSchedule(R, B, ranks_O, start_O, end_O)
 
 
-def _dep_ready(done: dict[int, np.ndarray], deps: tuple[int, ...], zeros_R: np.ndarray
+def _dep_ready(done: dict[int, np.ndarray], deps: tuple[int, ...], zeros_BR: np.ndarray
                ) -> np.ndarray:
-    """Per-rank time all ``deps`` are done (``zeros_R`` when there are none)."""
+    """Per-rank time all ``deps`` are done, ``[B, R]`` (``zeros_BR`` when there are none)."""
     if not deps:
-        return zeros_R
+        return zeros_BR
     if len(deps) == 1:
         return done[deps[0]]
     out = np.maximum(done[deps[0]], done[deps[1]])
@@ -221,26 +254,29 @@ def _members(op: Op, R: int, seen: dict[int, tuple]
     return hit[1], hit[2], hit[3]
 
 
-def _op_times(op: Op, dur: np.ndarray, ready_R: np.ndarray, ranks: np.ndarray,
+def _op_times(op: Op, dur_B: np.ndarray, ready_BR: np.ndarray, ranks: np.ndarray,
               group: np.ndarray | None, layout: tuple | None, R: int
               ) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end of ``op`` on its member ``ranks`` (arrays aligned with ``ranks``)."""
+    """Start and end ``[B, members]`` of ``op`` on its member ``ranks`` (aligned with
+    ``ranks``) in each iteration of the batch."""
+    B = ready_BR.shape[0]
     if group is None:  # per-rank op
-        start = ready_R[ranks]
-        d = dur[ranks] if dur.shape[0] == R else dur
+        start = ready_BR[:, ranks]
+        d = dur_B[:, ranks] if dur_B.shape[1] == R else dur_B
         return start, start + d
     if len(ranks) == 0:
-        return np.zeros(0), np.zeros(0)
+        return np.zeros((B, 0)), np.zeros((B, 0))
     if layout is None:  # all-to-all or send/recv batch: one group
-        start = np.full(len(ranks), ready_R[ranks].max())
+        start = np.empty((B, len(ranks)))
+        start[:] = ready_BR[:, ranks].max(axis=1, keepdims=True)
         if isinstance(op, SendRecv):  # per-rank transfer times from a common start
-            return start, start + dur[ranks]
-        return start, start + dur[0]
+            return start, start + dur_B[:, ranks]
+        return start, start + dur_B[:, :1]
     order, bounds, gid = layout
-    gstart = np.maximum.reduceat(ready_R[ranks[order]], bounds)
-    start = np.empty(len(ranks))
-    start[order] = gstart[gid]
-    return start, start + dur[group]
+    gstart = np.maximum.reduceat(ready_BR[:, ranks[order]], bounds, axis=1)
+    start = np.empty((B, len(ranks)))
+    start[:, order] = gstart[:, gid]
+    return start, start + dur_B[:, group]
 
 
 # --------------------------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def lower_iteration_ctx(policy: Any, decision: Decision, previous: Decision | No
     if layout_plan is not None and layout_plan.layout.etp > 1:  # sources in expert order
         ep = int(decision.info.get("ep_size") or cluster.world_size // layout_plan.layout.etp)
         counts = counts[:, :, expert_order(cluster.world_size, ep, layout_plan.layout.etp)]
-    ctx = _routed_context(policy, decision, previous, counts, model, cluster, plan)
+    ctx = routed_context(policy, decision, previous, counts, model, cluster, plan)
     if cache is not None:
         ctx._consts = cache
     if layout_plan is None:
@@ -253,7 +253,7 @@ def lower_iteration_ctx(policy: Any, decision: Decision, previous: Decision | No
     return ctx
 
 
-def _routed_context(policy: Any, decision: Decision, previous: Decision | None,
+def routed_context(policy: Any, decision: Decision, previous: Decision | None,
                     counts_MLRE: np.ndarray, model: ModelSpec, cluster: Cluster,
                     plan: RoutePlan | BlockRoutePlan | None) -> LoweringContext:
     """Route every pass and layer, and wrap the result in a fresh context."""

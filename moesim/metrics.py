@@ -245,18 +245,21 @@ def expert_load_stats(load_LE: np.ndarray) -> dict[str, float]:
 
 def summary_columns(tokens_MLR: np.ndarray, load_LE: np.ndarray, ops: Sequence[Op],
                     traffic_RR: np.ndarray | Traffic, gpus_per_node: int,
-                    groups: Sequence[np.ndarray] | None = None) -> dict[str, float]:
+                    groups: Sequence[np.ndarray] | None = None,
+                    order: Sequence[tuple[str, int, int]] | None = None) -> dict[str, float]:
     """Every column of :data:`COLUMNS` for one iteration (module docstring).
 
     ``traffic_RR`` is the iteration's GPU-pair bytes summed over phases, or the iteration's
     :class:`~moesim.traffic.Traffic` (read sparse); ``groups`` the EP groups (default: all
-    ranks one group)."""
+    ranks one group); ``order``: :func:`pass_order` of ``ops`` where the caller has it."""
     t = np.asarray(tokens_MLR, dtype=np.float64)
     M, L, R = t.shape
     of = overload_factor_MLG(t, groups)
     node, intra = node_imbalance(t, gpus_per_node)
+    if order is None:
+        order = pass_order(ops, M, L)
     out = {"overload_mean": _nanstat(np.mean, of, 1.0), "overload_max": _nanstat(np.max, of, 1.0),
-           "overload_cum_max": cumulative_overload(t, pass_order(ops, M, L), groups),
+           "overload_cum_max": cumulative_overload(t, order, groups),
            "imbalance": imbalance(t, groups), "node_imbalance": node,
            "intra_node_imbalance": intra}
     if isinstance(traffic_RR, Traffic):
@@ -273,12 +276,16 @@ def summary_columns(tokens_MLR: np.ndarray, load_LE: np.ndarray, ops: Sequence[O
 
 def iteration_metrics(tokens_MLR: np.ndarray, load_LE: np.ndarray, ops: Sequence[Op],
                       world: int, gpus_per_node: int,
-                      groups: Sequence[np.ndarray] | None = None
+                      groups: Sequence[np.ndarray] | None = None, *,
+                      traffic: Traffic | None = None,
+                      order: Sequence[tuple[str, int, int]] | None = None
                       ) -> tuple[dict[str, float], Traffic]:
     """``(summary columns, traffic)`` of one iteration: what both backends add to their
     :class:`~moesim.results.IterationRecord`; the traffic is a
     :class:`~moesim.traffic.Traffic`, which reads as the ``[F, R, R]`` array (``np.asarray``)
-    when the record is written."""
-    traffic = Traffic.from_ops(ops, world)
-    cols = summary_columns(tokens_MLR, load_LE, ops, traffic, gpus_per_node, groups)
+    when the record is written. ``traffic`` / ``order``: the iteration's traffic and
+    :func:`pass_order` where the caller built them (:mod:`moesim.repeat`)."""
+    if traffic is None:
+        traffic = Traffic.from_ops(ops, world)
+    cols = summary_columns(tokens_MLR, load_LE, ops, traffic, gpus_per_node, groups, order)
     return cols, traffic

@@ -29,22 +29,30 @@ MOE_PHASES = ("route", "dispatch", "expert", "combine")
 
 
 def build_record(ctx: LoweringContext, sched: Schedule, it: int, oom: bool,
-                 with_timeline: bool, layout_plan: Any = None) -> IterationRecord:
+                 with_timeline: bool, layout_plan: Any = None, *,
+                 known: dict | None = None) -> IterationRecord:
     """The iteration's :class:`IterationRecord` from its lowering and schedule (world-rank
-    arrays; under a pipeline layout the stages' views are placed at their ranks)."""
+    arrays; under a pipeline layout the stages' views are placed at their ranks).
+
+    ``known``: parts the caller already has (:mod:`moesim.repeat`, for iterations that share
+    one program structure): ``phase_times`` (``(busy, start, end)``), ``traffic`` (a
+    :class:`~moesim.traffic.Traffic`), ``pass_order``, ``relayout_bytes``."""
     from moesim.layout_run import world_tokens
 
+    known = known or {}
     L = ctx.model.num_layers
     world = ctx.program.num_ranks
     tokens_MLR, dropped_MLR = world_tokens(ctx, layout_plan)
-    busy, start, end = phase_times(ctx.program.ops, sched, L)
+    busy, start, end = known.get("phase_times") or phase_times(ctx.program.ops, sched, L)
     gpu = {k: np.asarray(v, dtype=np.float64) for k, v in ctx.program.memory_bytes.items()}
     load_LE = expert_load(ctx)
-    summary = summarize(ctx, sched, busy, gpu, oom, load_LE)
+    summary = summarize(ctx, sched, busy, gpu, oom, load_LE, known.get("relayout_bytes"))
     view_tokens_MLR = ctx.rows_MLP.reshape(*ctx.rows_MLP.shape[:2], ctx.world, -1).sum(axis=3)
     extra, traffic = metrics.iteration_metrics(view_tokens_MLR, load_LE, ctx.program.ops, world,
                                                ctx.cluster.gpus_per_node,
-                                               ep_groups(ctx) if layout_plan else None)
+                                               ep_groups(ctx) if layout_plan else None,
+                                               traffic=known.get("traffic"),
+                                               order=known.get("pass_order"))
     summary.update(extra)
     timeline = None
     if with_timeline:
@@ -75,32 +83,54 @@ def phase_times(ops: list[Op], sched: Schedule, num_layers: int
     From the schedule's member spans (:meth:`~moesim.engine.Schedule.spans`), all ops at
     once: busy times are summed in program order (``bincount``), as one row update per op
     would."""
-    R, F = sched.num_ranks, len(PHASES)
-    cells = (num_layers + 1) * F
-    cell_O = [(op.layer if op.layer >= 0 else num_layers) * F + PHASE_INDEX[op.phase]
-              for op in ops]
-    cell_N, ranks_N, firsts, lasts = [], [], [], []
-    for i, ranks, st, en in sched.spans():
-        cell_N.append(cell_O[i])
-        ranks_N.append(ranks)
+    key, firsts, lasts = phase_keys(ops, sched, num_layers), [], []
+    for _, _, st, en in sched.spans():
         firsts.append(st)
         lasts.append(en)
-    if ranks_N:  # key = cell · R + rank, per member of each op (one repeat, one concatenate)
-        sizes_N = np.fromiter((len(r) for r in ranks_N), np.int64, len(ranks_N))
-        key = np.repeat(np.asarray(cell_N, np.int64) * R, sizes_N)
-        key += np.concatenate(ranks_N)
-        first, last = np.concatenate(firsts), np.concatenate(lasts)
-    else:
-        key, first, last = np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
-    dur = last - first
+    first = np.concatenate(firsts) if firsts else np.zeros(0)
+    last = np.concatenate(lasts) if lasts else np.zeros(0)
+    return phase_accumulate(key, first[None], last[None], num_layers, sched.num_ranks)[0]
+
+
+def phase_keys(ops: list[Op], sched: Schedule, num_layers: int) -> np.ndarray:
+    """Per member of each op the schedule ran (:meth:`~moesim.engine.Schedule.spans` order),
+    its cell ``((layer, phase) · R + rank)`` of :func:`phase_times`' arrays (one repeat,
+    one concatenate)."""
+    R, F = sched.num_ranks, len(PHASES)
+    cell_O = [(op.layer if op.layer >= 0 else num_layers) * F + PHASE_INDEX[op.phase]
+              for op in ops]
+    cell_N, ranks_N = [], []
+    for i, ranks, _, _ in sched.spans():
+        cell_N.append(cell_O[i])
+        ranks_N.append(ranks)
+    if not ranks_N:
+        return np.zeros(0, np.int64)
+    sizes_N = np.fromiter((len(r) for r in ranks_N), np.int64, len(ranks_N))
+    key = np.repeat(np.asarray(cell_N, np.int64) * R, sizes_N)
+    key += np.concatenate(ranks_N)
+    return key
+
+
+def phase_accumulate(key: np.ndarray, first_BN: np.ndarray, last_BN: np.ndarray,
+                     num_layers: int, num_ranks: int
+                     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`phase_times` of a batch of iterations that share the cells ``key``, from
+    their member starts and ends ``[B, N]`` (in ``key``'s order): per iteration
+    ``(busy_s, start_s, end_s)``, busy times summed in program order."""
+    B, N = first_BN.shape
+    cells = (num_layers + 1) * len(PHASES) * num_ranks
+    dur = last_BN - first_BN
     np.copyto(dur, 0.0, where=np.isnan(dur))
-    busy = np.bincount(key, weights=dur, minlength=cells * R)
-    start, end = np.full(cells * R, np.inf), np.full(cells * R, -np.inf)
-    np.minimum.at(start, key, np.where(np.isnan(first), np.inf, first))  # fmin's NaN rule
-    np.maximum.at(end, key, np.where(np.isnan(last), -np.inf, last))
-    start[start == np.inf] = np.nan
+    key_BN = (key[None] + cells * np.arange(B)[:, None]).reshape(-1)
+    busy = np.bincount(key_BN, weights=dur.reshape(-1), minlength=B * cells)
+    start, end = np.full(B * cells, np.inf), np.full(B * cells, -np.inf)
+    np.minimum.at(start, key_BN, np.where(np.isnan(first_BN), np.inf, first_BN).reshape(-1))
+    np.maximum.at(end, key_BN, np.where(np.isnan(last_BN), -np.inf, last_BN).reshape(-1))
+    start[start == np.inf] = np.nan  # fmin's NaN rule
     end[end == -np.inf] = np.nan
-    return tuple(a.reshape(num_layers + 1, F, R) for a in (busy, start, end))
+    shape = (B, num_layers + 1, len(PHASES), num_ranks)
+    busy, start, end = busy.reshape(shape), start.reshape(shape), end.reshape(shape)
+    return [(busy[b], start[b], end[b]) for b in range(B)]
 
 
 def expert_load(ctx: LoweringContext) -> np.ndarray:
@@ -118,8 +148,10 @@ def expert_load(ctx: LoweringContext) -> np.ndarray:
 
 
 def summarize(ctx: LoweringContext, sched: Schedule, busy_LFR: np.ndarray,
-              gpu: dict[str, np.ndarray], oom: bool, load_LE: np.ndarray) -> dict[str, float]:
-    """The summary columns (see the module docstring)."""
+              gpu: dict[str, np.ndarray], oom: bool, load_LE: np.ndarray,
+              relayout_bytes: float | None = None) -> dict[str, float]:
+    """The summary columns (see the module docstring); ``relayout_bytes``: the program's
+    :func:`relayout_bytes` where the caller has it."""
     busy_FR = busy_LFR.sum(axis=0)
     moe_R = sum(busy_FR[PHASE_INDEX[p]] for p in MOE_PHASES)
     a2a_R = busy_FR[PHASE_INDEX["dispatch"]] + busy_FR[PHASE_INDEX["combine"]]
@@ -135,12 +167,17 @@ def summarize(ctx: LoweringContext, sched: Schedule, busy_LFR: np.ndarray,
         "tokens_total": int(load_LE.sum()),
         "tokens_dropped": int(ctx.dropped_MLR.sum()),
         "peak_memory_bytes": float(memory_model.peak_R(gpu, R).max()),
-        "relayout_bytes": float(sum(op_bytes(op) for op in ctx.program.ops
-                                    if op.phase == "relayout")),
+        "relayout_bytes": (program_relayout_bytes(ctx.program.ops) if relayout_bytes is None
+                           else relayout_bytes),
         "planner_time_s": float(ctx.decision.planner_time_s),
         "peak_host_bytes": float(host.max()),
         "oom": int(oom),
     }
+
+
+def program_relayout_bytes(ops: list[Op]) -> float:
+    """Bytes the program's ``relayout`` ops move."""
+    return float(sum(op_bytes(op) for op in ops if op.phase == "relayout"))
 
 
 def op_bytes(op: Op) -> float:

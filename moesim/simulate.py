@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from moesim import memory as memory_model
-from moesim import validation
+from moesim import repeat, validation
 from moesim.costmodel import CostModel
 from moesim.decide_step import (  # noqa: F401  (re-exported: the executor's seam uses them)
     build_history,
@@ -60,8 +60,10 @@ from moesim.engine import schedule
 from moesim.errors import OutOfMemoryError
 from moesim.lowering import (  # noqa: F401  (lower_iteration_ctx re-exported for benchmarks)
     LoweringContext,
+    attach_memory,
     lower_iteration_ctx,
     route_plan,
+    routed_context,
 )
 from moesim.placement import Decision
 from moesim.progress import ProgressBar
@@ -140,6 +142,7 @@ class _Run:
     view: Cluster | None = None  # one pipeline stage's cluster (the cluster itself: no PP)
     layout_plan: Any = None
     stage_table: tuple[float, str] = (-1.0, "")  # (peak bytes, table) of the peak iteration
+    template: Any = None  # a repeated structure (moesim.repeat.Template), once captured
 
 
 def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluster,
@@ -184,23 +187,49 @@ def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluste
 
 def _loop(run: _Run, its: list[int], writer: RunWriter | None, config: dict, progress: bool,
           on_iteration: Callable[[dict], None] | None) -> SimSummary:
-    """Run the iterations; on any error the writer keeps what finished (status incomplete)."""
+    """Run the iterations; on any error the writer keeps what finished (status incomplete).
+
+    Iterations that repeat a captured program structure (:mod:`moesim.repeat`) wait in
+    ``pending`` and are simulated a batch at a time; the rest one by one, in order."""
     from moesim.traces.stream import release_pages
 
     rows: list[dict] = []
+    pending: list[tuple[int, Decision, np.ndarray]] = []
     bar = ProgressBar(len(its), enabled=progress)
+
+    def emit(it: int, record: IterationRecord, state: dict) -> None:
+        validation.finite_results(record.summary, it)
+        release_pages(run.trace.counts_TLRE)   # a memory-mapped trace: one iteration resident
+        rows.append(dict(record.summary, iteration=it))
+        if writer is not None:
+            writer.add(record, state=state)
+        if on_iteration is not None:
+            on_iteration(rows[-1])
+        bar.update(1)
+
+    def flush() -> None:
+        if pending:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                done = _simulate_pending(run, pending)
+            for (it, _, _), (record, state) in zip(pending, done, strict=True):
+                emit(it, record, state)
+            pending.clear()
+
     try:
         for it in its:
+            decision, counts = _decide(run, it)
+            if run.template is not None and it not in run.timeline_iterations \
+                    and run.template.fits(decision, run.previous):
+                pending.append((it, decision, counts))
+                run.previous = decision
+                if len(pending) >= run.template.batch:
+                    flush()
+                continue
+            flush()
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                record, state = simulate_iteration(run, it)  # absurd inputs: checked next
-            validation.finite_results(record.summary, it)
-            release_pages(run.trace.counts_TLRE)   # a memory-mapped trace: one iteration resident
-            rows.append(dict(record.summary, iteration=it))
-            if writer is not None:
-                writer.add(record, state=state)
-            if on_iteration is not None:
-                on_iteration(rows[-1])
-            bar.update(1)
+                record, state = simulate_iteration(run, it, (decision, counts))
+            emit(it, record, state)
+        flush()
     except BaseException as exc:
         bar.close()
         if writer is not None:
@@ -213,20 +242,39 @@ def _loop(run: _Run, its: list[int], writer: RunWriter | None, config: dict, pro
                       stage_table=run.stage_table[1])
 
 
-def simulate_iteration(run: _Run, it: int) -> tuple[IterationRecord, dict]:
-    """One iteration: decide, lower, cost, schedule, record. Returns ``(record, state)``."""
-    mb = run.trace.meta.micro_batches_per_iteration
+def _decide(run: _Run, it: int) -> tuple[Decision, np.ndarray]:
+    """The policy's decision for ``it`` after ``run.previous``, and the iteration's counts."""
+    return decide_iteration(run.policy, run.trace.counts_TLRE,
+                            run.trace.meta.micro_batches_per_iteration, it, run.previous,
+                            run.model, run.view or run.cluster, run.rng_seed)
+
+
+def _simulate_pending(run: _Run, pending: list) -> list[tuple[IterationRecord, dict]]:
+    """The pending iterations of the captured structure, as one batch."""
+    _plan(run, pending[0][1])
+    return repeat.simulate_batch(run.template, run, pending, routed_context, attach_memory,
+                                 _check_memory, build_record, decision_state)
+
+
+def simulate_iteration(run: _Run, it: int, decided: tuple[Decision, np.ndarray] | None = None
+                       ) -> tuple[IterationRecord, dict]:
+    """One iteration: decide (unless ``decided`` gives the decision and counts), lower, cost,
+    schedule, record. Returns ``(record, state)``; captures the iteration's structure for
+    later batches where it may repeat (:func:`moesim.repeat.capture`)."""
+    decision, counts = decided if decided is not None else _decide(run, it)
     view = run.view or run.cluster
-    decision, counts = decide_iteration(run.policy, run.trace.counts_TLRE, mb, it,
-                                        run.previous, run.model, view, run.rng_seed)
     ctx = lower_iteration_ctx(run.policy, decision, run.previous, counts, run.model,
                               view, plan=_plan(run, decision), cache=run.cache,
                               layout_plan=run.layout_plan)
-    sched = schedule(ctx.program.ops, run.cost.durations(ctx.program), run.cluster.world_size)
+    durations = run.cost.durations(ctx.program)
+    sched = schedule(ctx.program.ops, durations, run.cluster.world_size)
     _keep_stage_table(run, ctx)
     oom = _check_memory(ctx, run, it)
     record = build_record(ctx, sched, it, oom, it in run.timeline_iterations,
                           run.layout_plan)
+    if run.template is None or not run.template.fits(decision, run.previous):
+        run.template = repeat.capture(run.policy, ctx, durations, sched, run.cost,
+                                      run.layout_plan)
     run.previous = decision
     return record, decision_state(decision)
 
@@ -245,16 +293,10 @@ def _keep_stage_table(run: _Run, ctx: LoweringContext) -> None:
 
 def _plan(run: _Run, decision: Decision) -> Any:
     """The routing plan, rebuilt only when the placement or routing rule changed."""
-    prev = run.plan_for
-    same = prev is decision or (
-        prev is not None and prev.routing == decision.routing
-        and prev.info.get("ep_size") == decision.info.get("ep_size")
-        and prev.placement.phy2log_LP.shape == decision.placement.phy2log_LP.shape
-        and prev.placement.slots_per_rank == decision.placement.slots_per_rank
-        and np.array_equal(prev.placement.phy2log_LP, decision.placement.phy2log_LP))
-    if not same:
+    if not repeat.same_routing(run.plan_for, decision):
         run.plan = route_plan(decision, run.view or run.cluster)
         run.cache = {}
+        run.template = None
     run.plan_for = decision
     return run.plan
 

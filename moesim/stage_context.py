@@ -221,15 +221,25 @@ class StageView(ExpertTPView):
         key = ("bytes", mb, layer)
         cache = self._iter  # this iteration's tokens: not the per-decision cache
         if key not in cache:
-            tb = self.model.token_bytes
-            tb = int(tb) if float(tb).is_integer() else float(tb)  # int64 bytes: exact, fast
-            if "token_batch" not in cache:  # columns: the tokens each rank's slots receive
-                M, L, R, _ = self.tokens_MLRG.shape
-                recv_MLR = self.rows_MLP.reshape(M, L, R, -1).sum(axis=3)
-                cache["token_batch"] = BlockBatch(self.tokens_MLRG, self.block or R, recv_MLR)
-            cache[key] = BlockDiag(self.tokens_MLRG[mb, layer], tb, self.block or None,
-                                   batch=(cache["token_batch"], (mb, layer)))
+            cache[key] = BlockDiag(self.tokens_MLRG[mb, layer], self.token_bytes_scale,
+                                   self.block or None, batch=(self.token_batch(), (mb, layer)))
         return cache[key]
+
+    @property
+    def token_bytes_scale(self) -> int | float:
+        """Bytes per routed token, an int where it is whole (int64 bytes: exact, fast)."""
+        tb = self.model.token_bytes
+        return int(tb) if float(tb).is_integer() else float(tb)
+
+    def token_batch(self) -> BlockBatch:
+        """This iteration's routed tokens as one :class:`~moesim.blockmatrix.BlockBatch`
+        (its column sums: the tokens each rank's slots receive), which every dispatch and
+        combine matrix of :meth:`bytes_MLRG` points back to."""
+        if "token_batch" not in self._iter:
+            M, L, R, _ = self.tokens_MLRG.shape
+            recv_MLR = self.rows_MLP.reshape(M, L, R, -1).sum(axis=3)
+            self._iter["token_batch"] = BlockBatch(self.tokens_MLRG, self.block or R, recv_MLR)
+        return self._iter["token_batch"]
 
     def expert_op(self, mb: int, layer: int, direction: str, deps: tuple[int, ...],
                   label: str = "") -> Compute:

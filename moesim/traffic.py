@@ -56,6 +56,17 @@ class Traffic:
     @classmethod
     def from_ops(cls, ops: Sequence[Op], world: int) -> Traffic:
         """The traffic of a program's ``ops`` (all-to-alls held as blocks summed block-wise)."""
+        out, groups = cls.edges_and_blocks(ops, world)
+        out.fill_blocks([(sig, [B.local_RK for B in mats]) for sig, mats in groups])
+        return out
+
+    @classmethod
+    def edges_and_blocks(cls, ops: Sequence[Op], world: int
+                         ) -> tuple[Traffic, list[tuple[tuple, list[BlockDiag]]]]:
+        """``(traffic of every op not held in aligned blocks, block groups)``: each group's
+        signature ``(uses, shape, K, scale, first)`` (``uses``: ``((phase, transposed),
+        times)`` pairs) with its distinct matrices, in program order; :meth:`fill_blocks`
+        adds them. Matrices that the same phases use alike are summed once."""
         out = cls(world)
         uses: dict[tuple, list] = {}
         firsts: dict[int, tuple] = {}  # id(ranks) -> (ranks, first): a stage's ops share one
@@ -76,11 +87,15 @@ class Traffic:
         for B, first, used in uses.values():
             sig = (tuple(sorted(Counter(used).items())), B.local_RK.shape, B.kr, B.scale, first)
             groups.setdefault(sig, []).append(B)
-        for (used, _, kr, scale, first), mats in groups.items():
-            total = BlockDiag(_sum_mats([B.local_RK for B in mats]), scale, kr)
+        return out, list(groups.items())
+
+    def fill_blocks(self, groups: list[tuple[tuple, list[np.ndarray]]]) -> None:
+        """Add :meth:`edges_and_blocks`' groups, each given as its signature and its
+        matrices' local blocks ``[R, K]`` (summed in integers, then added per use)."""
+        for (used, _, kr, scale, first), mats in groups:
+            total = BlockDiag(_sum_mats(mats), scale, kr)
             for (k, transposed), n in used:
-                out.add_blocks(k, total.T if transposed else total, first, n)
-        return out
+                self.add_blocks(k, total.T if transposed else total, first, n)
 
     # -- building ---------------------------------------------------------------------------
     def add_blocks(self, phase: int, B: BlockDiag, first: int, times: int = 1) -> None:

@@ -79,11 +79,24 @@ def sum_counts(counts: np.ndarray, axis) -> np.ndarray:
     return counts.sum(axis=axis, dtype=np.result_type(counts.dtype, np.int64))
 
 
+def repeats_structure(policy: Any) -> bool:
+    """Whether ``policy``'s own class declares ``repeats_structure`` (a subclass that
+    overrides a lowering hook must declare it again)."""
+    return bool(type(policy).__dict__.get("repeats_structure", False))
+
+
 class Policy:
     """Base class: subclasses set ``Config`` and implement ``decide``."""
 
     name: ClassVar[str] = ""
     oracle: ClassVar[bool] = False
+    #: under an unchanged decision every iteration lowers to the same ops (streams, deps,
+    #: ranks, groups, and every payload but the routed data: dispatch / combine matrices and
+    #: expert GEMM rows), so the simulator may lower one and batch the rest
+    #: (:mod:`moesim.repeat`). A policy whose hooks emit anything that depends on the counts
+    #: must leave it False; each class sets it itself (it is not inherited: see
+    #: :func:`repeats_structure`).
+    repeats_structure: ClassVar[bool] = False
 
     @dataclass(frozen=True, kw_only=True)
     class Config:

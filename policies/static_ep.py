@@ -73,6 +73,8 @@ def expert_capacity(rule: str, capacity_factor: float | None, tokens_per_rank: i
 class StaticEP(Policy):
     """Contiguous expert parallelism with EDP replicas; the same decision every iteration."""
 
+    repeats_structure = True  # its hooks emit nothing that depends on the counts
+
     @dataclass(frozen=True, kw_only=True)
     class Config:
         """``ep_size`` None → ``min(world, E)``; ``capacity_factor`` None → dropless;

@@ -1,0 +1,222 @@
+"""Iterations that repeat one program structure, simulated a batch at a time (issue 16).
+
+Under an unchanged decision, static expert parallelism lowers every iteration to the same ops
+in the same order, with the same streams, dependencies, ranks and groups; only the routed data
+differs: each (micro-batch, layer)'s dispatch and combine matrices and its expert GEMM rows.
+A policy that guarantees this declares ``repeats_structure = True``. The simulator then lowers
+one such iteration in full and keeps it as a :class:`Template`, and simulates the later
+iterations under the same decision ``B`` at a time without lowering them:
+
+1. route the batch's counts in one call (the routing of a pass does not depend on the others);
+2. price the dispatch and combine all-to-alls from the batch's :class:`~moesim.blockmatrix.
+   BlockBatch` and the expert GEMMs from its slot rows with the cost model's batched formulas
+   (:mod:`moesim.cost_batch`); every other op keeps the template's duration, since its cost
+   does not depend on the counts;
+3. schedule the batch in one engine pass (:func:`moesim.engine.schedule_batch`);
+4. write each iteration's record from the template's phase cells, pass order and traffic
+   groups with the iteration's own times, tokens and memory.
+
+Every number equals what the full path (lower, cost, schedule, record) gives the iteration:
+the same elementwise steps on the same values, with a leading batch axis
+(``tests/sim/test_repeat.py`` compares whole runs bit for bit). An iteration under another
+decision, one after a placement change, and one asked for in a timeline take the full path.
+
+Shape legend: ``B`` iterations of a batch, ``M`` passes per iteration, ``X = B·M``, ``L``
+layers, ``R`` ranks, ``S`` slots per rank, ``N`` stacked ops, ``K`` members of an all-to-all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moesim import metrics
+from moesim.cost_batch import (
+    a2a_latency_times,
+    batch_times,
+    block_all_to_all_times,
+    expert_gemm_times,
+    gemm_stack_times,
+)
+from moesim.engine import schedule_batch
+from moesim.ops import AllToAll, Compute, Program
+from moesim.placement import Decision
+from moesim.records import phase_accumulate, phase_keys, program_relayout_bytes
+from moesim.traffic import Traffic
+
+#: bytes of per-iteration arrays one batch may hold (schedule rows, phase cells, routed data)
+BATCH_BYTES = 256 * 2**20
+MAX_BATCH = 64
+
+
+def same_routing(a: Decision | None, b: Decision | None) -> bool:
+    """Whether ``b`` places experts and routes tokens as ``a`` does (the same routing plan)."""
+    if a is b:
+        return a is not None
+    return (a is not None and b is not None and a.routing == b.routing
+            and a.info.get("ep_size") == b.info.get("ep_size")
+            and a.placement.phy2log_LP.shape == b.placement.phy2log_LP.shape
+            and a.placement.slots_per_rank == b.placement.slots_per_rank
+            and np.array_equal(a.placement.phy2log_LP, b.placement.phy2log_LP))
+
+
+def same_decision(a: Decision | None, b: Decision | None) -> bool:
+    """:func:`same_routing` with the same slot capacity (so it lowers to the same
+    structure)."""
+    return same_routing(a, b) and (a is b or a.slot_capacity == b.slot_capacity)
+
+
+@dataclass
+class Template:
+    """One fully lowered iteration's structure and its data-free facts (module docstring)."""
+
+    decision: Decision
+    ops: list
+    durations: list  # per op: the template's seconds (the data ops' are replaced per batch)
+    a2a: list  # (op index, mb, layer, representative BlockDiag)
+    gemm: dict  # (passes, weight bytes, FLOPs per token) -> [(op index, mb, layer)]
+    phase_key: np.ndarray
+    pass_order: list
+    relayout_bytes: float
+    traffic_edges: list
+    traffic_groups: list  # (signature, [(mb, layer), ...])
+    shape: tuple  # (M, L, R, S)
+    batch: int
+    states: dict = field(default_factory=dict)  # id(decision) -> (decision, state)
+
+    def fits(self, decision: Decision, previous: Decision | None) -> bool:
+        """An iteration under ``decision`` after ``previous`` repeats this structure."""
+        return same_decision(self.decision, decision) and same_decision(decision, previous)
+
+
+def capture(policy: Any, ctx: Any, durations: list, sched: Any, cost: Any,
+            layout_plan: Any) -> Template | None:
+    """The :class:`Template` of a fully lowered iteration, or None when it may not serve
+    (a policy without ``repeats_structure``, a parallel layout, a changed placement, or an
+    op whose data the batch could not price the way the full path does)."""
+    from moesim.policies.base import repeats_structure
+
+    if not repeats_structure(policy) or layout_plan is not None \
+            or not same_decision(ctx.previous, ctx.decision):
+        return None
+    ops = ctx.program.ops
+    batch = ctx.token_batch()
+    a2a_ok, gemm_ok = block_all_to_all_times(cost, ops), expert_gemm_times(cost, ops)
+    M, L, R, _ = ctx.tokens_MLRG.shape
+    S = ctx.placement.slots_per_rank
+    a2a, gemm = [], {}
+    for i, op in enumerate(ops):
+        if isinstance(op, AllToAll):
+            B = op.bytes_RR
+            if i not in a2a_ok or B.batch[0] is not batch:
+                return None
+            a2a.append((i, *B.batch[1], B))
+        elif isinstance(op, Compute) and op.gemm_tokens_RS is not None:
+            mb, l = op.micro_batch, op.layer
+            if i not in gemm_ok or mb < 0 or l < 0 or np.shape(op.gemm_tokens_RS) != (R, S) \
+                    or not np.shares_memory(op.gemm_tokens_RS, ctx.rows_MLP[mb, l]):
+                return None
+            key = (float(op.gemm_passes), op.weight_bytes, op.flops_per_token)
+            gemm.setdefault(key, []).append((i, mb, l))
+    edges, groups = Traffic.edges_and_blocks(ops, ctx.program.num_ranks)
+    traffic_groups = []
+    for sig, mats in groups:
+        if any(B.batch is None or B.batch[0] is not batch for B in mats):
+            return None
+        traffic_groups.append((sig, [B.batch[1] for B in mats]))
+    per_it = 8 * (2 * sum(len(s) for s in sched.start_O) + 3 * (L + 1) * 10 * R
+                  + 8 * M * L * R * S)
+    return Template(
+        decision=ctx.decision, ops=ops, durations=durations, a2a=a2a, gemm=gemm,
+        phase_key=phase_keys(ops, sched, L), pass_order=metrics.pass_order(ops, M, L),
+        relayout_bytes=program_relayout_bytes(ops), traffic_edges=edges.edges,
+        traffic_groups=traffic_groups, shape=(M, L, R, S),
+        batch=int(max(1, min(MAX_BATCH, BATCH_BYTES // max(per_it, 1)))))
+
+
+def batch_durations(t: Template, ctx: Any, cost: Any, B: int) -> list[np.ndarray]:
+    """Every op's ``[B, …]`` seconds for a batch routed into ``ctx`` (its passes: ``B·M``)."""
+    M, L, R, S = t.shape
+    out = [np.broadcast_to(d, (B, len(d))) for d in t.durations]
+    batch = ctx.token_batch()
+    g = cost.cluster.gpus_per_node
+    bw = cost._links["all_to_all"][0]
+    tables: dict[tuple, tuple] = {}
+    b_idx = np.arange(B) * M
+    for i, mb, l, rep in t.a2a:
+        key = (rep.scale, rep.transposed)
+        if key not in tables:
+            tables[key] = batch_times(rep, batch, g, bw)
+        tmax_XL, spans_XL, K = tables[key]
+        x = b_idx + mb
+        sec = a2a_latency_times(cost, tmax_XL[x, l], spans_XL[x, l], K)
+        out[i] = cost.finish_a2a(sec, t.ops[i])[:, None]
+    rows_BMLRS = ctx.rows_MLP.reshape(B, M, L, R, S)
+    for (p, w, f), items in t.gemm.items():
+        idx = np.array([(mb, l) for _, mb, l in items])
+        m_BNRS = rows_BMLRS[:, idx[:, 0], idx[:, 1]].astype(np.float64)
+        t_BNR = gemm_stack_times(cost, m_BNRS, p, w, f)
+        for n, (i, _, _) in enumerate(items):
+            out[i] = cost.finish_gemm(t_BNR[:, n], t.ops[i])
+    return out
+
+
+def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.ndarray]],
+                   routed_context: Any, attach_memory: Any, check_memory: Any,
+                   build_record: Any, decision_state: Any) -> list[tuple[Any, dict]]:
+    """``(record, state)`` of each ``(iteration, decision, counts)`` in ``items`` (all under
+    the template's decision), in order; the simulator's own routing, memory, OOM check,
+    record and state functions do the per-iteration parts."""
+    B = len(items)
+    M, L, R, S = t.shape
+    counts = np.concatenate([c for _, _, c in items]) if B > 1 else items[0][2]
+    decision = items[0][1]
+    ctx = routed_context(run.policy, decision, decision, counts, run.model,
+                         run.view or run.cluster, run.plan)
+    durs = batch_durations(t, ctx, run.cost, B)
+    bsched = schedule_batch(t.ops, durs, R, B)
+    spans = [s for r, s in zip(bsched.ranks_O, bsched.start_O, strict=True)
+             if r is None or len(r)]
+    ends = [e for r, e in zip(bsched.ranks_O, bsched.end_O, strict=True) if r is None or len(r)]
+    first_BN = np.concatenate(spans, axis=1) if spans else np.zeros((B, 0))
+    last_BN = np.concatenate(ends, axis=1) if ends else np.zeros((B, 0))
+    phases = phase_accumulate(t.phase_key, first_BN, last_BN, L, R)
+    out = []
+    for b, (it, dec, _) in enumerate(items):
+        x = slice(b * M, (b + 1) * M)
+        c = _iteration_context(ctx, dec, x, run)
+        attach_memory(c)
+        oom = check_memory(c, run, it)
+        known = {"phase_times": phases[b], "traffic": _traffic(t, c, R),
+                 "pass_order": t.pass_order, "relayout_bytes": t.relayout_bytes}
+        record = build_record(c, bsched.iteration(b), it, oom, False, None, known=known)
+        hit = t.states.get(id(dec))
+        if hit is None or hit[0] is not dec:  # the entry keeps ``dec`` alive
+            hit = t.states[id(dec)] = (dec, decision_state(dec))
+        out.append((record, hit[1]))
+    return out
+
+
+def _iteration_context(ctx: Any, decision: Decision, x: slice, run: Any) -> Any:
+    """Iteration ``x``'s passes of a batch's routed context, over the template's ops."""
+    from moesim.lowering import LoweringContext
+
+    return LoweringContext(
+        policy=ctx.policy, decision=decision, previous=decision, model=ctx.model,
+        cluster=ctx.cluster, counts_MLRE=ctx.counts_MLRE[x], kept_MLRP=ctx.kept_MLRP[x],
+        dropped_MLRP=ctx.dropped_MLRP[x], tokens_MLRG=ctx.tokens_MLRG[x],
+        program=Program(num_ranks=ctx.program.num_ranks, ops=run.template.ops),
+        rows_MLP=ctx.rows_MLP[x], dropped_MLR=ctx.dropped_MLR[x],
+        layer_bwd_done=list(ctx.layer_bwd_done), block=ctx.block, _consts=run.cache)
+
+
+def _traffic(t: Template, ctx: Any, world: int) -> Traffic:
+    """The iteration's :class:`~moesim.traffic.Traffic`: the template's edges (their ops
+    move what they moved there) and its block groups summed over this iteration's matrices."""
+    out = Traffic(world)
+    out.edges = list(t.traffic_edges)
+    tok = ctx.tokens_MLRG
+    out.fill_blocks([(sig, [tok[mb, l] for mb, l in idx]) for sig, idx in t.traffic_groups])
+    return out
