@@ -12,6 +12,12 @@ each call's process CPU time to its phase, less the time of the wrapped phases i
 - ``records`` — :func:`moesim.simulate.build_record` (phase times, summary, load);
 - ``metrics`` — :func:`moesim.metrics.iteration_metrics` (load metrics, GPU-pair traffic);
 - ``other`` — the rest of ``simulate`` (inputs, memory check, validation).
+
+Batches of a repeated structure (:mod:`moesim.repeat`) are charged alike: ``route``
+:func:`~moesim.lowering.routed_context`, ``cost`` :func:`~moesim.repeat.batch_durations`,
+``schedule`` :func:`~moesim.engine.schedule_batch`, ``records``
+:func:`~moesim.records.phase_times_batch` (and ``build_record``), ``metrics`` the traffic
+(:func:`moesim.repeat._traffic`) and ``iteration_metrics``.
 """
 
 from __future__ import annotations
@@ -26,8 +32,15 @@ PHASES = (("decide", "moesim.simulate", "decide_iteration"),
           ("cost", "moesim.costmodel", "CostModel.durations"),
           ("schedule", "moesim.simulate", "schedule"),
           ("records", "moesim.simulate", "build_record"),
-          ("metrics", "moesim.metrics", "iteration_metrics"))
-NAMES = tuple(p[0] for p in PHASES) + ("other",)
+          ("metrics", "moesim.metrics", "iteration_metrics"),
+          # batches of a repeated structure (moesim.repeat): their route, cost, schedule and
+          # phase-time passes under the same names
+          ("route", "moesim.simulate", "routed_context"),
+          ("cost", "moesim.repeat", "batch_durations"),
+          ("schedule", "moesim.repeat", "schedule_batch"),
+          ("records", "moesim.repeat", "phase_times_batch"),
+          ("metrics", "moesim.repeat", "_traffic"))
+NAMES = tuple(dict.fromkeys(p[0] for p in PHASES)) + ("other",)
 
 
 class PhaseTimer:

@@ -41,8 +41,15 @@ def iteration_counts(counts_TLRE: np.ndarray, passes_per_iteration: int,
     int32 (a copy only for narrower or unsigned types: every sum downstream accumulates in
     int64, and the routing's arithmetic stays within a pass's token count, so int32 needs no
     widening pass over the iteration)."""
+    return iterations_counts(counts_TLRE, passes_per_iteration, iteration, 1)
+
+
+def iterations_counts(counts_TLRE: np.ndarray, passes_per_iteration: int, first: int,
+                      count: int) -> np.ndarray:
+    """Iterations ``first … first + count − 1``'s counts ``[count·M, L, R, E]``, as
+    :func:`iteration_counts` gives each (a view of the trace where its dtype allows)."""
     M = passes_per_iteration
-    counts = counts_TLRE[iteration * M:(iteration + 1) * M]
+    counts = counts_TLRE[first * M:(first + count) * M]
     keep = np.dtype(np.int32) if np.asarray(counts[:0]).dtype == np.int32 else np.int64
     return np.asarray(counts, dtype=keep)
 

@@ -36,7 +36,7 @@ def build_record(ctx: LoweringContext, sched: Schedule, it: int, oom: bool,
 
     ``known``: parts the caller already has (:mod:`moesim.repeat`, for iterations that share
     one program structure): ``phase_times`` (``(busy, start, end)``), ``traffic`` (a
-    :class:`~moesim.traffic.Traffic`), ``pass_order``, ``relayout_bytes``."""
+    :class:`~moesim.traffic.Traffic`), ``pass_order``, ``relayout_bytes``, ``makespan_s``."""
     from moesim.layout_run import world_tokens
 
     known = known or {}
@@ -46,7 +46,8 @@ def build_record(ctx: LoweringContext, sched: Schedule, it: int, oom: bool,
     busy, start, end = known.get("phase_times") or phase_times(ctx.program.ops, sched, L)
     gpu = {k: np.asarray(v, dtype=np.float64) for k, v in ctx.program.memory_bytes.items()}
     load_LE = expert_load(ctx)
-    summary = summarize(ctx, sched, busy, gpu, oom, load_LE, known.get("relayout_bytes"))
+    summary = summarize(ctx, sched, busy, gpu, oom, load_LE, known.get("relayout_bytes"),
+                        known.get("makespan_s"))
     view_tokens_MLR = ctx.rows_MLP.reshape(*ctx.rows_MLP.shape[:2], ctx.world, -1).sum(axis=3)
     extra, traffic = metrics.iteration_metrics(view_tokens_MLR, load_LE, ctx.program.ops, world,
                                                ctx.cluster.gpus_per_node,
@@ -78,59 +79,53 @@ def ep_groups(ctx: LoweringContext) -> list[np.ndarray]:
 def phase_times(ops: list[Op], sched: Schedule, num_layers: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(busy_s, start_s, end_s)`` each ``[L+1, F, R]``: summed durations, first start and
-    last end of each (layer, phase) per rank (per-iteration ops go to index ``L``).
-
-    From the schedule's member spans (:meth:`~moesim.engine.Schedule.spans`), all ops at
-    once: busy times are summed in program order (``bincount``), as one row update per op
-    would."""
-    key, firsts, lasts = phase_keys(ops, sched, num_layers), [], []
-    for _, _, st, en in sched.spans():
-        firsts.append(st)
-        lasts.append(en)
-    first = np.concatenate(firsts) if firsts else np.zeros(0)
-    last = np.concatenate(lasts) if lasts else np.zeros(0)
-    return phase_accumulate(key, first[None], last[None], num_layers, sched.num_ranks)[0]
-
-
-def phase_keys(ops: list[Op], sched: Schedule, num_layers: int) -> np.ndarray:
-    """Per member of each op the schedule ran (:meth:`~moesim.engine.Schedule.spans` order),
-    its cell ``((layer, phase) · R + rank)`` of :func:`phase_times`' arrays (one repeat,
-    one concatenate)."""
-    R, F = sched.num_ranks, len(PHASES)
-    cell_O = [(op.layer if op.layer >= 0 else num_layers) * F + PHASE_INDEX[op.phase]
-              for op in ops]
-    cell_N, ranks_N = [], []
-    for i, ranks, _, _ in sched.spans():
-        cell_N.append(cell_O[i])
-        ranks_N.append(ranks)
-    if not ranks_N:
-        return np.zeros(0, np.int64)
-    sizes_N = np.fromiter((len(r) for r in ranks_N), np.int64, len(ranks_N))
-    key = np.repeat(np.asarray(cell_N, np.int64) * R, sizes_N)
-    key += np.concatenate(ranks_N)
-    return key
+    last end of each (layer, phase) per rank (per-iteration ops go to index ``L``), from the
+    schedule's member spans (:meth:`~moesim.engine.Schedule.spans`); busy times are summed
+    in program order."""
+    ranks_O: list = [np.zeros(0, np.int64)] * len(ops)
+    start_O: list = [np.zeros((1, 0))] * len(ops)
+    end_O: list = [np.zeros((1, 0))] * len(ops)
+    all_R = np.arange(sched.num_ranks)
+    for i, ranks, st, en in sched.spans():
+        ranks_O[i] = None if len(ranks) == sched.num_ranks and np.array_equal(ranks, all_R) \
+            else ranks
+        start_O[i], end_O[i] = np.asarray(st)[None], np.asarray(en)[None]
+    return phase_times_batch(op_cells(ops, num_layers), ranks_O, start_O, end_O, num_layers,
+                             sched.num_ranks)[0]
 
 
-def phase_accumulate(key: np.ndarray, first_BN: np.ndarray, last_BN: np.ndarray,
-                     num_layers: int, num_ranks: int
-                     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """:func:`phase_times` of a batch of iterations that share the cells ``key``, from
-    their member starts and ends ``[B, N]`` (in ``key``'s order): per iteration
-    ``(busy_s, start_s, end_s)``, busy times summed in program order."""
-    B, N = first_BN.shape
-    cells = (num_layers + 1) * len(PHASES) * num_ranks
-    dur = last_BN - first_BN
-    np.copyto(dur, 0.0, where=np.isnan(dur))
-    key_BN = (key[None] + cells * np.arange(B)[:, None]).reshape(-1)
-    busy = np.bincount(key_BN, weights=dur.reshape(-1), minlength=B * cells)
-    start, end = np.full(B * cells, np.inf), np.full(B * cells, -np.inf)
-    np.minimum.at(start, key_BN, np.where(np.isnan(first_BN), np.inf, first_BN).reshape(-1))
-    np.maximum.at(end, key_BN, np.where(np.isnan(last_BN), -np.inf, last_BN).reshape(-1))
-    start[start == np.inf] = np.nan  # fmin's NaN rule
+def op_cells(ops: list[Op], num_layers: int) -> list[int]:
+    """Each op's (layer, phase) cell of :func:`phase_times`' arrays (flattened)."""
+    F = len(PHASES)
+    return [(op.layer if op.layer >= 0 else num_layers) * F + PHASE_INDEX[op.phase]
+            for op in ops]
+
+
+def phase_times_batch(cell_O: list[int], ranks_O: list, start_O: list, end_O: list,
+                      num_layers: int, num_ranks: int
+                      ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`phase_times` of each iteration of a batch that shares one program structure:
+    per op its cell, its member ranks (None: all) and ``[B, members]`` starts and ends (a
+    :class:`~moesim.engine.BatchSchedule`'s lists). One pass over the ops in program order;
+    a rank's NaN start or end counts as no time, and it never sets a first start or last
+    end (``fmin`` / ``fmax``)."""
+    B = start_O[0].shape[0] if start_O else 1
+    shape = (B, (num_layers + 1) * len(PHASES), num_ranks)
+    busy, start, end = np.zeros(shape), np.full(shape, np.inf), np.full(shape, -np.inf)
+    for c, ranks, st, en in zip(cell_O, ranks_O, start_O, end_O, strict=True):
+        if st.shape[1] == 0:
+            continue
+        dur = en - st
+        np.copyto(dur, 0.0, where=np.isnan(dur))
+        idx = (slice(None), c) if ranks is None else (slice(None), c, ranks)
+        busy[idx] += dur
+        start[idx] = np.fmin(start[idx], st)
+        end[idx] = np.fmax(end[idx], en)
+    start[start == np.inf] = np.nan
     end[end == -np.inf] = np.nan
-    shape = (B, num_layers + 1, len(PHASES), num_ranks)
-    busy, start, end = busy.reshape(shape), start.reshape(shape), end.reshape(shape)
-    return [(busy[b], start[b], end[b]) for b in range(B)]
+    out = (busy, start, end)
+    return [tuple(a[b].reshape(num_layers + 1, len(PHASES), num_ranks) for a in out)
+            for b in range(B)]
 
 
 def expert_load(ctx: LoweringContext) -> np.ndarray:
@@ -149,9 +144,10 @@ def expert_load(ctx: LoweringContext) -> np.ndarray:
 
 def summarize(ctx: LoweringContext, sched: Schedule, busy_LFR: np.ndarray,
               gpu: dict[str, np.ndarray], oom: bool, load_LE: np.ndarray,
-              relayout_bytes: float | None = None) -> dict[str, float]:
-    """The summary columns (see the module docstring); ``relayout_bytes``: the program's
-    :func:`relayout_bytes` where the caller has it."""
+              relayout_bytes: float | None = None, makespan_s: float | None = None
+              ) -> dict[str, float]:
+    """The summary columns (see the module docstring); ``relayout_bytes`` (the program's
+    :func:`program_relayout_bytes`) and ``makespan_s`` where the caller has them."""
     busy_FR = busy_LFR.sum(axis=0)
     moe_R = sum(busy_FR[PHASE_INDEX[p]] for p in MOE_PHASES)
     a2a_R = busy_FR[PHASE_INDEX["dispatch"]] + busy_FR[PHASE_INDEX["combine"]]
@@ -160,7 +156,7 @@ def summarize(ctx: LoweringContext, sched: Schedule, busy_LFR: np.ndarray,
     R = ctx.program.num_ranks
     host = memory_model.peak_R(ctx.program.host_memory_bytes, R)
     return {
-        "step_time_s": sched.makespan_s,
+        "step_time_s": sched.makespan_s if makespan_s is None else makespan_s,
         "moe_time_s": float(moe_R.max()),
         "a2a_time_s": float(a2a_R.max()),
         "straggler_ratio": float(expert_R.max() / mean) if mean > 0 else 1.0,

@@ -40,10 +40,11 @@ from moesim.cost_batch import (
     expert_gemm_times,
     gemm_stack_times,
 )
+from moesim.decide_step import iterations_counts
 from moesim.engine import schedule_batch
 from moesim.ops import AllToAll, Compute, Program
 from moesim.placement import Decision
-from moesim.records import phase_accumulate, phase_keys, program_relayout_bytes
+from moesim.records import op_cells, phase_times_batch, program_relayout_bytes
 from moesim.traffic import Traffic
 
 #: bytes of per-iteration arrays one batch may hold (schedule rows, phase cells, routed data)
@@ -77,7 +78,7 @@ class Template:
     durations: list  # per op: the template's seconds (the data ops' are replaced per batch)
     a2a: list  # (op index, mb, layer, representative BlockDiag)
     gemm: dict  # (passes, weight bytes, FLOPs per token) -> [(op index, mb, layer)]
-    phase_key: np.ndarray
+    cells: list  # per op, its (layer, phase) cell (records.op_cells)
     pass_order: list
     relayout_bytes: float
     traffic_edges: list
@@ -130,7 +131,7 @@ def capture(policy: Any, ctx: Any, durations: list, sched: Any, cost: Any,
                   + 8 * M * L * R * S)
     return Template(
         decision=ctx.decision, ops=ops, durations=durations, a2a=a2a, gemm=gemm,
-        phase_key=phase_keys(ops, sched, L), pass_order=metrics.pass_order(ops, M, L),
+        cells=op_cells(ops, L), pass_order=metrics.pass_order(ops, M, L),
         relayout_bytes=program_relayout_bytes(ops), traffic_edges=edges.edges,
         traffic_groups=traffic_groups, shape=(M, L, R, S),
         batch=int(max(1, min(MAX_BATCH, BATCH_BYTES // max(per_it, 1)))))
@@ -171,18 +172,21 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
     record and state functions do the per-iteration parts."""
     B = len(items)
     M, L, R, S = t.shape
-    counts = np.concatenate([c for _, _, c in items]) if B > 1 else items[0][2]
+    its = [it for it, _, _ in items]
+    if its == list(range(its[0], its[0] + B)):  # consecutive: one view of the trace
+        counts = iterations_counts(run.trace.counts_TLRE, M, its[0], B)
+    else:
+        counts = np.concatenate([c for _, _, c in items])
     decision = items[0][1]
     ctx = routed_context(run.policy, decision, decision, counts, run.model,
                          run.view or run.cluster, run.plan)
     durs = batch_durations(t, ctx, run.cost, B)
     bsched = schedule_batch(t.ops, durs, R, B)
-    spans = [s for r, s in zip(bsched.ranks_O, bsched.start_O, strict=True)
-             if r is None or len(r)]
-    ends = [e for r, e in zip(bsched.ranks_O, bsched.end_O, strict=True) if r is None or len(r)]
-    first_BN = np.concatenate(spans, axis=1) if spans else np.zeros((B, 0))
-    last_BN = np.concatenate(ends, axis=1) if ends else np.zeros((B, 0))
-    phases = phase_accumulate(t.phase_key, first_BN, last_BN, L, R)
+    phases = phase_times_batch(t.cells, bsched.ranks_O, bsched.start_O, bsched.end_O, L, R)
+    ends_B = np.full(B, -np.inf)
+    for e in bsched.end_O:
+        if e.shape[1]:
+            np.maximum(ends_B, np.where(np.isfinite(e), e, -np.inf).max(axis=1), out=ends_B)
     out = []
     for b, (it, dec, _) in enumerate(items):
         x = slice(b * M, (b + 1) * M)
@@ -190,7 +194,8 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
         attach_memory(c)
         oom = check_memory(c, run, it)
         known = {"phase_times": phases[b], "traffic": _traffic(t, c, R),
-                 "pass_order": t.pass_order, "relayout_bytes": t.relayout_bytes}
+                 "pass_order": t.pass_order, "relayout_bytes": t.relayout_bytes,
+                 "makespan_s": float(ends_B[b]) if ends_B[b] > -np.inf else 0.0}
         record = build_record(c, bsched.iteration(b), it, oom, False, None, known=known)
         hit = t.states.get(id(dec))
         if hit is None or hit[0] is not dec:  # the entry keeps ``dec`` alive
