@@ -21,6 +21,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+try:  # the one-pass integer sums (setup.py builds them where a compiler is present)
+    from moesim import _block_sums as _block_sums_c
+except ImportError:  # pragma: no cover - no compiler: numpy, one reduction at a time
+    _block_sums_c = None
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
 
@@ -201,7 +206,13 @@ def _unscaled_io(local_XRK: np.ndarray, K: int, g: int, in_XR: np.ndarray | None
     """``(intra_out, intra_in, inter_out, inter_in)`` int64 ``[X, R]`` of a stack of
     block-diagonal matrices (blocks of ``K``, nodes of ``g`` ranks), self traffic excluded;
     None when blocks and nodes do not nest. ``in_XR``: the column sums when the caller has
-    them (the routed rows per rank), sparing a pass over the matrices."""
+    them (the routed rows per rank), sparing a pass over the matrices (the C pass of
+    :func:`block_sums` takes them on the way)."""
+    if K % g and g % K:
+        return None
+    sums = block_sums(local_XRK, K, g)
+    if sums is not None:
+        return io_from_sums(*sums[:5], K, g)
     X, R, _ = local_XRK.shape
     acc = np.int64 if local_XRK.dtype.kind in "iub" else np.float64
     out_all = local_XRK.sum(axis=2, dtype=acc)
@@ -209,17 +220,47 @@ def _unscaled_io(local_XRK: np.ndarray, K: int, g: int, in_XR: np.ndarray | None
               if in_XR is None else np.asarray(in_XR, dtype=acc))
     r = np.arange(R)
     diag = local_XRK[:, r, r % K].astype(acc, copy=False)
-    out_all, in_all = out_all - diag, in_all - diag
+    node_out = node_in = None
     if K % g == 0:  # blocks of whole nodes: the intra-node pairs are the blocks' node blocks
         n = K // g
         b6 = local_XRK.reshape(X, R // K, n, g, n, g)
-        intra_out = np.einsum("yxaiaj->yxai", b6).reshape(X, R).astype(acc) - diag
-        intra_in = np.einsum("yxaiaj->yxaj", b6).reshape(X, R).astype(acc) - diag
-    elif g % K == 0:  # blocks inside nodes: every pair is intra-node
-        intra_out, intra_in = out_all, in_all
+        node_out = np.einsum("yxaiaj->yxai", b6).reshape(X, R).astype(acc)
+        node_in = np.einsum("yxaiaj->yxaj", b6).reshape(X, R).astype(acc)
+    return io_from_sums(out_all, in_all, diag, node_out, node_in, K, g)
+
+
+def io_from_sums(row_XR: np.ndarray, col_XR: np.ndarray, diag_XR: np.ndarray,
+                 node_row_XR: np.ndarray | None, node_col_XR: np.ndarray | None, K: int,
+                 g: int) -> tuple[np.ndarray, ...]:
+    """:func:`_unscaled_io` from the matrices' row, column, diagonal and own-node sums
+    (blocks inside nodes, ``g % K == 0``: every pair is intra-node, no node sums needed)."""
+    out_all, in_all = row_XR - diag_XR, col_XR - diag_XR
+    if K % g == 0:
+        intra_out, intra_in = node_row_XR - diag_XR, node_col_XR - diag_XR
     else:
-        return None
+        intra_out, intra_in = out_all, in_all
     return intra_out, intra_in, out_all - intra_out, in_all - intra_in
+
+
+def block_sums(local_XRK: np.ndarray, K: int, g: int, group: int = 0
+               ) -> tuple[np.ndarray, ...] | None:
+    """``(row, col, diag, node_row, node_col, totals)`` of a stack of integer block matrices
+    in one C pass (``moesim._block_sums``): int64 ``[X, R]`` row and column sums, diagonal,
+    sums over the source's own node's destinations and the destination's own node's sources
+    (nodes of ``g`` ranks, when ``K`` is a multiple of ``g``), and with ``group`` > 0 the
+    sum of each run of ``group`` consecutive matrices ``[X / group, R, K]`` (else None).
+    None when the kernel is not built or the matrices are not int32 / int64."""
+    if _block_sums_c is None or local_XRK.dtype not in (np.int32, np.int64) \
+            or local_XRK.ndim != 3:
+        return None
+    X, R, k = local_XRK.shape
+    if k != K:
+        return None
+    tok = np.ascontiguousarray(local_XRK)
+    out = [np.zeros((X, R), np.int64) for _ in range(5)]
+    totals = np.zeros((-(-X // group), R, K), np.int64) if group else None
+    _block_sums_c.sums(tok, R, K, g, group or 1, *out, totals)
+    return (*out, totals)
 
 
 class BlockBatch:

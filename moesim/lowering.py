@@ -254,9 +254,12 @@ def lower_iteration_ctx(policy: Any, decision: Decision, previous: Decision | No
 
 
 def routed_context(policy: Any, decision: Decision, previous: Decision | None,
-                    counts_MLRE: np.ndarray, model: ModelSpec, cluster: Cluster,
-                    plan: RoutePlan | BlockRoutePlan | None) -> LoweringContext:
-    """Route every pass and layer, and wrap the result in a fresh context."""
+                   counts_MLRE: np.ndarray, model: ModelSpec, cluster: Cluster,
+                   plan: RoutePlan | BlockRoutePlan | None, column_sums: Any = None
+                   ) -> LoweringContext:
+    """Route every pass and layer, and wrap the result in a fresh context. ``column_sums``
+    (default :func:`~moesim.routing_blocks.block_column_sums`): ``(kept, block) → rows``,
+    for a caller that takes the slot rows from a pass it makes anyway."""
     if plan is None:
         plan = route_plan(decision, cluster)
     kept, dropped, tokens = route_iteration(decision, counts_MLRE, cluster, plan)
@@ -268,7 +271,8 @@ def routed_context(policy: Any, decision: Decision, previous: Decision | None,
                            cluster=cluster, counts_MLRE=counts_MLRE, kept_MLRP=kept,
                            dropped_MLRP=dropped, tokens_MLRG=tokens,
                            program=Program(num_ranks=cluster.world_size),
-                           rows_MLP=block_column_sums(kept, block), dropped_MLR=dropped_MLR,
+                           rows_MLP=(column_sums or block_column_sums)(kept, block),
+                           dropped_MLR=dropped_MLR,
                            layer_bwd_done=[-1] * model.num_layers, block=block)
 
 

@@ -111,7 +111,7 @@ def phase_times_batch(cell_O: list[int], ranks_O: list, start_O: list, end_O: li
     end (``fmin`` / ``fmax``)."""
     B = start_O[0].shape[0] if start_O else 1
     shape = (B, (num_layers + 1) * len(PHASES), num_ranks)
-    busy, start, end = np.zeros(shape), np.full(shape, np.inf), np.full(shape, -np.inf)
+    busy, start, end = np.zeros(shape), np.full(shape, np.nan), np.full(shape, np.nan)
     for c, ranks, st, en in zip(cell_O, ranks_O, start_O, end_O, strict=True):
         if st.shape[1] == 0:
             continue
@@ -119,10 +119,8 @@ def phase_times_batch(cell_O: list[int], ranks_O: list, start_O: list, end_O: li
         np.copyto(dur, 0.0, where=np.isnan(dur))
         idx = (slice(None), c) if ranks is None else (slice(None), c, ranks)
         busy[idx] += dur
-        start[idx] = np.fmin(start[idx], st)
+        start[idx] = np.fmin(start[idx], st)  # NaN (no time yet, or none) never wins
         end[idx] = np.fmax(end[idx], en)
-    start[start == np.inf] = np.nan
-    end[end == -np.inf] = np.nan
     out = (busy, start, end)
     return [tuple(a[b].reshape(num_layers + 1, len(PHASES), num_ranks) for a in out)
             for b in range(B)]

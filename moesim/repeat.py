@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from moesim import metrics
+from moesim.blockmatrix import block_sums, io_from_sums
 from moesim.cost_batch import (
     a2a_latency_times,
     batch_times,
@@ -45,6 +46,7 @@ from moesim.engine import schedule_batch
 from moesim.ops import AllToAll, Compute, Program
 from moesim.placement import Decision
 from moesim.records import op_cells, phase_times_batch, program_relayout_bytes
+from moesim.routing_blocks import block_column_sums
 from moesim.traffic import Traffic
 
 #: bytes of per-iteration arrays one batch may hold (schedule rows, phase cells, routed data)
@@ -83,6 +85,7 @@ class Template:
     relayout_bytes: float
     traffic_edges: list
     traffic_groups: list  # (signature, [(mb, layer), ...])
+    one_traffic_group: bool  # one group holds every (pass, layer) of the iteration
     shape: tuple  # (M, L, R, S)
     batch: int
     states: dict = field(default_factory=dict)  # id(decision) -> (decision, state)
@@ -134,6 +137,8 @@ def capture(policy: Any, ctx: Any, durations: list, sched: Any, cost: Any,
         cells=op_cells(ops, L), pass_order=metrics.pass_order(ops, M, L),
         relayout_bytes=program_relayout_bytes(ops), traffic_edges=edges.edges,
         traffic_groups=traffic_groups, shape=(M, L, R, S),
+        one_traffic_group=len(traffic_groups) == 1
+        and sorted(traffic_groups[0][1]) == [(mb, l) for mb in range(M) for l in range(L)],
         batch=int(max(1, min(MAX_BATCH, BATCH_BYTES // max(per_it, 1)))))
 
 
@@ -178,8 +183,28 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
     else:
         counts = np.concatenate([c for _, _, c in items])
     decision = items[0][1]
+    g = run.cost.cluster.gpus_per_node
+    sums: dict = {}
+
+    def column_sums(kept: np.ndarray, block: int) -> np.ndarray:
+        """With one slot per rank the routed tokens are the kept ones: one pass gives their
+        column sums (the slot rows), the all-to-alls' per-rank sums and the traffic."""
+        X, _, Rk, K = kept.shape
+        if S == 1 and (K % g == 0 or g % K == 0):
+            got = block_sums(kept.reshape(X * L, Rk, K), K, g, M * L)
+            if got is not None:
+                sums["all"] = got
+                return got[1].reshape(X, L, Rk)
+        return block_column_sums(kept, block)
+
     ctx = routed_context(run.policy, decision, decision, counts, run.model,
-                         run.view or run.cluster, run.plan)
+                         run.view or run.cluster, run.plan, column_sums)
+    totals = None
+    if "all" in sums:
+        row, col, diag, node_row, node_col, totals = sums["all"]
+        K = ctx.tokens_MLRG.shape[-1]
+        io = io_from_sums(row, col, diag, node_row, node_col, K, g)
+        ctx.token_batch()._io[g] = tuple(x.reshape(B * M, L, -1) for x in io)
     durs = batch_durations(t, ctx, run.cost, B)
     bsched = schedule_batch(t.ops, durs, R, B)
     phases = phase_times_batch(t.cells, bsched.ranks_O, bsched.start_O, bsched.end_O, L, R)
@@ -193,7 +218,8 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
         c = _iteration_context(ctx, dec, x, run)
         attach_memory(c)
         oom = check_memory(c, run, it)
-        known = {"phase_times": phases[b], "traffic": _traffic(t, c, R),
+        known = {"phase_times": phases[b],
+                 "traffic": _traffic(t, c, R, None if totals is None else totals[b]),
                  "pass_order": t.pass_order, "relayout_bytes": t.relayout_bytes,
                  "makespan_s": float(ends_B[b]) if ends_B[b] > -np.inf else 0.0}
         record = build_record(c, bsched.iteration(b), it, oom, False, None, known=known)
@@ -217,11 +243,16 @@ def _iteration_context(ctx: Any, decision: Decision, x: slice, run: Any) -> Any:
         layer_bwd_done=list(ctx.layer_bwd_done), block=ctx.block, _consts=run.cache)
 
 
-def _traffic(t: Template, ctx: Any, world: int) -> Traffic:
+def _traffic(t: Template, ctx: Any, world: int, total_RK: np.ndarray | None = None
+             ) -> Traffic:
     """The iteration's :class:`~moesim.traffic.Traffic`: the template's edges (their ops
-    move what they moved there) and its block groups summed over this iteration's matrices."""
+    move what they moved there) and its block groups summed over this iteration's matrices
+    (``total_RK``: the sum of all of them, when one group holds every (pass, layer))."""
     out = Traffic(world)
     out.edges = list(t.traffic_edges)
+    if total_RK is not None and t.one_traffic_group:
+        out.fill_blocks([(t.traffic_groups[0][0], [total_RK])])
+        return out
     tok = ctx.tokens_MLRG
     out.fill_blocks([(sig, [tok[mb, l] for mb, l in idx]) for sig, idx in t.traffic_groups])
     return out

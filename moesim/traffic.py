@@ -22,6 +22,7 @@ to rounding (1e-16 relative).
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +52,7 @@ class Traffic:
     def __init__(self, world: int) -> None:
         self.world = world
         self.blocks: dict[int, np.ndarray] = {}
+        self._phases: set[int] = set()  # phases the blocks hold (the others stay zero)
         self.edges: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
 
     @classmethod
@@ -94,20 +96,22 @@ class Traffic:
         matrices' local blocks ``[R, K]`` (summed in integers, then added per use)."""
         for (used, _, kr, scale, first), mats in groups:
             total = BlockDiag(_sum_mats(mats), scale, kr)
+            rows: dict[bool, np.ndarray] = {}  # the scaled rows, each orientation once
             for (k, transposed), n in used:
-                self.add_blocks(k, total.T if transposed else total, first, n)
+                if transposed not in rows:
+                    rows[transposed] = _block_rows(total.T if transposed else total)
+                self._add_rows(k, kr, first, rows[transposed], n)
 
     # -- building ---------------------------------------------------------------------------
     def add_blocks(self, phase: int, B: BlockDiag, first: int, times: int = 1) -> None:
         """``times · B`` (square blocks aligned at ``first``) into phase ``phase``."""
-        K = B.kr
+        self._add_rows(phase, B.kr, first, _block_rows(B), times)
+
+    def _add_rows(self, phase: int, K: int, first: int, val: np.ndarray, times: int) -> None:
         loc = self.blocks.get(K)
         if loc is None:
             loc = self.blocks[K] = np.zeros((len(PHASES), self.world, K))
-        blocks = B.blocks()
-        if B.transposed:
-            blocks = blocks.transpose(0, 2, 1)
-        val = blocks.reshape(-1, K)
+        self._phases.add(phase)
         rows = loc[phase, first:first + val.shape[0]]
         rows += val * times if times != 1 else val
 
@@ -173,18 +177,16 @@ class Traffic:
         flat_parts, val_parts = [], []
         intra = inter = 0.0
         for K, loc in self.blocks.items():
-            tot = loc.sum(axis=0)  # [R, K]
-            r = np.arange(R)[:, None]
-            col = (r // K) * K + np.arange(K)[None, :]
-            tot[r[:, 0], r[:, 0] % K] = 0.0  # self traffic
-            flat = (r * R + col).reshape(-1)
+            # [R, K]; phases no op touched are zero, and adding zeros changes no sum
+            tot = loc[sorted(self._phases)].sum(axis=0) if self._phases else loc.sum(axis=0)
+            diag, flat, same = _block_layout(R, K, g)
             tot = tot.reshape(-1)
+            tot[diag] = 0.0  # self traffic
             inside = (keys // R) // K == (keys % R) // K
-            pos = (keys[inside] // R) * K + (keys[inside] % R) % K
-            tot = tot.copy()
-            np.add.at(tot, pos, vals[inside])
-            keys, vals = keys[~inside], vals[~inside]
-            same = ((r // g) == (col // g)).reshape(-1)
+            if inside.any():
+                pos = (keys[inside] // R) * K + (keys[inside] % R) % K
+                np.add.at(tot, pos, vals[inside])
+                keys, vals = keys[~inside], vals[~inside]
             intra += float(tot[same].sum())
             inter += float(tot[~same].sum())
             flat_parts.append(flat)
@@ -241,6 +243,27 @@ def _ring_layout(groups: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
     pos = np.arange(len(members)) - start
     nxt = members[start + (pos + 1) % np.maximum(n, 1)]
     return sizes, members, nxt, n
+
+
+@functools.lru_cache(maxsize=8)
+def _block_layout(R: int, K: int, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of ``[R, K]`` block rows, flattened: the self-traffic cells, each cell's dense index
+    ``src · R + dst``, and whether its pair is on one node (nodes of ``g`` ranks)."""
+    r = np.arange(R)[:, None]
+    col = (r // K) * K + np.arange(K)[None, :]
+    out = (r[:, 0] * K + r[:, 0] % K, (r * R + col).reshape(-1),
+           ((r // g) == (col // g)).reshape(-1))
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
+def _block_rows(B: BlockDiag) -> np.ndarray:
+    """``B``'s scaled blocks as rows ``[R, K]`` (each row: its bytes to its own block)."""
+    blocks = B.blocks()
+    if B.transposed:
+        blocks = blocks.transpose(0, 2, 1)
+    return blocks.reshape(-1, B.kr)
 
 
 def _sum_mats(mats: list[np.ndarray]) -> np.ndarray:

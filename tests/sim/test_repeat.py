@@ -3,6 +3,8 @@ every record of a run, bit for bit, with and without batching."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -62,11 +64,16 @@ def _assert_same(a, b) -> None:
     np.testing.assert_array_equal(np.asarray(a.traffic_FRR), np.asarray(b.traffic_FRR))
 
 
-@pytest.mark.parametrize("knobs", [{}, {"ep_size": 4}, {"capacity_factor": 1.0},
-                                   {"ep_size": 8, "capacity_factor": 0.8},
-                                   {"optimizer_on_host": True}])
-def test_batched_run_equals_the_full_path(monkeypatch, knobs):
-    trace = random_trace(9, layers=3, ranks=8, experts=16, tokens=96, micro_batches=2, seed=3)
+@pytest.mark.parametrize("experts,knobs", [
+    (16, {}), (16, {"ep_size": 4}), (16, {"capacity_factor": 1.0}),
+    (16, {"ep_size": 8, "capacity_factor": 0.8}), (16, {"optimizer_on_host": True}),
+    (8, {}), (8, {"capacity_factor": 1.0}), (4, {"ep_size": 4}), (2, {"ep_size": 2})])
+def test_batched_run_equals_the_full_path(monkeypatch, experts, knobs):
+    """Slots per rank 2 / 4 (numpy sums) and 1 (the C pass: EP 8 over two nodes, EP 4 = one
+    node, EP 2 inside a node), dropless and with drops, EDP replicas, host optimizer."""
+    trace = random_trace(9, layers=3, ranks=8, experts=experts, tokens=96, micro_batches=2,
+                         seed=3)
+    monkeypatch.setattr(sys.modules[__name__], "MODEL", MODEL.replace(num_experts=experts))
     fast, calls = _records(monkeypatch, make_policy("static_ep", knobs), trace, True)
     slow, none = _records(monkeypatch, make_policy("static_ep", knobs), trace, False)
     assert sum(calls) == 7 and not none  # iterations 2… batched (0: no previous; 1: template)
