@@ -18,18 +18,16 @@ from moesim.layout import ParallelLayout, parse_layout
 # Everything else runs for real under the layout dataflow (executor/dataflow.py) and is checked
 # against the whole-stack reference (tests/executor/test_layouts_gloo.py): TP with SP, PP
 # (1f1b, interleaved, gpipe; with the all-to-all overlap's fused steps), full and selective
-# (core_attn, moe) recomputation, ZeRO 0-3, expert TP (etp > 1, static EP; executor/moe_etp.py).
-_RUNS_SELECTIVE = ("core_attn", "moe")
+# (core_attn, moe, moe_act) recomputation, ZeRO 0-3, expert TP (etp > 1, static EP;
+# executor/moe_etp.py) with any of these.
+_RUNS_SELECTIVE = ("core_attn", "moe", "moe_act")
 UNSUPPORTED: tuple[tuple[str, object], ...] = (
     ("tensor parallelism without sequence parallelism (tp > 1 needs sp=true: the MoE "
      "layer routes each rank's own sequence shard)", lambda lay: lay.tp > 1 and not lay.sp),
     ("context parallelism (cp > 1: no ring attention in the executor)", lambda lay: lay.cp > 1),
-    ("expert tensor parallelism (etp > 1) with pipeline stages or recomputation (only "
-     "etp with TP/SP, EP and ZeRO is checked)",
-     lambda lay: lay.etp > 1 and (lay.pp > 1 or lay.recompute != "none")),
-    ("selective recomputation of modules other than core_attn and moe (the executor's model "
-     "has no affine LayerNorm, no dense MLP layers, no MLA, and keeps expert activations "
-     "whole)", lambda lay: lay.recompute == "selective"
+    ("selective recomputation of modules other than core_attn, moe and moe_act (the "
+     "executor's model has no affine LayerNorm, no dense MLP layers and no MLA)",
+     lambda lay: lay.recompute == "selective"
      and not set(lay.recompute_modules) <= set(_RUNS_SELECTIVE)),
 )
 

@@ -36,7 +36,7 @@ import torch
 from moesim.errors import MoesimError
 from moesim.executor import dense_block as db
 from moesim.executor.flow_state import FlowState
-from moesim.executor.moe_etp import ETP_LABELS, compile_etp
+from moesim.executor.moe_etp import compile_etp, is_etp_collective
 from moesim.layout import ParallelLayout
 from moesim.ops import AllToAll, Compute, GroupCollective, Op, Program, SendRecv
 
@@ -60,6 +60,12 @@ class LayoutFlow(FlowState):
         from moesim.executor import flow_comm, flow_recompute
 
         if isinstance(op, Compute):
+            key = (op.micro_batch, op.layer)
+            if flow_recompute.is_moe_act(op):
+                return flow_recompute.compile_moe_act(self, op)
+            if op.phase == "expert" and op.kind == "expert_ffn" and op.direction == "fwd" \
+                    and not op.label and key in self.ckpt_act:
+                return flow_recompute.expert_fwd_without_act(self, op)
             if op.phase == "dense" and op.layer >= 0 and op.label == "recompute":
                 return flow_recompute.compile_dense(self, op)
             if op.phase == "dense" and op.kind == "attention" and op.layer >= 0:
@@ -72,7 +78,7 @@ class LayoutFlow(FlowState):
             return self._moe_a2a(op)
         if isinstance(op, GroupCollective) and op.label in TP_LABELS:
             return flow_comm.tp_collective(self, op)
-        if isinstance(op, GroupCollective) and op.label in ETP_LABELS:
+        if is_etp_collective(op):
             return compile_etp(self, op)
         if isinstance(op, SendRecv) and op.phase == "pp_send":
             return flow_comm.pp_send(self, op)
@@ -94,6 +100,12 @@ class LayoutFlow(FlowState):
                     bad = "a dense layer / output head"
                 elif op.label == "recompute" and not flow_recompute.supported(self, op):
                     bad = "this selective recompute module"
+            elif isinstance(op, Compute) and flow_recompute.is_moe_act(op) and \
+                    (op.micro_batch, op.layer) not in self.ex.passes:
+                bad = "an expert recompute op without its layer-pass"
+            elif isinstance(op, GroupCollective) and op.phase in ("dispatch", "combine") and \
+                    not is_etp_collective(op):
+                bad = "a token collective that is not an ETP all-gather / reduce-scatter"
             elif isinstance(op, GroupCollective) and op.phase in STATE_PHASES and \
                     (op.experts_G is None or (op.experts_G < 0).any()) and \
                     op.label not in TP_LABELS and not flow_comm.is_dense(op):

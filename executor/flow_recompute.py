@@ -18,9 +18,14 @@ forward keeps follows Megatron-Core's recompute granularities (Korthikanti et al
   activation formula) are not: their forward runs without a graph and the recompute op
   (``4·s·H`` FLOPs per token, as priced) rebuilds it from the kept QKV.
 
-``moe_act``, ``layernorm``, ``mlp`` and ``mla_up_proj`` are refused by
+- ``moe_act`` (selective): each expert slot's forward keeps its input and its first GEMMs'
+  outputs but drops the activation output (``silu(h1)⊙h3``, or ``gelu(h1)``: ``F`` per row,
+  ``F/et`` under expert TP); the recompute op (phase ``expert``) rebuilds it from what was
+  kept (:func:`~moesim.executor.replay.ffn_activation`) just before the combine backward.
+
+``layernorm``, ``mlp`` and ``mla_up_proj`` are refused by
 :func:`moesim.executor.capabilities.check_layout` (the executor's model has no affine
-LayerNorm, no dense MLP layers and no MLA, and keeps the expert activations whole).
+LayerNorm, no dense MLP layers and no MLA).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from collections.abc import Callable
 import torch
 
 from moesim.executor import dense_block as db
+from moesim.executor.replay import ffn_activation
 from moesim.ops import Compute
 
 
@@ -59,6 +65,38 @@ def compile_dense(flow, op: Compute) -> Callable[[], None]:
             cg["ctx2"] = db.core_attention(cg["qkv"], s)
         flow.note(key)
     return full if key in flow.ckpt_full else core
+
+
+def is_moe_act(op: Compute) -> bool:
+    """The ``moe_act`` recompute op: an expert-phase recompute op that is not an expert FFN."""
+    return op.phase == "expert" and op.label == "recompute" and op.kind != "expert_ffn"
+
+
+def expert_fwd_without_act(flow, op: Compute) -> Callable[[], None]:
+    """The expert forward of a ``moe_act`` layer: the slots' FFNs as usual, then each slot's
+    activation output dropped from what the backward keeps."""
+    key = (op.micro_batch, op.layer)
+    inner, lp = flow.ex._compute(op), flow.ex.passes[key]
+
+    def work() -> None:
+        inner()
+        lp.saved = [(s, (*saved[:-1], None)) for s, saved in lp.saved]
+        flow.note(key)
+    return work
+
+
+def compile_moe_act(flow, op: Compute) -> Callable[[], None]:
+    """The ``moe_act`` recompute op: every active slot's activation output rebuilt from its
+    kept first-GEMM outputs."""
+    key = (op.micro_batch, op.layer)
+    lp, gated = flow.ex.passes[key], flow.ex.expert_model.gated
+
+    def work() -> None:
+        assert all(saved[-1] is None for _, saved in lp.saved), "moe_act recomputed twice"
+        lp.saved = [(s, (*saved[:-1], ffn_activation(saved[:-1], gated=gated)))
+                    for s, saved in lp.saved]
+        flow.note(key)
+    return work
 
 
 def attention_without_core(flow, key: tuple[int, int], leaf: torch.Tensor,

@@ -108,7 +108,8 @@ class FlowState:
     def _recompute_sets(self, program: Program) -> None:
         """Which (micro-batch, layer) keys the program recomputes, and how: ``full`` (a
         recomputed attention with a recomputed router: the whole layer), ``moe`` (router and
-        MoE part only), ``core`` (the score/value products only)."""
+        MoE part only), ``core`` (the score/value products only), ``act`` (the experts'
+        activation outputs only: an expert-phase recompute op that is not an expert FFN)."""
         kinds: dict[tuple[int, int], set] = {}
         for op in program.ops:
             if op.label == "recompute" and isinstance(op, Compute) and self.ex._takes_part(op):
@@ -118,6 +119,8 @@ class FlowState:
         self.ckpt_moe = {k for k, v in kinds.items() if ("route", "router") in v}
         self.ckpt_core = {k for k, v in kinds.items()
                           if ("dense", "attention") in v and k not in self.ckpt_full}
+        self.ckpt_act = {k for k, v in kinds.items()
+                         if any(p == "expert" and kd != "expert_ffn" for p, kd in v)}
 
     # -- parameters ----------------------------------------------------------------------------
     def weights(self, layer: int) -> dict[str, torch.Tensor]:

@@ -18,6 +18,11 @@ of the output gradients and the reduce-scatter of the input gradients. The membe
 differ, and ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` need equal chunks, so each
 member's chunk is padded to ``max M`` rows (zeros); the program's size (``Σ M · H``) is
 checked before the walk.
+
+Under pipeline stages the groups are the stage's own ranks (``ranks_R`` names stage ranks).
+A recomputed forward (``recompute=full`` or selective ``moe``) runs its own all-gather and
+reduce-scatter, labelled ``recompute`` like the rest of it (:func:`is_etp_collective`), on
+the tokens its dispatch brings again.
 """
 
 from __future__ import annotations
@@ -31,12 +36,26 @@ import torch.distributed as dist
 from moesim.errors import MoesimError
 from moesim.executor.replay import split_weights
 from moesim.model_spec import ModelSpec
-from moesim.ops import AllGather, GroupCollective, LayerRoute
+from moesim.ops import AllGather, GroupCollective, LayerRoute, ReduceScatter
 
 ETP_LABELS = ("etp_all_gather", "etp_reduce_scatter")
 # as interpreter_comm names them (not imported from there: moe_layer imports this module)
 _all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+def is_etp_collective(op) -> bool:
+    """An ETP all-gather / reduce-scatter of one layer-pass: named by its label, or, in a
+    recomputed forward (:func:`moesim.layer_ops._recompute`), labelled ``recompute`` like the
+    rest of that forward — the dispatch-phase all-gather and the combine-phase
+    reduce-scatter around the recomputed experts."""
+    if not isinstance(op, (AllGather, ReduceScatter)) or op.layer < 0 or op.micro_batch < 0:
+        return False
+    if op.label in ETP_LABELS:
+        return True
+    return op.label == "recompute" and op.direction == "fwd" and (
+        (op.phase == "dispatch" and isinstance(op, AllGather))
+        or (op.phase == "combine" and isinstance(op, ReduceScatter)))
 
 
 def route_row(route: LayerRoute, stage_rank: int) -> int:

@@ -92,15 +92,26 @@ def ffn(x_MH: torch.Tensor, flat: torch.Tensor, model: ModelSpec) -> torch.Tenso
 
 def ffn_forward(x_MH: torch.Tensor, flat: torch.Tensor, model: ModelSpec
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """:func:`ffn` without autograd, keeping what :func:`ffn_backward` needs: ``(y, saved)``."""
+    """:func:`ffn` without autograd, keeping what :func:`ffn_backward` needs: ``(y, saved)``,
+    ``saved = (x, h1, h3, g)`` gated, ``(x, h1, a)`` plain; its last entry is the activation
+    output (:func:`ffn_activation`)."""
     mats = split_weights(flat, model)
     h1 = x_MH @ mats[0]
     if model.gated:
-        h3 = x_MH @ mats[1]
-        g = torch.nn.functional.silu(h1) * h3
-        return g @ mats[2], (x_MH, h1, h3, g)
-    a = torch.nn.functional.gelu(h1)
+        saved = (x_MH, h1, x_MH @ mats[1])
+        g = ffn_activation(saved, gated=True)
+        return g @ mats[2], (*saved, g)
+    a = ffn_activation((x_MH, h1), gated=False)
     return a @ mats[1], (x_MH, h1, a)
+
+
+def ffn_activation(pre: tuple[torch.Tensor, ...], *, gated: bool) -> torch.Tensor:
+    """The expert's activation output from ``(x, h1[, h3])``, the first GEMMs' outputs:
+    ``silu(h1) ⊙ h3`` gated, ``gelu(h1)`` plain. Selective recomputation of ``moe_act``
+    drops it after the forward and rebuilds it here before the backward."""
+    if gated:
+        return torch.nn.functional.silu(pre[1]) * pre[2]
+    return torch.nn.functional.gelu(pre[1])
 
 
 def ffn_backward(dy_MH: torch.Tensor, saved: tuple[torch.Tensor, ...], flat: torch.Tensor,

@@ -8,8 +8,11 @@ SwiftMoE, LAER FSEP), PP 2 (1F1B over 4 micro-batches, interleaved, GPipe), reco
 ZeRO-1/3, the all-to-all overlap's fused steps, expert TP 2; world 4: TP 2 × EP 2,
 PP 2 × EP 2, PP 2 × TP 2, the three policies under TP and PP, ZeRO-2/3, ETP 2 × EP 2 (EP
 groups strided by etp), TP 2 × ETP 2, ETP 2 × EDP 2 (each shard's gradients all-reduced over
-its EDP group). Recomputation must also shrink the activations a rank holds for its
-backward, and 1F1B must hold more on the first stage than on the last.
+its EDP group), and expert TP with pipeline stages (1F1B, interleaved) and with full and
+selective (``moe``, ``core_attn`` + ``moe_act``) recomputation, whose recomputed forwards
+run the ETP all-gather / reduce-scatter again. Recomputation must also shrink the
+activations a rank holds for its backward, and 1F1B must hold more on the first stage than
+on the last.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from moesim.errors import MoesimError
 from moesim.executor import dense_block
 from moesim.executor.capabilities import check_layout
 from moesim.executor.interpreter import RankExecutor
+from moesim.executor.moe_etp import is_etp_collective
 from moesim.specs import load_model
 from tests.executor.layoutcases import layout_case, run_cases
 
@@ -51,6 +55,8 @@ CASES = {
         "zero3_laer": ("zero=3", "laer_fsep:slots_per_rank=5", 128, 2),
         "tp2_zero0_swiftmoe": ("tp=2,sp=true,zero=0", "swiftmoe", 64, 2),
         "etp2": ("etp=2", "static_ep", 128, 2),
+        "tp2_moe_act": ("tp=2,sp=true,recompute=selective,recompute_modules=moe_act",
+                        "static_ep", 64, 2),
     },
     4: {
         "tp2_ep2": ("tp=2,sp=true,ep=2", "static_ep", 64, 2),
@@ -65,6 +71,18 @@ CASES = {
         "etp2_ep2": ("etp=2,ep=2", "static_ep", 128, 2),
         "tp2_etp2": ("tp=2,sp=true,etp=2", "static_ep", 64, 2),
         "etp2_edp2": ("etp=2,ep=1", "static_ep", 128, 2),
+        # expert TP with pipeline stages and with recomputation
+        "pp2_etp2": ("pp=2,etp=2", "static_ep", 128, 4),
+        "pp2_etp2_interleaved": ("pp=2,vpp=2,pp_schedule=interleaved,etp=2", "static_ep",
+                                 128, 4, 4),
+        "etp2_full": ("etp=2,ep=2,recompute=full", "static_ep", 128, 2),
+        "etp2_moe_act": ("etp=2,ep=2,recompute=selective,recompute_modules=moe_act",
+                         "static_ep", 128, 2),
+        "pp2_etp2_full": ("pp=2,etp=2,recompute=full", "static_ep", 128, 4),
+        "tp2_etp2_moe": ("tp=2,sp=true,etp=2,recompute=selective,recompute_modules=moe",
+                         "static_ep", 64, 2),
+        "pp2_etp2_act": ("pp=2,etp=2,recompute=selective,recompute_modules=core_attn+moe_act",
+                         "static_ep", 128, 4),
     },
 }
 
@@ -109,10 +127,12 @@ def test_layout_matches_the_whole_stack_reference(runs, world, name):
     assert it["ops_timed"] == ran  # every op rank 0 takes part in was run and timed
 
 
-@pytest.mark.parametrize("name", ["tp2_full", "tp2_core_attn", "tp2_moe"])
-def test_recompute_shrinks_the_saved_activations(runs, name):
-    base = _peaks(_report(runs, 2, "tp2"))
-    rc = _peaks(_report(runs, 2, name))
+@pytest.mark.parametrize("world,name,base", [
+    (2, "tp2_full", "tp2"), (2, "tp2_core_attn", "tp2"), (2, "tp2_moe", "tp2"),
+    (2, "tp2_moe_act", "tp2"), (4, "etp2_full", "etp2_ep2"), (4, "etp2_moe_act", "etp2_ep2")])
+def test_recompute_shrinks_the_saved_activations(runs, world, name, base):
+    base = _peaks(_report(runs, world, base))
+    rc = _peaks(_report(runs, world, name))
     assert all(r < b for r, b in zip(rc, base, strict=True)), (rc, base)
 
 
@@ -129,8 +149,8 @@ def test_pipeline_schedules_hold_what_they_should(runs):
 @pytest.mark.parametrize("text,needle", [
     ("tp=2", "without sequence parallelism"),
     ("cp=2", "context parallelism"),
-    ("recompute=selective,recompute_modules=moe_act", "selective recomputation"),
-    ("etp=2,recompute=full", "expert tensor parallelism"),
+    ("recompute=selective,recompute_modules=layernorm", "selective recomputation"),
+    ("etp=2,pp=2,recompute=selective,recompute_modules=mlp", "selective recomputation"),
 ])
 def test_unsupported_layouts_are_refused_in_one_line(text, needle):
     with pytest.raises(MoesimError) as err:
@@ -138,7 +158,11 @@ def test_unsupported_layouts_are_refused_in_one_line(text, needle):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
-ETP_CASES = [(2, "etp2"), (4, "etp2_ep2"), (4, "tp2_etp2"), (4, "etp2_edp2")]
+ETP_CASES = [(2, "etp2"), (4, "etp2_ep2"), (4, "tp2_etp2"), (4, "etp2_edp2"), (4, "pp2_etp2"),
+             (4, "pp2_etp2_interleaved"), (4, "etp2_full"), (4, "etp2_moe_act"),
+             (4, "pp2_etp2_full"), (4, "tp2_etp2_moe"), (4, "pp2_etp2_act")]
+# the MoE part's forward runs again before its backward, ETP collectives included
+RECOMPUTES_MOE = ("etp2_full", "pp2_etp2_full", "tp2_etp2_moe")
 
 
 @pytest.mark.parametrize("world,name", ETP_CASES)
@@ -149,50 +173,107 @@ def test_expert_tp_cases_run_the_etp_collectives_and_shards(runs, world, name):
     # forward and backward: one all-gather and one reduce-scatter each per layer-pass
     assert labels.count("etp_all_gather") == labels.count("etp_reduce_scatter") \
         == 2 * moe_passes
+    again = [op for op in program.ops if is_etp_collective(op) and op.label == "recompute"]
+    assert len(again) == (2 * moe_passes if name in RECOMPUTES_MOE else 0)
     it = _report(runs, world, name)
     assert it["grad_w_local"] > 0  # the sharded expert gradients were compared
     if name == "etp2_edp2":  # each shard's EDP all-reduce was checked too
         assert it["grad_w_synced"] > 0
+    # float32 against float64: well inside the tolerance, as the other expert-TP cases
+    worst = max(it[k] for k in ("out", "grad_x", "grad_dense_local", "grad_dense_synced",
+                                "grad_w_local", "grad_w_synced"))
+    assert worst < 1e-5, (name, worst)
+
+
+def test_expert_tp_under_pp_and_recompute_holds_what_it_should(runs):
+    """1F1B under expert TP: the first stage holds more than the last; full recomputation
+    holds less on the first stage."""
+    first, last = _peaks(_report(runs, 4, "pp2_etp2"))[::2]
+    assert first > 1.5 * last
+    assert _peaks(_report(runs, 4, "pp2_etp2_full"))[0] < first
+
+
+def _reference_payloads(program, model, world: int, pp: int, et: int, shard_of=None
+                        ) -> list[dict]:
+    """What every rank would hand the check if its dataflow were exact: the reference's own
+    outputs (last stage), input gradients (first stage), dense gradients split over the DP
+    ranks and expert-shard gradients (``shard_of(stage rank)``, default its own shard)."""
+    from moesim.executor.flow_state import held_layers
+    from moesim.executor.layout_reference import reference_flat, reference_stack
+    from moesim.executor.moe_etp import shard_expert
+
+    n = world // pp
+    ref = reference_stack(program, model, n, 1, 0)
+    shard_of = shard_of or (lambda src: src % et)
+    out = []
+    for r in range(world):
+        stage, src = divmod(r, n)
+        layers = held_layers(program, r)
+        local = {(l, e, src % et): shard_expert(ref.expert_grads[(l, e)], model,
+                                                shard_of(src), et).float()
+                 for l in layers for e in range(model.num_experts)}
+        out.append({"rank": r, "source": src, "etp": et, "tp_index": 0, "dp_index": src,
+                    "layers": tuple(layers),
+                    "outputs": {mb: o[src].float() for mb, o in ref.outputs.items()}
+                    if stage == pp - 1 else {},
+                    "input_grads": {mb: g[src].float() for mb, g in ref.input_grads.items()}
+                    if stage == 0 else {},
+                    "dense_local": reference_flat(ref, layers, 0, 1).float() / n,
+                    "dense_synced": None, "experts_local": local, "experts_synced": {},
+                    "saved_peak_bytes": 0})
+    return out
 
 
 def test_expert_tp_check_fails_on_a_wrong_shard():
     """The whole-stack check of sharded expert gradients can fail: payloads built from the
     reference itself pass, and the same payloads with rank 0 holding shard 1's gradient (or
-    the whole expert's) fail."""
+    zeros) fail."""
     import torch
 
     from moesim.executor.layout_check import compare_stack
-    from moesim.executor.layout_reference import reference_flat, reference_stack
-    from moesim.executor.moe_etp import shard_expert
 
     case = _case(2, ("etp=2", "static_ep", 128, 2))
     program, model = case["items"][0][1], case["model"]
-    ref = reference_stack(program, model, 2, 1, 0)
-    layers = sorted({l for _, l in program.routes})
-
-    def payloads(shard_of=lambda r: r) -> list[dict]:
-        out = []
-        for r in range(2):
-            local = {(l, e, r): shard_expert(ref.expert_grads[(l, e)], model, shard_of(r),
-                                             2).float()
-                     for l in layers for e in range(model.num_experts)}
-            out.append({"rank": r, "source": r, "etp": 2, "tp_index": 0, "dp_index": r,
-                        "layers": tuple(layers),
-                        "outputs": {mb: o[r].float() for mb, o in ref.outputs.items()},
-                        "input_grads": {mb: g[r].float() for mb, g in ref.input_grads.items()},
-                        "dense_local": reference_flat(ref, layers, 0, 1).float() / 2,
-                        "dense_synced": None, "experts_local": local, "experts_synced": {},
-                        "saved_peak_bytes": 0})
-        return out
-
-    good = compare_stack(payloads(), program, model, 2, 1, 0)
+    good = compare_stack(_reference_payloads(program, model, 2, 1, 2), program, model, 2, 1, 0)
     assert good["ok"], good
-    bad = compare_stack(payloads(lambda r: 1 - r), program, model, 2, 1, 0)
+    bad = compare_stack(_reference_payloads(program, model, 2, 1, 2, lambda r: 1 - r),
+                        program, model, 2, 1, 0)
     assert not bad["ok"] and bad["grad_w_local"] > 0.1, bad
-    whole = payloads()
+    whole = _reference_payloads(program, model, 2, 1, 2)
     for k in whole[0]["experts_local"]:
         whole[0]["experts_local"][k] = torch.zeros_like(whole[0]["experts_local"][k])
     assert not compare_stack(whole, program, model, 2, 1, 0)["ok"]
+
+
+def test_expert_tp_pipeline_check_fails_on_a_wrong_gradient():
+    """PP 2 × ETP 2 with full recomputation (world 4): the reference's own payloads pass;
+    the check fails when a last-stage rank holds the other shard's expert gradient, when a
+    first-stage rank's input gradients belong to the other micro-batch, and when one
+    rank's dense gradient is off by 1 %."""
+    from moesim.executor.layout_check import compare_stack
+
+    case = _case(4, ("pp=2,etp=2,recompute=full", "static_ep", 128, 4))
+    program, model = case["items"][0][1], case["model"]
+
+    def check(payloads) -> dict:
+        return compare_stack(payloads, program, model, 2, 1, 0)
+
+    good = check(_reference_payloads(program, model, 4, 2, 2))
+    assert good["ok"] and good["complete"], good
+    swapped = _reference_payloads(program, model, 4, 2, 2, lambda src: 1 - src)
+    wrong_shard = _reference_payloads(program, model, 4, 2, 2)
+    wrong_shard[2]["experts_local"] = swapped[2]["experts_local"]  # stage 1, ETP index 0
+    bad = check(wrong_shard)
+    assert not bad["ok"] and bad["grad_w_local"] > 0.1, bad
+    wrong_mb = _reference_payloads(program, model, 4, 2, 2)
+    g = wrong_mb[0]["input_grads"]
+    g[0], g[1] = g[1], g[0]
+    bad = check(wrong_mb)
+    assert not bad["ok"] and bad["grad_x"] > 0.1 and bad["grad_w_local"] == good["grad_w_local"]
+    off = _reference_payloads(program, model, 4, 2, 2)
+    off[3]["dense_local"] = off[3]["dense_local"] * 1.01
+    bad = check(off)
+    assert not bad["ok"] and bad["grad_dense_local"] > 1e-3, bad
 
 
 def test_models_whose_flops_the_attention_would_not_do_are_refused():

@@ -28,10 +28,10 @@ from moesim.specs import load_cluster, load_model  # noqa: E402
 WORLD = 2
 # layouts at world size 2 that issue 14 asks the executor to run (1F1B, 4 micro-batches for PP)
 LAYOUTS = ("tp=2,sp=true", "pp=2,pp_schedule=1f1b", "recompute=full", "zero=1",
-           "a2a_overlap=true", "etp=2")
-# layouts the executor refuses (executor/capabilities.py): CP, TP without SP, expert TP with
-# recomputation
-REFUSED = ("cp=2", "tp=2", "etp=2,recompute=full")
+           "a2a_overlap=true", "etp=2", "etp=2,recompute=full")
+# layouts the executor refuses (executor/capabilities.py): CP, TP without SP, selective
+# recomputation of a module its model does not have
+REFUSED = ("cp=2", "tp=2", "recompute=selective,recompute_modules=layernorm")
 PROBES = (*LAYOUTS, *REFUSED)
 
 

@@ -164,6 +164,79 @@ def test_etp_conserves_expert_work_and_adds_its_collectives() -> None:
     assert rest(one) == rest(two)
 
 
+def test_etp_full_recompute_reruns_the_etp_collectives() -> None:
+    """etp 2, ep 2, recompute=full: before each layer-pass's backward the recomputed forward
+    runs its own ETP all-gather and reduce-scatter (label ``recompute``) with the forward's
+    groups and bytes, around a recomputed expert op with the forward's FLOPs; the backward's
+    combine waits for the recomputed combine, and the backward ETP pair is unchanged."""
+    model = uniform_model(2, 4, micro_batches=2)
+    trace = uniform_trace(4, 2, 4, micro_batches=2)
+    ctx, _, _ = lower_one(parse_layout("etp=2,ep=2,recompute=full"), trace, model,
+                          free_comm_cluster(1, 4))
+    tb = model.hidden_size * model.bytes_activation
+    for mb in range(2):
+        for layer in range(2):
+            at = dict(layer=layer, micro_batch=mb, direction="fwd")
+            (gi, ag), = [(i, op) for i, op in _ops(ctx, label="recompute", phase="dispatch", **at)
+                         if isinstance(op, AllGather)]
+            (ri, rs), = [(i, op) for i, op in _ops(ctx, label="recompute", phase="combine", **at)
+                         if isinstance(op, ReduceScatter)]
+            (_, fwd_ag), = _ops(ctx, label="etp_all_gather", **at)
+            for op in (ag, rs):
+                assert [g.tolist() for g in op.groups] == [[0, 1], [2, 3]]
+                np.testing.assert_array_equal(op.bytes_G, fwd_ag.bytes_G)
+                assert np.all(op.bytes_G == 256 * tb)
+            (ei, exp), = _ops(ctx, label="recompute", phase="expert", **at)
+            (_, fwd_exp), = _ops(ctx, label="", phase="expert", **at)
+            np.testing.assert_allclose(exp.flops_R, fwd_exp.flops_R)
+            assert gi in exp.deps and ei in rs.deps
+            (ci, _), = [(i, op) for i, op in _ops(ctx, label="recompute", phase="combine", **at)
+                        if isinstance(op, AllToAll)]
+            assert ri in ctx.program.ops[ci].deps
+            (_, cb), = [(i, op) for i, op in _ops(ctx, phase="combine", layer=layer,
+                                                   micro_batch=mb, direction="bwd")
+                        if isinstance(op, AllToAll)]
+            assert ci in cb.deps
+            assert len(_ops(ctx, label="etp_all_gather", layer=layer, micro_batch=mb,
+                            direction="bwd")) == 1
+
+
+def test_etp_moe_act_recompute_ops_and_memory_use_the_gathered_shard() -> None:
+    """Selective ``moe_act`` under etp 2: the recompute op covers every gathered row (256
+    per rank) at ``F/et`` (4 FLOPs and 3 gated intermediates per element), and the
+    activations it saves are exactly those rows' activation outputs, ``b_act · F/et`` per
+    row per layer (one micro-batch held: no pipeline)."""
+    model = uniform_model(2, 4, micro_batches=2)
+    trace = uniform_trace(4, 2, 4, micro_batches=2)
+    cluster = free_comm_cluster(1, 4)
+    act, _, _ = lower_one(parse_layout("etp=2,ep=2,recompute=selective,recompute_modules="
+                                       "moe_act"), trace, model, cluster)
+    base, _, _ = lower_one(parse_layout("etp=2,ep=2"), trace, model, cluster)
+    f, b = model.ffn_hidden_size / 2, model.bytes_activation
+    ops = [op for _, op in _ops(act, label="recompute")]
+    assert len(ops) == 2 * 2 and all(op.phase == "expert" and op.kind == "other" for op in ops)
+    for op in ops:
+        np.testing.assert_allclose(op.flops_R, 256 * 4.0 * f)
+        np.testing.assert_allclose(op.bytes_R, 256 * 3 * f * b)
+    saved = base.program.memory_bytes["activations"] - act.program.memory_bytes["activations"]
+    np.testing.assert_allclose(saved, 2 * 256 * b * f)
+
+
+def test_etp_under_pp_uses_each_stages_own_groups() -> None:
+    """pp 2, etp 2 on 4 ranks (ep 1 per stage), with full recomputation: every ETP
+    collective, forward, recomputed and backward, runs over its stage's ranks ({0, 1} on
+    stage 0, {2, 3} on stage 1)."""
+    model = uniform_model(2, 4, micro_batches=4)
+    trace = uniform_trace(2, 2, 4, micro_batches=4)
+    ctx, _, _ = lower_one(parse_layout("pp=2,etp=2,recompute=full"), trace, model,
+                          free_comm_cluster(1, 4))
+    etp = [op for op in ctx.program.ops if (op.phase, type(op)) in
+           (("dispatch", AllGather), ("combine", ReduceScatter))]
+    assert len(etp) == 2 * 4 * 3 * 2  # layers × micro-batches × (fwd, recompute, bwd) × 2
+    for op in etp:
+        assert [g.tolist() for g in op.groups] == [[0, 1] if op.layer == 0 else [2, 3]]
+
+
 @pytest.mark.parametrize("policy, knobs, needle", [
     ("laer_fsep", {}, "use --policy static_ep, or etp=1"),
     ("swiftmoe", {}, "use --policy static_ep, or etp=1"),
