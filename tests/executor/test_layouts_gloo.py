@@ -99,8 +99,23 @@ def runs(tmp_path_factory) -> dict[int, tuple[dict, dict]]:
     out = {}
     for world, specs in CASES.items():
         cases = {name: _case(world, spec) for name, spec in specs.items()}
+        if world == 2:
+            cases["unnamed_etp_collective"] = _unnamed_etp_collective()
         out[world] = (cases, run_cases(cases, world, tmp_path_factory.mktemp(f"w{world}")))
     return out
+
+
+def _unnamed_etp_collective() -> dict:
+    """``etp=2,recompute=full`` with its recomputed ETP collectives relabelled: a token
+    collective the dataflow does not know, which must be refused, not run on a buffer."""
+    import dataclasses
+
+    case = _case(2, ("etp=2,recompute=full", "static_ep", 128, 2))
+    program = case["items"][0][1]
+    ops = [dataclasses.replace(op, label="unknown")
+           if is_etp_collective(op) and op.label == "recompute" else op for op in program.ops]
+    case["items"] = [(0, dataclasses.replace(program, ops=ops))]
+    return case
 
 
 def _peaks(it: dict) -> list[float]:
@@ -183,6 +198,12 @@ def test_expert_tp_cases_run_the_etp_collectives_and_shards(runs, world, name):
     worst = max(it[k] for k in ("out", "grad_x", "grad_dense_local", "grad_dense_synced",
                                 "grad_w_local", "grad_w_synced"))
     assert worst < 1e-5, (name, worst)
+
+
+def test_a_token_collective_the_dataflow_does_not_know_is_refused(runs):
+    result = runs[2][1]["unnamed_etp_collective"]
+    assert not result["ok"]
+    assert "a token collective that is not an ETP all-gather" in result["error"]
 
 
 def test_expert_tp_under_pp_and_recompute_holds_what_it_should(runs):
