@@ -138,14 +138,14 @@ def schedule(ops: Sequence[Op], durations: Sequence[np.ndarray], num_ranks: int,
     ``[R]`` per rank, ``[G]`` per group, ``[1]`` all-to-all). ``t0_R``: per-rank start times.
 
     One iteration of :func:`schedule_batch` (a batch of one)."""
-    dur_B = [np.asarray(d, dtype=np.float64)[None] for d in durations]
-    t0 = None if t0_R is None else np.asarray(t0_R, dtype=np.float64)[None]
-    return schedule_batch(ops, dur_B, num_ranks, 1, t0).iteration(0)
+    t0 = None if t0_R is None else np.asarray(t0_R, dtype=np.float64)
+    return schedule_batch(ops, durations, num_ranks, 1, t0).iteration(0)
 
 
 class BatchSchedule:
     """The schedules of ``batch`` iterations that share one program structure: per op its
-    member ranks (``ranks_O[i]`` None: every rank) and ``[B, members]`` start / end arrays."""
+    member ranks (``ranks_O[i]`` None: every rank) and flat ``[B·members]`` start / end
+    arrays (iteration-major; :meth:`rows` gives them as ``[B, members]``)."""
 
     def __init__(self, num_ranks: int, batch: int, ranks_O: list, start_O: list, end_O: list
                  ) -> None:
@@ -154,57 +154,76 @@ class BatchSchedule:
 
     def iteration(self, b: int) -> Schedule:
         """Iteration ``b``'s :class:`Schedule` (views into the batch's arrays)."""
-        return Schedule.compact(self.num_ranks, self.ranks_O, [s[b] for s in self.start_O],
-                                [e[b] for e in self.end_O])
+        if self.batch == 1:
+            return Schedule.compact(self.num_ranks, self.ranks_O, self.start_O, self.end_O)
+        starts, ends = [], []
+        for ranks, st, en in zip(self.ranks_O, self.start_O, self.end_O, strict=True):
+            n = self.num_ranks if ranks is None else len(ranks)
+            starts.append(st[b * n:(b + 1) * n])
+            ends.append(en[b * n:(b + 1) * n])
+        return Schedule.compact(self.num_ranks, self.ranks_O, starts, ends)
+
+    def rows(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Op ``i``'s ``[B, members]`` starts and ends."""
+        return self.start_O[i].reshape(self.batch, -1), self.end_O[i].reshape(self.batch, -1)
 
 
 def schedule_batch(ops: Sequence[Op], durations_O: Sequence[np.ndarray], num_ranks: int,
                    batch: int, t0_BR: np.ndarray | None = None) -> BatchSchedule:
     """Schedule ``batch`` iterations of one program structure at once: ``durations_O[i]`` is
     op ``i``'s ``[B, R]`` / ``[B, G]`` / ``[B, 1]`` seconds in each iteration (what
-    :meth:`CostModel.duration` gives, one row per iteration). Program order does not depend
-    on the durations, so every iteration's times are exactly what :func:`schedule` gives it
-    alone: the same elementwise steps, with a leading batch axis.
+    :meth:`CostModel.duration` gives, one row per iteration; a batch of one may give them
+    1-D). Program order does not depend
+    on the durations, so every iteration's times are exactly what it gets scheduled alone:
+    the same elementwise steps on each iteration's values.
 
     The hot loop of the simulator, kept in one function (with a fast path for ops on every
-    rank) so that per-op Python overhead stays a few microseconds, shared by the batch. Each
-    op's ``done`` rows (its end on its members, what it depended on elsewhere) are kept only
-    while a later op depends on it, and times are stored for members only, so memory grows
-    with the ops' members, not with ``ops × ranks``."""
+    rank) so that per-op Python overhead stays a few microseconds, shared by the batch.
+    Per-rank state is kept flat, ``[B·R]`` (iteration-major), so that an op's members are one
+    1-D index (``b·R + rank``; the ranks themselves when ``B = 1``). Each op's ``done`` row
+    (its end on its members, what it depended on elsewhere) is kept only while a later op
+    depends on it, and times are stored for members only, so memory grows with the ops'
+    members, not with ``ops × ranks``."""
     R, B = num_ranks, batch
     Q = len(STREAMS)
-    free_QBR = np.zeros((Q, B, R)) if t0_BR is None else np.tile(t0_BR, (Q, 1, 1))
-    zeros_BR = np.zeros((B, R))
+    free_QX = np.zeros((Q, B * R)) if t0_BR is None else np.tile(np.reshape(t0_BR, -1), (Q, 1))
+    zeros_X = np.zeros(B * R)
     last = _last_uses(ops)
     done: dict[int, np.ndarray] = {}
     groups_seen: dict[int, tuple] = {}
+    flat_seen: dict[int, tuple] = {}
     ranks_O: list[np.ndarray | None] = []
     start_O: list[np.ndarray] = []
     end_O: list[np.ndarray] = []
     for i, op in enumerate(ops):
-        dep_BR = _dep_ready(done, op.deps, zeros_BR)
+        dep_X = _dep_ready(done, op.deps, zeros_X)
         q = STREAM_INDEX[op.stream]
-        ready_BR = np.maximum(free_QBR[q], dep_BR)
+        ready_X = np.maximum(free_QX[q], dep_X)
         dur = durations_O[i]
+        n_d = dur.shape[-1]  # per iteration: R, members, groups or 1
+        dur = dur.reshape(-1) if dur.ndim > 1 else np.asarray(dur, dtype=np.float64)
         if _spans_world(op):  # fast path: every rank, one start per rank or one group
-            if dur.shape[1] == R:
-                start, end = ready_BR, ready_BR + dur
+            if n_d == R:
+                start, end = ready_X, ready_X + dur
+            elif B == 1:
+                start = np.full(R, ready_X.max())
+                end = start + dur[0]
             else:
-                start = np.empty((B, R))
-                start[:] = ready_BR.max(axis=1, keepdims=True)
-                end = start + dur[:, :1]
-            free_QBR[q] = end
+                start = np.repeat(ready_X.reshape(B, R).max(axis=1), R)
+                end = start + np.repeat(dur[::n_d], R)
+            free_QX[q] = end
             ranks_O.append(None)
             row = end
         else:
             ranks, group, layout = _members(op, R, groups_seen)
-            start, end = _op_times(op, dur, ready_BR, ranks, group, layout, R)
-            free_QBR[q][:, ranks] = end
+            flat = _flat(ranks, group, layout, R, B, flat_seen)
+            start, end = _op_times(op, dur, n_d, ready_X, ranks, group, layout, flat, B)
+            free_QX[q][flat[0]] = end
             ranks_O.append(ranks)
             row = None
             if last[i] >= 0:
-                row = dep_BR.copy()
-                row[:, ranks] = end
+                row = dep_X.copy()
+                row[flat[0]] = end
         start_O.append(start)
         end_O.append(end)
         if last[i] >= 0:
@@ -215,11 +234,11 @@ def schedule_batch(ops: Sequence[Op], durations_O: Sequence[np.ndarray], num_ran
     return BatchSchedule(R, B, ranks_O, start_O, end_O)
 
 
-def _dep_ready(done: dict[int, np.ndarray], deps: tuple[int, ...], zeros_BR: np.ndarray
+def _dep_ready(done: dict[int, np.ndarray], deps: tuple[int, ...], zeros_X: np.ndarray
                ) -> np.ndarray:
-    """Per-rank time all ``deps`` are done, ``[B, R]`` (``zeros_BR`` when there are none)."""
+    """Per-rank time all ``deps`` are done, ``[B·R]`` (``zeros_X`` when there are none)."""
     if not deps:
-        return zeros_BR
+        return zeros_X
     if len(deps) == 1:
         return done[deps[0]]
     out = np.maximum(done[deps[0]], done[deps[1]])
@@ -254,29 +273,57 @@ def _members(op: Op, R: int, seen: dict[int, tuple]
     return hit[1], hit[2], hit[3]
 
 
-def _op_times(op: Op, dur_B: np.ndarray, ready_BR: np.ndarray, ranks: np.ndarray,
-              group: np.ndarray | None, layout: tuple | None, R: int
+def _flat(ranks: np.ndarray, group: np.ndarray | None, layout: tuple | None, R: int, B: int,
+          seen: dict[int, tuple]) -> tuple:
+    """An op's members as flat indices over the batch: ``(members, group order, group
+    bounds, member → group start, member's group)``, each offset per iteration (``b·R``
+    for ranks, ``b·n`` for members, ``b·G`` for groups); the arrays themselves for
+    ``B = 1``. Memoised per ``ranks`` object (the entry keeps it alive)."""
+    if B == 1:
+        return (ranks, *(layout or (None, None, None)), group)
+    hit = seen.get(id(ranks))
+    if hit is None or hit[0] is not ranks:
+        n = len(ranks)
+        off = np.arange(B)[:, None]
+        out = [(ranks[None] + off * R).reshape(-1)]
+        if layout is not None:
+            order, bounds, gid = layout
+            G = len(bounds)
+            out += [(order[None] + off * n).reshape(-1), (bounds[None] + off * n).reshape(-1),
+                    (gid[None] + off * G).reshape(-1), (group[None] + off * G).reshape(-1)]
+        else:
+            out += [None, None, None, None if group is None else group]
+        hit = seen[id(ranks)] = (ranks, tuple(out))
+    return hit[1]
+
+
+def _op_times(op: Op, dur: np.ndarray, n_d: int, ready_X: np.ndarray, ranks: np.ndarray,
+              group: np.ndarray | None, layout: tuple | None, flat: tuple, B: int
               ) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end ``[B, members]`` of ``op`` on its member ``ranks`` (aligned with
-    ``ranks``) in each iteration of the batch."""
-    B = ready_BR.shape[0]
+    """Start and end ``[B·members]`` (iteration-major, aligned with ``ranks``) of ``op`` on
+    its member ``ranks`` in each iteration of the batch; ``dur`` is the flat ``[B·n_d]``
+    seconds, ``n_d`` per iteration: ``R``, members, groups or 1."""
+    idx = flat[0]
+    n = len(ranks)
+    R = len(ready_X) // B
     if group is None:  # per-rank op
-        start = ready_BR[:, ranks]
-        d = dur_B[:, ranks] if dur_B.shape[1] == R else dur_B
-        return start, start + d
-    if len(ranks) == 0:
-        return np.zeros((B, 0)), np.zeros((B, 0))
+        start = ready_X[idx]
+        return start, start + (dur[idx] if n_d == R else dur)
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
     if layout is None:  # all-to-all or send/recv batch: one group
-        start = np.empty((B, len(ranks)))
-        start[:] = ready_BR[:, ranks].max(axis=1, keepdims=True)
+        if B == 1:
+            start = np.full(n, ready_X[idx].max())
+        else:
+            start = np.repeat(ready_X[idx].reshape(B, n).max(axis=1), n)
         if isinstance(op, SendRecv):  # per-rank transfer times from a common start
-            return start, start + dur_B[:, ranks]
-        return start, start + dur_B[:, :1]
-    order, bounds, gid = layout
-    gstart = np.maximum.reduceat(ready_BR[:, ranks[order]], bounds, axis=1)
-    start = np.empty((B, len(ranks)))
-    start[:, order] = gstart[:, gid]
-    return start, start + dur_B[:, group]
+            return start, start + dur[idx]
+        return start, start + (dur[0] if B == 1 else np.repeat(dur[::n_d], n))
+    _, order, bounds, gid, grp = flat
+    gstart = np.maximum.reduceat(ready_X[idx][order], bounds)
+    start = np.empty(B * n)
+    start[order] = gstart[gid]
+    return start, start + dur[grp]
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,19 +79,36 @@ def ep_groups(ctx: LoweringContext) -> list[np.ndarray]:
 def phase_times(ops: list[Op], sched: Schedule, num_layers: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(busy_s, start_s, end_s)`` each ``[L+1, F, R]``: summed durations, first start and
-    last end of each (layer, phase) per rank (per-iteration ops go to index ``L``), from the
-    schedule's member spans (:meth:`~moesim.engine.Schedule.spans`); busy times are summed
-    in program order."""
-    ranks_O: list = [np.zeros(0, np.int64)] * len(ops)
-    start_O: list = [np.zeros((1, 0))] * len(ops)
-    end_O: list = [np.zeros((1, 0))] * len(ops)
-    all_R = np.arange(sched.num_ranks)
+    last end of each (layer, phase) per rank (per-iteration ops go to index ``L``).
+
+    From the schedule's member spans (:meth:`~moesim.engine.Schedule.spans`), all ops at
+    once: busy times are summed in program order (``bincount``), as one row update per op
+    would."""
+    R, F = sched.num_ranks, len(PHASES)
+    cells = (num_layers + 1) * F
+    cell_O = op_cells(ops, num_layers)
+    cell_N, ranks_N, firsts, lasts = [], [], [], []
     for i, ranks, st, en in sched.spans():
-        ranks_O[i] = None if len(ranks) == sched.num_ranks and np.array_equal(ranks, all_R) \
-            else ranks
-        start_O[i], end_O[i] = np.asarray(st)[None], np.asarray(en)[None]
-    return phase_times_batch(op_cells(ops, num_layers), ranks_O, start_O, end_O, num_layers,
-                             sched.num_ranks)[0]
+        cell_N.append(cell_O[i])
+        ranks_N.append(ranks)
+        firsts.append(st)
+        lasts.append(en)
+    if ranks_N:  # key = cell · R + rank, per member of each op (one repeat, one concatenate)
+        sizes_N = np.fromiter((len(r) for r in ranks_N), np.int64, len(ranks_N))
+        key = np.repeat(np.asarray(cell_N, np.int64) * R, sizes_N)
+        key += np.concatenate(ranks_N)
+        first, last = np.concatenate(firsts), np.concatenate(lasts)
+    else:
+        key, first, last = np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+    dur = last - first
+    np.copyto(dur, 0.0, where=np.isnan(dur))
+    busy = np.bincount(key, weights=dur, minlength=cells * R)
+    start, end = np.full(cells * R, np.inf), np.full(cells * R, -np.inf)
+    np.minimum.at(start, key, np.where(np.isnan(first), np.inf, first))  # fmin's NaN rule
+    np.maximum.at(end, key, np.where(np.isnan(last), -np.inf, last))
+    start[start == np.inf] = np.nan
+    end[end == -np.inf] = np.nan
+    return tuple(a.reshape(num_layers + 1, F, R) for a in (busy, start, end))
 
 
 def op_cells(ops: list[Op], num_layers: int) -> list[int]:
@@ -102,19 +119,23 @@ def op_cells(ops: list[Op], num_layers: int) -> list[int]:
 
 
 def phase_times_batch(cell_O: list[int], ranks_O: list, start_O: list, end_O: list,
-                      num_layers: int, num_ranks: int
+                      num_layers: int, num_ranks: int, batch: int
                       ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """:func:`phase_times` of each iteration of a batch that shares one program structure:
-    per op its cell, its member ranks (None: all) and ``[B, members]`` starts and ends (a
-    :class:`~moesim.engine.BatchSchedule`'s lists). One pass over the ops in program order;
-    a rank's NaN start or end counts as no time, and it never sets a first start or last
-    end (``fmin`` / ``fmax``)."""
-    B = start_O[0].shape[0] if start_O else 1
+    per op its cell, its member ranks (None: all) and flat ``[B·members]`` starts and ends
+    (a :class:`~moesim.engine.BatchSchedule`'s lists). One pass over the ops in program order
+    (busy times summed in the order :func:`phase_times`' ``bincount`` sums them, so the
+    values are the same), its Python work per op shared by the batch, where
+    :func:`phase_times` vectorises one iteration over every member of every op instead; a
+    rank's NaN start or end counts as no time, and it never sets a first start or last end
+    (``fmin`` / ``fmax``)."""
+    B = batch
     shape = (B, (num_layers + 1) * len(PHASES), num_ranks)
     busy, start, end = np.zeros(shape), np.full(shape, np.nan), np.full(shape, np.nan)
     for c, ranks, st, en in zip(cell_O, ranks_O, start_O, end_O, strict=True):
-        if st.shape[1] == 0:
+        if st.size == 0:
             continue
+        st, en = st.reshape(B, -1), en.reshape(B, -1)
         dur = en - st
         np.copyto(dur, 0.0, where=np.isnan(dur))
         idx = (slice(None), c) if ranks is None else (slice(None), c, ranks)

@@ -207,10 +207,12 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
         ctx.token_batch()._io[g] = tuple(x.reshape(B * M, L, -1) for x in io)
     durs = batch_durations(t, ctx, run.cost, B)
     bsched = schedule_batch(t.ops, durs, R, B)
-    phases = phase_times_batch(t.cells, bsched.ranks_O, bsched.start_O, bsched.end_O, L, R)
+    phases = phase_times_batch(t.cells, bsched.ranks_O, bsched.start_O, bsched.end_O, L, R,
+                               B)
     ends_B = np.full(B, -np.inf)
     for e in bsched.end_O:
-        if e.shape[1]:
+        if e.size:
+            e = e.reshape(B, -1)
             np.maximum(ends_B, np.where(np.isfinite(e), e, -np.inf).max(axis=1), out=ends_B)
     out = []
     for b, (it, dec, _) in enumerate(items):
