@@ -45,12 +45,14 @@ def expert_gemm_times(cost: CostModel, ops: list[Op]) -> dict[int, np.ndarray]:
 
 
 def gemm_stack_times(cost: CostModel, m_XRS: np.ndarray, passes: float, weight_bytes: float,
-                     flops_per_token: float) -> np.ndarray:
+                     flops_per_token: float, m_int: np.ndarray | None = None) -> np.ndarray:
     """``Σ_slots [max(p·w/bw, p·m·f/(peak·eff(m))) + launch]`` ``[..., R]`` of a stack of
     same-shape expert-GEMM row arrays ``[..., R, S]`` (float64), the per-op formula
-    elementwise."""
+    elementwise; ``m_int``: the same rows as integers, when they are (efficiency by table)."""
     hw, p, w, f = cost.hw, passes, weight_bytes, flops_per_token
-    flop_t = p * m_XRS * f / (hw.peak_flops * cost.efficiency(m_XRS, "bwd" if p >= 2 else ""))
+    curve = "bwd" if p >= 2 else ""
+    eff = cost.efficiency(m_XRS, curve) if m_int is None else cost.count_efficiency(m_int, curve)
+    flop_t = p * m_XRS * f / (hw.peak_flops * eff)
     slot_t = np.maximum(p * w / (hw.mem_bw_GBps * GB), flop_t) + hw.launch_s
     return np.where(m_XRS > 0, slot_t, 0.0).sum(axis=-1)
 

@@ -34,14 +34,9 @@ from moesim.stages import LayoutPlan, Stage
 
 def emit_program(ctx: Any, plan: LayoutPlan | None) -> None:
     """Every op of the iteration into ``ctx.program`` (module docstring)."""
-    if plan is None or plan.layout.pp == 1:
-        if plan is not None:
-            ctx.layout, ctx.num_dense = plan.layout, plan.num_dense_layers
-        contexts = [ctx]
-    else:
+    if plan is not None and plan.layout.pp > 1:
         ctx.program = Program(num_ranks=plan.world)
-        contexts = [stage_context(ctx, plan, st) for st in plan.stages]
-    ctx.stage_contexts = contexts
+    contexts = stage_contexts(ctx, plan)
     layout = contexts[0].layout
     M = ctx.tokens_MLRG.shape[0]
     p, v = layout.pp, layout.vpp
@@ -62,6 +57,19 @@ def emit_program(ctx: Any, plan: LayoutPlan | None) -> None:
         else:  # a stage of dense layers only: its dense gradients and optimizer step
             c.grad_sync_ops = c.emit_dense_grad_allreduce()
             c.emit_dense_optimizer()
+
+
+def stage_contexts(ctx: Any, plan: LayoutPlan | None) -> list:
+    """``ctx.stage_contexts``, set: one context per pipeline stage (``ctx`` itself, with the
+    layout's facts, when there is one stage)."""
+    if plan is None or plan.layout.pp == 1:
+        if plan is not None:
+            ctx.layout, ctx.num_dense = plan.layout, plan.num_dense_layers
+        contexts = [ctx]
+    else:
+        contexts = [stage_context(ctx, plan, st) for st in plan.stages]
+    ctx.stage_contexts = contexts
+    return contexts
 
 
 def _parts(steps: list[Step]) -> list[Step]:

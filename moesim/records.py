@@ -132,13 +132,23 @@ def phase_times_batch(cell_O: list[int], ranks_O: list, start_O: list, end_O: li
     B = batch
     shape = (B, (num_layers + 1) * len(PHASES), num_ranks)
     busy, start, end = np.zeros(shape), np.full(shape, np.nan), np.full(shape, np.nan)
+    spans: dict[int, tuple] = {}  # id(ranks) -> (ranks, slice or ranks): consecutive ranks slice
     for c, ranks, st, en in zip(cell_O, ranks_O, start_O, end_O, strict=True):
         if st.size == 0:
             continue
         st, en = st.reshape(B, -1), en.reshape(B, -1)
         dur = en - st
         np.copyto(dur, 0.0, where=np.isnan(dur))
-        idx = (slice(None), c) if ranks is None else (slice(None), c, ranks)
+        if ranks is None:
+            idx = (slice(None), c)
+        else:
+            hit = spans.get(id(ranks))
+            if hit is None or hit[0] is not ranks:
+                r = np.asarray(ranks)
+                run = len(r) and r[-1] - r[0] == len(r) - 1 and not np.any(np.diff(r) != 1)
+                hit = spans[id(ranks)] = (ranks, slice(int(r[0]), int(r[-1]) + 1) if run
+                                          else r)
+            idx = (slice(None), c, hit[1])
         busy[idx] += dur
         start[idx] = np.fmin(start[idx], st)  # NaN (no time yet, or none) never wins
         end[idx] = np.fmax(end[idx], en)

@@ -47,10 +47,11 @@ from moesim.ops import AllToAll, Compute, Program
 from moesim.placement import Decision
 from moesim.records import op_cells, phase_times_batch, program_relayout_bytes
 from moesim.routing_blocks import block_column_sums
+from moesim.stage_context import _replaced
 from moesim.traffic import Traffic
 
 #: bytes of per-iteration arrays one batch may hold (schedule rows, phase cells, routed data)
-BATCH_BYTES = 256 * 2**20
+BATCH_BYTES = 2**30
 MAX_BATCH = 64
 
 
@@ -80,13 +81,16 @@ class Template:
     durations: list  # per op: the template's seconds (the data ops' are replaced per batch)
     a2a: list  # (op index, mb, layer, representative BlockDiag)
     gemm: dict  # (passes, weight bytes, FLOPs per token) -> [(op index, mb, layer)]
+    act: list  # recomputed expert activations: (op index, mb, layer)
+    act_ctx: Any  # a stage context (sizes the activations)
     cells: list  # per op, its (layer, phase) cell (records.op_cells)
     pass_order: list
     relayout_bytes: float
     traffic_edges: list
     traffic_groups: list  # (signature, [(mb, layer), ...])
     one_traffic_group: bool  # one group holds every (pass, layer) of the iteration
-    shape: tuple  # (M, L, R, S)
+    shape: tuple  # (M, L, R, S): R token sources (one stage's ranks)
+    world: int  # ranks of the program
     batch: int
     states: dict = field(default_factory=dict)  # id(decision) -> (decision, state)
 
@@ -98,48 +102,80 @@ class Template:
 def capture(policy: Any, ctx: Any, durations: list, sched: Any, cost: Any,
             layout_plan: Any) -> Template | None:
     """The :class:`Template` of a fully lowered iteration, or None when it may not serve
-    (a policy without ``repeats_structure``, a parallel layout, a changed placement, or an
-    op whose data the batch could not price the way the full path does)."""
+    (a policy without ``repeats_structure``, expert tensor parallelism, a changed placement,
+    or an op whose data the batch could not price the way the full path does). The first
+    iteration (no previous decision) serves when its program relays nothing out: it is
+    then the program every later iteration under the same decision lowers to."""
     from moesim.policies.base import repeats_structure
 
-    if not repeats_structure(policy) or layout_plan is not None \
-            or not same_decision(ctx.previous, ctx.decision):
-        return None
     ops = ctx.program.ops
-    batch = ctx.token_batch()
+    if not repeats_structure(policy) or (layout_plan is not None and layout_plan.layout.etp > 1):
+        return None
+    if ctx.previous is None:  # the first iteration: it serves when nothing was relaid out
+        if any(op.phase == "relayout" for op in ops):
+            return None
+    elif not same_decision(ctx.previous, ctx.decision):
+        return None
+    stages = getattr(ctx, "stage_contexts", None) or [ctx]
+    batches = {id(c._iter["token_batch"]): (c._iter["token_batch"], c.layer_ids)
+               for c in stages if "token_batch" in c._iter}
+
+    def global_index(B: Any) -> tuple[int, int] | None:
+        """A matrix's (pass, global MoE layer) in the iteration's routed tokens."""
+        hit = None if B.batch is None else batches.get(id(B.batch[0]))
+        if hit is None or hit[0] is not B.batch[0]:
+            return None
+        mb, l = B.batch[1]
+        return mb, (l if hit[1] is None else int(hit[1][l]))
+
     a2a_ok, gemm_ok = block_all_to_all_times(cost, ops), expert_gemm_times(cost, ops)
     M, L, R, _ = ctx.tokens_MLRG.shape
     S = ctx.placement.slots_per_rank
-    a2a, gemm = [], {}
+    a2a, gemm, act = [], {}, []
     for i, op in enumerate(ops):
         if isinstance(op, AllToAll):
-            B = op.bytes_RR
-            if i not in a2a_ok or B.batch[0] is not batch:
+            at = global_index(op.bytes_RR)
+            if i not in a2a_ok or at is None:
                 return None
-            a2a.append((i, *B.batch[1], B))
+            a2a.append((i, *at, op.bytes_RR))
         elif isinstance(op, Compute) and op.gemm_tokens_RS is not None:
             mb, l = op.micro_batch, op.layer
             if i not in gemm_ok or mb < 0 or l < 0 or np.shape(op.gemm_tokens_RS) != (R, S) \
-                    or not np.shares_memory(op.gemm_tokens_RS, ctx.rows_MLP[mb, l]):
+                    or not np.array_equal(op.gemm_tokens_RS, ctx.rows_MLP[mb, l].reshape(R, S)):
                 return None
             key = (float(op.gemm_passes), op.weight_bytes, op.flops_per_token)
             gemm.setdefault(key, []).append((i, mb, l))
+        elif isinstance(op, Compute) and op.phase == "expert":  # the recomputed activation
+            if not _is_moe_act(op, stages[0], ctx.rows_MLP, S):
+                return None
+            act.append((i, op.micro_batch, op.layer))
     edges, groups = Traffic.edges_and_blocks(ops, ctx.program.num_ranks)
     traffic_groups = []
     for sig, mats in groups:
-        if any(B.batch is None or B.batch[0] is not batch for B in mats):
+        idx = [global_index(B) for B in mats]
+        if any(x is None for x in idx):
             return None
-        traffic_groups.append((sig, [B.batch[1] for B in mats]))
-    per_it = 8 * (2 * sum(len(s) for s in sched.start_O) + 3 * (L + 1) * 10 * R
+        traffic_groups.append((sig, idx))
+    world = ctx.program.num_ranks
+    per_it = 8 * (2 * sum(len(s) for s in sched.start_O) + 3 * (L + 1) * 10 * world
                   + 8 * M * L * R * S)
     return Template(
-        decision=ctx.decision, ops=ops, durations=durations, a2a=a2a, gemm=gemm,
-        cells=op_cells(ops, L), pass_order=metrics.pass_order(ops, M, L),
+        decision=ctx.decision, ops=ops, durations=durations, a2a=a2a, gemm=gemm, act=act,
+        act_ctx=stages[0], cells=op_cells(ops, L), pass_order=metrics.pass_order(ops, M, L),
         relayout_bytes=program_relayout_bytes(ops), traffic_edges=edges.edges,
-        traffic_groups=traffic_groups, shape=(M, L, R, S),
+        traffic_groups=traffic_groups, shape=(M, L, R, S), world=world,
         one_traffic_group=len(traffic_groups) == 1
         and sorted(traffic_groups[0][1]) == [(mb, l) for mb in range(M) for l in range(L)],
         batch=int(max(1, min(MAX_BATCH, BATCH_BYTES // max(per_it, 1)))))
+
+
+def _is_moe_act(op: Compute, stage: Any, rows_MLP: np.ndarray, S: int) -> bool:
+    """Whether ``op`` is the recomputed expert activation of its (pass, layer), sized from
+    the routed rows as :meth:`~moesim.stage_context.StageView.moe_act_work` sizes it."""
+    if op.label != "recompute" or op.micro_batch < 0 or op.layer < 0:
+        return False
+    want = stage.moe_act_work(rows_MLP[op.micro_batch, op.layer].reshape(-1, S).sum(axis=1))
+    return all(np.array_equal(np.asarray(getattr(op, k)), v) for k, v in want.items())
 
 
 def batch_durations(t: Template, ctx: Any, cost: Any, B: int) -> list[np.ndarray]:
@@ -162,10 +198,15 @@ def batch_durations(t: Template, ctx: Any, cost: Any, B: int) -> list[np.ndarray
     rows_BMLRS = ctx.rows_MLP.reshape(B, M, L, R, S)
     for (p, w, f), items in t.gemm.items():
         idx = np.array([(mb, l) for _, mb, l in items])
-        m_BNRS = rows_BMLRS[:, idx[:, 0], idx[:, 1]].astype(np.float64)
-        t_BNR = gemm_stack_times(cost, m_BNRS, p, w, f)
+        m_int = rows_BMLRS[:, idx[:, 0], idx[:, 1]]
+        t_BNR = gemm_stack_times(cost, m_int.astype(np.float64), p, w, f,
+                                 m_int if m_int.dtype.kind in "iu" else None)
         for n, (i, _, _) in enumerate(items):
             out[i] = cost.finish_gemm(t_BNR[:, n], t.ops[i])
+    for i, mb, l in t.act:  # per-rank work of the rows: the per-op path, per iteration
+        rows_BR = rows_BMLRS[:, mb, l].sum(axis=2)
+        out[i] = np.stack([cost.duration(_replaced(t.ops[i], t.act_ctx.moe_act_work(r)))
+                           for r in rows_BR])
     return out
 
 
@@ -173,8 +214,9 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
                    routed_context: Any, attach_memory: Any, check_memory: Any,
                    build_record: Any, decision_state: Any) -> list[tuple[Any, dict]]:
     """``(record, state)`` of each ``(iteration, decision, counts)`` in ``items`` (all under
-    the template's decision), in order; the simulator's own routing, memory, OOM check,
-    record and state functions do the per-iteration parts."""
+    the template's decision), in order; the simulator's own routing, memory (with the
+    layout's stage contexts), OOM check, record and state functions do the per-iteration
+    parts."""
     B = len(items)
     M, L, R, S = t.shape
     its = [it for it, _, _ in items]
@@ -206,8 +248,9 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
         io = io_from_sums(row, col, diag, node_row, node_col, K, g)
         ctx.token_batch()._io[g] = tuple(x.reshape(B * M, L, -1) for x in io)
     durs = batch_durations(t, ctx, run.cost, B)
-    bsched = schedule_batch(t.ops, durs, R, B)
-    phases = phase_times_batch(t.cells, bsched.ranks_O, bsched.start_O, bsched.end_O, L, R,
+    W = t.world
+    bsched = schedule_batch(t.ops, durs, W, B)
+    phases = phase_times_batch(t.cells, bsched.ranks_O, bsched.start_O, bsched.end_O, L, W,
                                B)
     ends_B = np.full(B, -np.inf)
     for e in bsched.end_O:
@@ -221,10 +264,11 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
         attach_memory(c)
         oom = check_memory(c, run, it)
         known = {"phase_times": phases[b],
-                 "traffic": _traffic(t, c, R, None if totals is None else totals[b]),
+                 "traffic": _traffic(t, c, W, None if totals is None else totals[b]),
                  "pass_order": t.pass_order, "relayout_bytes": t.relayout_bytes,
                  "makespan_s": float(ends_B[b]) if ends_B[b] > -np.inf else 0.0}
-        record = build_record(c, bsched.iteration(b), it, oom, False, None, known=known)
+        record = build_record(c, bsched.iteration(b), it, oom, False, run.layout_plan,
+                              known=known)
         hit = t.states.get(id(dec))
         if hit is None or hit[0] is not dec:  # the entry keeps ``dec`` alive
             hit = t.states[id(dec)] = (dec, decision_state(dec))
@@ -240,7 +284,7 @@ def _iteration_context(ctx: Any, decision: Decision, x: slice, run: Any) -> Any:
         policy=ctx.policy, decision=decision, previous=decision, model=ctx.model,
         cluster=ctx.cluster, counts_MLRE=ctx.counts_MLRE[x], kept_MLRP=ctx.kept_MLRP[x],
         dropped_MLRP=ctx.dropped_MLRP[x], tokens_MLRG=ctx.tokens_MLRG[x],
-        program=Program(num_ranks=ctx.program.num_ranks, ops=run.template.ops),
+        program=Program(num_ranks=run.template.world, ops=run.template.ops),
         rows_MLP=ctx.rows_MLP[x], dropped_MLR=ctx.dropped_MLR[x],
         layer_bwd_done=list(ctx.layer_bwd_done), block=ctx.block, _consts=run.cache)
 

@@ -46,8 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from moesim import layered, repeat, validation
 from moesim import memory as memory_model
-from moesim import repeat, validation
 from moesim.costmodel import CostModel
 from moesim.decide_step import (  # noqa: F401  (re-exported: the executor's seam uses them)
     build_history,
@@ -252,8 +252,20 @@ def _decide(run: _Run, it: int) -> tuple[Decision, np.ndarray]:
 def _simulate_pending(run: _Run, pending: list) -> list[tuple[IterationRecord, dict]]:
     """The pending iterations of the captured structure, as one batch."""
     _plan(run, pending[0][1])
-    return repeat.simulate_batch(run.template, run, pending, routed_context, attach_memory,
-                                 _check_memory, build_record, decision_state)
+    return repeat.simulate_batch(run.template, run, pending, routed_context,
+                                 lambda ctx: _attach_memory(run, ctx), _check_memory,
+                                 build_record, decision_state)
+
+
+def _attach_memory(run: _Run, ctx: LoweringContext) -> None:
+    """A batched iteration's memory, as its full lowering attaches it (under a layout: per
+    stage, keeping the peak iteration's stage table)."""
+    if run.layout_plan is None:
+        attach_memory(ctx)
+        return
+    layered.stage_contexts(ctx, run.layout_plan)
+    layered.attach_layout_memory(ctx, run.layout_plan)
+    _keep_stage_table(run, ctx)
 
 
 def simulate_iteration(run: _Run, it: int, decided: tuple[Decision, np.ndarray] | None = None

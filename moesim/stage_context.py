@@ -303,12 +303,16 @@ class StageView(ExpertTPView):
                                                                  / self.layout.tp + 2 * act))))
         if "moe_act" in modules and layer >= 0:
             rows_R = self.expert_rows_RS(mb, layer).sum(axis=1)  # ETP: 1/et of F each
-            ffn = m.ffn_hidden_size / self.layout.etp if self.layout.etp > 1 \
-                else m.ffn_hidden_size
-            per_row = (3 if m.gated else 2) * ffn * m.bytes_activation
-            out.append(("moe_act", dict(kind="other", flops_R=rows_R * 4.0 * ffn,
-                                        bytes_R=rows_R * per_row)))
+            out.append(("moe_act", dict(kind="other", **self.moe_act_work(rows_R))))
         return out
+
+    def moe_act_work(self, rows_R: np.ndarray) -> dict[str, np.ndarray]:
+        """``flops_R`` and ``bytes_R`` of recomputing the expert activation (SwiGLU) over
+        each rank's routed rows ``rows_R``."""
+        m = self.model
+        ffn = m.ffn_hidden_size / self.layout.etp if self.layout.etp > 1 else m.ffn_hidden_size
+        per_row = (3 if m.gated else 2) * ffn * m.bytes_activation
+        return {"flops_R": rows_R * 4.0 * ffn, "bytes_R": rows_R * per_row}
 
     # -- dense parameters under the layout ----------------------------------------------------
     def stage_dense_params(self) -> float:

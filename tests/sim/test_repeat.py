@@ -76,20 +76,51 @@ def test_batched_run_equals_the_full_path(monkeypatch, experts, knobs):
     monkeypatch.setattr(sys.modules[__name__], "MODEL", MODEL.replace(num_experts=experts))
     fast, calls = _records(monkeypatch, make_policy("static_ep", knobs), trace, True)
     slow, none = _records(monkeypatch, make_policy("static_ep", knobs), trace, False)
-    assert sum(calls) == 7 and not none  # iterations 2… batched (0: no previous; 1: template)
+    assert sum(calls) == 8 and not none  # iterations 1… batched (0: the template)
     assert len(fast) == len(slow) == 9
     for a, b in zip(fast, slow, strict=True):
         _assert_same(a, b)
 
 
+@pytest.mark.parametrize("layout", [
+    "pp=2", "pp=2,pp_schedule=interleaved,vpp=2", "tp=2,sp=true", "cp=2", "zero=3",
+    "recompute=full", "recompute=selective,recompute_modules=core_attn+layernorm+moe_act",
+    "pp=2,ep=2,recompute=full,a2a_overlap=true,zero=1", "pp=2,tp=2,sp=true,zero=1"])
+def test_batched_layouts_equal_the_full_path(monkeypatch, layout):
+    """Under parallel layouts: stage contexts' matrices and rows, recomputed expert
+    activations, pipeline sends, per-stage memory."""
+    from moesim.layout import parse_layout
+
+    lay = parse_layout(layout)
+    ranks = 8 // lay.pp
+    trace = random_trace(6, layers=4, ranks=ranks, experts=8, tokens=96, micro_batches=2,
+                         seed=4)
+    monkeypatch.setattr(sys.modules[__name__], "MODEL", MODEL.replace(num_layers=4,
+                                                                      num_experts=8))
+    fast, calls = _records(monkeypatch, "static_ep", trace, True, layout=lay)
+    slow, none = _records(monkeypatch, "static_ep", trace, False, layout=lay)
+    assert sum(calls) == 5 and not none
+    for a, b in zip(fast, slow, strict=True):
+        _assert_same(a, b)
+
+
+def test_expert_tensor_parallel_runs_are_not_batched(monkeypatch):
+    from moesim.layout import parse_layout
+
+    trace = random_trace(4, layers=3, ranks=8, experts=8, tokens=96, micro_batches=2)
+    monkeypatch.setattr(sys.modules[__name__], "MODEL", MODEL.replace(num_experts=8))
+    _, calls = _records(monkeypatch, "static_ep", trace, True, layout=parse_layout("etp=2"))
+    assert calls == []
+
+
 def test_small_batches_and_timelines_match(monkeypatch):
-    """Batches cut at the size limit (2: iterations 2–3, 5–6, 7), and a timeline iteration
-    (4) taking the full path."""
+    """Batches cut at the size limit (2: iterations 1–2, 5–6) and by a timeline iteration
+    (4, which takes the full path: 3 goes alone before it, 7 at the end)."""
     monkeypatch.setattr(repeat, "MAX_BATCH", 2)
     trace = random_trace(8, layers=3, ranks=8, experts=16, tokens=96, micro_batches=2, seed=5)
     fast, calls = _records(monkeypatch, "static_ep", trace, True, timeline_iterations=[4])
     slow, _ = _records(monkeypatch, "static_ep", trace, False, timeline_iterations=[4])
-    assert calls == [2, 2, 1] and fast[4].timeline and slow[4].timeline
+    assert calls == [2, 1, 2, 1] and fast[4].timeline and slow[4].timeline
     for a, b in zip(fast, slow, strict=True):
         _assert_same(a, b)
 
