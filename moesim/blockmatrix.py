@@ -242,25 +242,38 @@ def io_from_sums(row_XR: np.ndarray, col_XR: np.ndarray, diag_XR: np.ndarray,
     return intra_out, intra_in, out_all - intra_out, in_all - intra_in
 
 
-def block_sums(local_XRK: np.ndarray, K: int, g: int, group: int = 0
-               ) -> tuple[np.ndarray, ...] | None:
-    """``(row, col, diag, node_row, node_col, totals)`` of a stack of integer block matrices
-    in one C pass (``moesim._block_sums``): int64 ``[X, R]`` row and column sums, diagonal,
-    sums over the source's own node's destinations and the destination's own node's sources
-    (nodes of ``g`` ranks, when ``K`` is a multiple of ``g``), and with ``group`` > 0 the
-    sum of each run of ``group`` consecutive matrices ``[X / group, R, K]`` (else None).
-    None when the kernel is not built or the matrices are not int32 / int64."""
-    if _block_sums_c is None or local_XRK.dtype not in (np.int32, np.int64) \
-            or local_XRK.ndim != 3:
+def block_sums_available() -> bool:
+    """Whether the one-pass C sums are built."""
+    return _block_sums_c is not None
+
+
+def block_sums(local_XRQ: np.ndarray, K: int, g: int, group: int = 0, *, slots: int = 1,
+               acc_rows: np.ndarray | None = None, acc_count: int = 0
+               ) -> tuple[np.ndarray | None, ...] | None:
+    """``(row, col, diag, node_row, node_col, totals, slot_cols)`` of a stack of integer block
+    matrices in one C pass (``moesim._block_sums``): int64 ``[X, R]`` row and column sums,
+    diagonal, sums over the source's own node's destinations and the destination's own
+    node's sources (nodes of ``g`` ranks, when ``K`` is a multiple of ``g``); ``totals``: with
+    ``group`` > 0 the sum of each run of ``group`` consecutive matrices ``[X / group, R, K]``,
+    with ``acc_rows`` the sum of the matrices sharing a row (``[acc_count, R, K]``; < 0
+    skips), else None. With ``slots`` S > 1 the matrices are per destination slot
+    (``[X, R, K·S]``, a rank's entry the sum of its S slots'), and ``slot_cols`` are the
+    column sums per slot ``[X, R·S]`` (None for S = 1: ``col``). None when the kernel is not
+    built or the matrices are not int32 / int64."""
+    if _block_sums_c is None or local_XRQ.dtype not in (np.int32, np.int64) \
+            or local_XRQ.ndim != 3 or local_XRQ.shape[2] != K * slots:
         return None
-    X, R, k = local_XRK.shape
-    if k != K:
-        return None
-    tok = np.ascontiguousarray(local_XRK)
+    X, R, _ = local_XRQ.shape
+    tok = np.ascontiguousarray(local_XRQ)
     out = [np.zeros((X, R), np.int64) for _ in range(5)]
-    totals = np.zeros((-(-X // group), R, K), np.int64) if group else None
-    _block_sums_c.sums(tok, R, K, g, group or 1, *out, totals)
-    return (*out, totals)
+    if group:
+        acc_rows, acc_count = np.arange(X, dtype=np.int64) // group, -(-X // group)
+    totals = None if acc_rows is None else np.zeros((acc_count, R, K), np.int64)
+    rows = np.zeros(0, np.int64) if acc_rows is None else np.ascontiguousarray(acc_rows,
+                                                                               np.int64)
+    slot_cols = np.zeros((X, R * slots), np.int64) if slots > 1 else None
+    _block_sums_c.sums(tok, R, K, slots, g, rows, *out, slot_cols, totals)
+    return (*out, totals, slot_cols)
 
 
 class BlockBatch:
@@ -276,6 +289,14 @@ class BlockBatch:
         self.kr = rows_per_block
         self.col_sums_MLR = col_sums_MLR
         self._io: dict[int, Any] = {}
+
+    @classmethod
+    def known(cls, io_by_g: dict[int, tuple[np.ndarray, ...]], rows_per_block: int
+              ) -> BlockBatch:
+        """A batch known only by its :meth:`io` sums (their matrices never built)."""
+        out = cls(None, rows_per_block)
+        out._io = dict(io_by_g)
+        return out
 
     def io(self, gpus_per_node: int) -> tuple[np.ndarray, ...] | None:
         """Unscaled ``(intra_out, intra_in, inter_out, inter_in)`` ``[M, L, R]`` (None when

@@ -94,7 +94,8 @@ def stage_context(g: Any, plan: LayoutPlan, stage: Stage) -> Any:
         policy=g.policy, decision=_sub_decision(g.decision, moe),
         previous=_sub_decision(g.previous, moe), model=model, cluster=g.cluster,
         counts_MLRE=g.counts_MLRE[:, rows], kept_MLRP=g.kept_MLRP[:, rows],
-        dropped_MLRP=g.dropped_MLRP[:, rows], tokens_MLRG=g.tokens_MLRG[:, rows],
+        dropped_MLRP=g.dropped_MLRP[:, rows],
+        tokens_MLRG=None if g.tokens_MLRG is None else g.tokens_MLRG[:, rows],
         program=g.program, rows_MLP=g.rows_MLP[:, rows], dropped_MLR=g.dropped_MLR[:, rows],
         layer_bwd_done=[-1] * len(moe), block=g.block, _consts=cache)
     c.layout, c.stage, c.num_dense = plan.layout, stage, plan.num_dense_layers
@@ -278,7 +279,7 @@ def attach_layout_memory(g: Any, plan: LayoutPlan) -> None:
     from moesim.memory import slots_filled_R
 
     W, lay = plan.world, plan.layout
-    M = g.tokens_MLRG.shape[0]
+    M = g.rows_MLP.shape[0]
     gpu: dict[str, np.ndarray] = {}
     host: dict[str, np.ndarray] = {}
     g.stage_memory = []

@@ -193,15 +193,17 @@ def _disjoint_rounds(sets: list[tuple[np.ndarray, list[int]]]
 
 
 def route_iteration(decision: Decision, counts_MLRE: np.ndarray, cluster: Cluster,
-                    plan: RoutePlan | BlockRoutePlan | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    plan: RoutePlan | BlockRoutePlan | None = None, rank_tokens: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Route all passes and layers: ``(kept_MLRP, dropped_MLRP, tokens_MLRG)``; with a
     :class:`~moesim.routing_blocks.BlockRoutePlan` in block coordinates (``P``: the block's
-    slots, ``G``: its ranks)."""
+    slots, ``G``: its ranks). ``rank_tokens`` False: no ``tokens_MLRG`` (None), for a caller
+    that takes what it needs of it from the kept tokens directly."""
     if plan is None:
         plan = route_plan(decision, cluster)
     kept, dropped = plan.route(counts_MLRE, decision.slot_capacity)
-    return kept, dropped, rank_matrix(kept, decision.placement.slots_per_rank)
+    tokens = rank_matrix(kept, decision.placement.slots_per_rank) if rank_tokens else None
+    return kept, dropped, tokens
 
 
 def route_plan(decision: Decision, cluster: Cluster) -> RoutePlan | BlockRoutePlan:
@@ -255,14 +257,15 @@ def lower_iteration_ctx(policy: Any, decision: Decision, previous: Decision | No
 
 def routed_context(policy: Any, decision: Decision, previous: Decision | None,
                    counts_MLRE: np.ndarray, model: ModelSpec, cluster: Cluster,
-                   plan: RoutePlan | BlockRoutePlan | None, column_sums: Any = None
-                   ) -> LoweringContext:
+                   plan: RoutePlan | BlockRoutePlan | None, column_sums: Any = None,
+                   rank_tokens: bool = True) -> LoweringContext:
     """Route every pass and layer, and wrap the result in a fresh context. ``column_sums``
     (default :func:`~moesim.routing_blocks.block_column_sums`): ``(kept, block) → rows``,
-    for a caller that takes the slot rows from a pass it makes anyway."""
+    for a caller that takes the slot rows from a pass it makes anyway; ``rank_tokens``: see
+    :func:`route_iteration`."""
     if plan is None:
         plan = route_plan(decision, cluster)
-    kept, dropped, tokens = route_iteration(decision, counts_MLRE, cluster, plan)
+    kept, dropped, tokens = route_iteration(decision, counts_MLRE, cluster, plan, rank_tokens)
     M, L, R, _ = kept.shape
     dropped_MLR = (np.zeros((M, L, R), dtype=np.int64) if decision.slot_capacity is None
                    else dropped.sum(axis=3))

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from moesim import metrics
-from moesim.blockmatrix import block_sums, io_from_sums
+from moesim.blockmatrix import BlockBatch, block_sums, block_sums_available, io_from_sums
 from moesim.cost_batch import (
     a2a_latency_times,
     batch_times,
@@ -46,6 +46,7 @@ from moesim.engine import schedule_batch
 from moesim.ops import AllToAll, Compute, Program
 from moesim.placement import Decision
 from moesim.records import op_cells, phase_times_batch, program_relayout_bytes
+from moesim.routing import rank_matrix
 from moesim.routing_blocks import block_column_sums
 from moesim.stage_context import _replaced
 from moesim.traffic import Traffic
@@ -89,6 +90,7 @@ class Template:
     traffic_edges: list
     traffic_groups: list  # (signature, [(mb, layer), ...])
     one_traffic_group: bool  # one group holds every (pass, layer) of the iteration
+    traffic_layers: list | None  # per group its layers, when it holds all their passes
     shape: tuple  # (M, L, R, S): R token sources (one stage's ranks)
     world: int  # ranks of the program
     batch: int
@@ -166,7 +168,20 @@ def capture(policy: Any, ctx: Any, durations: list, sched: Any, cost: Any,
         traffic_groups=traffic_groups, shape=(M, L, R, S), world=world,
         one_traffic_group=len(traffic_groups) == 1
         and sorted(traffic_groups[0][1]) == [(mb, l) for mb in range(M) for l in range(L)],
+        traffic_layers=_group_layers(traffic_groups, M),
         batch=int(max(1, min(MAX_BATCH, BATCH_BYTES // max(per_it, 1)))))
+
+
+def _group_layers(groups: list, M: int) -> list | None:
+    """Each traffic group's layers when it holds every pass of each (what lets the one pass
+    sum them per layer), else None."""
+    out = []
+    for _, idx in groups:
+        layers = sorted({l for _, l in idx})
+        if sorted(idx) != [(mb, l) for mb in range(M) for l in layers]:
+            return None
+        out.append(layers)
+    return out
 
 
 def _is_moe_act(op: Compute, stage: Any, rows_MLP: np.ndarray, S: int) -> bool:
@@ -227,26 +242,37 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
     decision = items[0][1]
     g = run.cost.cluster.gpus_per_node
     sums: dict = {}
+    # the per-iteration traffic groups' rows of the C pass: one per iteration (one group of
+    # every (pass, layer)) or one per (iteration, layer)
+    x_XL = np.arange(B * M * L)
+    acc_rows, acc_count = ((x_XL // (M * L), B) if t.one_traffic_group
+                           else ((x_XL // (M * L)) * L + x_XL % L, B * L))
+    one_pass = t.traffic_layers is not None and block_sums_available()
 
     def column_sums(kept: np.ndarray, block: int) -> np.ndarray:
-        """With one slot per rank the routed tokens are the kept ones: one pass gives their
-        column sums (the slot rows), the all-to-alls' per-rank sums and the traffic."""
-        X, _, Rk, K = kept.shape
-        if S == 1 and (K % g == 0 or g % K == 0):
-            got = block_sums(kept.reshape(X * L, Rk, K), K, g, M * L)
+        """One pass over the kept tokens gives the slot rows, the rank-level all-to-all sums
+        and the traffic (so the rank matrix itself is never built)."""
+        X, _, Rk, Q = kept.shape
+        K = Q // S
+        if one_pass and (K % g == 0 or g % K == 0):
+            got = block_sums(kept.reshape(X * L, Rk, Q), K, g, slots=S, acc_rows=acc_rows,
+                             acc_count=acc_count)
             if got is not None:
                 sums["all"] = got
-                return got[1].reshape(X, L, Rk)
+                return (got[1] if S == 1 else got[6]).reshape(X, L, -1)
         return block_column_sums(kept, block)
 
     ctx = routed_context(run.policy, decision, decision, counts, run.model,
-                         run.view or run.cluster, run.plan, column_sums)
+                         run.view or run.cluster, run.plan, column_sums, rank_tokens=not one_pass)
     totals = None
     if "all" in sums:
-        row, col, diag, node_row, node_col, totals = sums["all"]
-        K = ctx.tokens_MLRG.shape[-1]
+        row, col, diag, node_row, node_col, totals, _ = sums["all"]
+        K = ctx.kept_MLRP.shape[-1] // S
         io = io_from_sums(row, col, diag, node_row, node_col, K, g)
-        ctx.token_batch()._io[g] = tuple(x.reshape(B * M, L, -1) for x in io)
+        ctx._iter["token_batch"] = BlockBatch.known(
+            {g: tuple(x.reshape(B * M, L, -1) for x in io)}, K)
+    elif ctx.tokens_MLRG is None:  # the pass did not run (an unexpected dtype): numpy sums
+        ctx.tokens_MLRG = rank_matrix(ctx.kept_MLRP, S)
     durs = batch_durations(t, ctx, run.cost, B)
     W = t.world
     bsched = schedule_batch(t.ops, durs, W, B)
@@ -264,7 +290,9 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
         attach_memory(c)
         oom = check_memory(c, run, it)
         known = {"phase_times": phases[b],
-                 "traffic": _traffic(t, c, W, None if totals is None else totals[b]),
+                 "traffic": _traffic(t, c, W, None if totals is None
+                                     else totals[b] if t.one_traffic_group
+                                     else totals[b * L:(b + 1) * L]),
                  "pass_order": t.pass_order, "relayout_bytes": t.relayout_bytes,
                  "makespan_s": float(ends_B[b]) if ends_B[b] > -np.inf else 0.0}
         record = build_record(c, bsched.iteration(b), it, oom, False, run.layout_plan,
@@ -283,22 +311,37 @@ def _iteration_context(ctx: Any, decision: Decision, x: slice, run: Any) -> Any:
     return LoweringContext(
         policy=ctx.policy, decision=decision, previous=decision, model=ctx.model,
         cluster=ctx.cluster, counts_MLRE=ctx.counts_MLRE[x], kept_MLRP=ctx.kept_MLRP[x],
-        dropped_MLRP=ctx.dropped_MLRP[x], tokens_MLRG=ctx.tokens_MLRG[x],
+        dropped_MLRP=ctx.dropped_MLRP[x],
+        tokens_MLRG=None if ctx.tokens_MLRG is None else ctx.tokens_MLRG[x],
         program=Program(num_ranks=run.template.world, ops=run.template.ops),
         rows_MLP=ctx.rows_MLP[x], dropped_MLR=ctx.dropped_MLR[x],
         layer_bwd_done=list(ctx.layer_bwd_done), block=ctx.block, _consts=run.cache)
 
 
-def _traffic(t: Template, ctx: Any, world: int, total_RK: np.ndarray | None = None
+def _traffic(t: Template, ctx: Any, world: int, totals: np.ndarray | None = None
              ) -> Traffic:
     """The iteration's :class:`~moesim.traffic.Traffic`: the template's edges (their ops
     move what they moved there) and its block groups summed over this iteration's matrices
-    (``total_RK``: the sum of all of them, when one group holds every (pass, layer))."""
+    (``totals``: from the one pass, the iteration's sum ``[R, K]`` when one group holds every
+    (pass, layer), else its per-layer sums ``[L, R, K]``)."""
     out = Traffic(world)
     out.edges = list(t.traffic_edges)
-    if total_RK is not None and t.one_traffic_group:
-        out.fill_blocks([(t.traffic_groups[0][0], [total_RK])])
-        return out
-    tok = ctx.tokens_MLRG
-    out.fill_blocks([(sig, [tok[mb, l] for mb, l in idx]) for sig, idx in t.traffic_groups])
+    if totals is not None and t.one_traffic_group:
+        out.fill_blocks([(t.traffic_groups[0][0], [totals])])
+    elif totals is not None:
+        out.fill_blocks([(sig, [_layer_sum(totals, layers)])
+                         for (sig, _), layers in zip(t.traffic_groups, t.traffic_layers,
+                                                     strict=True)])
+    else:
+        tok = ctx.tokens_MLRG
+        out.fill_blocks([(sig, [tok[mb, l] for mb, l in idx])
+                         for sig, idx in t.traffic_groups])
     return out
+
+
+def _layer_sum(totals_LRK: np.ndarray, layers: list[int]) -> np.ndarray:
+    """The sum of some layers' matrices (int64: exact in any order)."""
+    acc = totals_LRK[layers[0]].copy()
+    for l in layers[1:]:
+        acc += totals_LRK[l]
+    return acc

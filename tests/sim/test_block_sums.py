@@ -26,7 +26,7 @@ def _stack(X: int, R: int, K: int, dtype, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
 def test_sums_equal_numpy(R, K, g, dtype):
     tok = _stack(6, R, K, dtype)
-    row, col, diag, node_row, node_col, totals = block_sums(tok, K, g, 3)
+    row, col, diag, node_row, node_col, totals, _ = block_sums(tok, K, g, 3)
     np.testing.assert_array_equal(row, tok.sum(axis=2))
     np.testing.assert_array_equal(col, tok.reshape(6, R // K, K, K).sum(axis=2).reshape(6, R))
     r = np.arange(R)
@@ -61,3 +61,21 @@ def test_no_kernel_or_other_dtypes_fall_back(monkeypatch):
     assert block_sums(tok.astype(np.float64), 8, 4) is None
     monkeypatch.setattr(blockmatrix, "_block_sums_c", None)
     assert block_sums(tok, 8, 4) is None
+
+
+@needs_c
+@pytest.mark.parametrize("R,K,S,g", [(16, 16, 2, 4), (16, 8, 4, 4), (16, 4, 2, 8), (12, 6, 3, 3)])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_slot_sums_equal_the_rank_matrix(R, K, S, g, dtype):
+    """Per-slot matrices: slot column sums, and every rank-level sum equal to the sums of
+    the rank matrix (each rank's S slots added) — what routing's ``rank_matrix`` builds."""
+    kept = _stack(6, R, K * S, dtype, seed=2)
+    rank = kept.reshape(6, R, K, S).sum(axis=3)
+    rows = np.array([0, 0, 1, -1, 1, 2])
+    got = block_sums(kept, K, g, slots=S, acc_rows=rows, acc_count=3)
+    want = block_sums(rank.astype(np.int64), K, g, 1)
+    for a, b in zip(got[:5], want[:5], strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        got[6], kept.reshape(6, R // K, K, K * S).sum(axis=2).reshape(6, R * S))
+    np.testing.assert_array_equal(got[5], [rank[[0, 1]].sum(0), rank[[2, 4]].sum(0), rank[5]])
