@@ -183,7 +183,7 @@ class CostModel:
                 continue
             t = gemm_t.get(i)
             if t is not None:
-                out.append(self.finish_gemm(t, op))
+                out.append(self.finish_compute(t, op))
                 continue
             key = _memo_key(op)
             if key is None:
@@ -202,9 +202,9 @@ class CostModel:
         f = self._factor(op)
         return t * f if f != 1.0 else t
 
-    def finish_gemm(self, t: np.ndarray, op: Op) -> np.ndarray:
-        """Batched expert-GEMM seconds → :meth:`compute`'s remaining step, then
-        :meth:`_base`'s overhead and the context factor."""
+    def finish_compute(self, t: np.ndarray, op: Op) -> np.ndarray:
+        """Batched compute seconds (expert GEMMs, :meth:`plain_compute`) → :meth:`compute`'s
+        remaining step, then :meth:`_base`'s overhead and the context factor."""
         t = t * self.hw.cores_shared_by
         t = t + self.hw.op_overhead_s if self.hw.op_overhead_s > 0 else t
         return t * self._factor(op)
@@ -216,12 +216,19 @@ class CostModel:
         if op.gemm_tokens_RS is not None:
             t = self._expert_gemms(op)
         else:
-            eff = (self.efficiency(op.gemm_rows, self._dense_curve(op)) if op.gemm_rows > 0
-                   else hw.elementwise_eff)
-            t = np.maximum(np.asarray(op.bytes_R, dtype=np.float64) / (hw.mem_bw_GBps * GB),
-                           np.asarray(op.flops_R, dtype=np.float64) / (hw.peak_flops * eff))
-            t = t + hw.launch_s
+            t = self.plain_compute(op, op.flops_R, op.bytes_R)
         return t * hw.cores_shared_by
+
+    def plain_compute(self, op: Compute, flops: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        """A non-expert ``Compute`` op's roofline seconds (before cores sharing) for FLOPs and
+        bytes of any shape: ``max(bytes/bw, flops/(peak·eff)) + launch``, ``eff`` from the
+        op's GEMM rows."""
+        hw = self.hw
+        eff = (self.efficiency(op.gemm_rows, self._dense_curve(op)) if op.gemm_rows > 0
+               else hw.elementwise_eff)
+        t = np.maximum(np.asarray(nbytes, dtype=np.float64) / (hw.mem_bw_GBps * GB),
+                       np.asarray(flops, dtype=np.float64) / (hw.peak_flops * eff))
+        return t + hw.launch_s
 
     def _dense_curve(self, op: Compute) -> str:
         """The efficiency curve of a non-expert GEMM-shaped op: its block pass's measured one

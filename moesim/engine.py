@@ -169,7 +169,8 @@ class BatchSchedule:
 
 
 def schedule_batch(ops: Sequence[Op], durations_O: Sequence[np.ndarray], num_ranks: int,
-                   batch: int, t0_BR: np.ndarray | None = None) -> BatchSchedule:
+                   batch: int, t0_BR: np.ndarray | None = None, memo: dict | None = None
+                   ) -> BatchSchedule:
     """Schedule ``batch`` iterations of one program structure at once: ``durations_O[i]`` is
     op ``i``'s ``[B, R]`` / ``[B, G]`` / ``[B, 1]`` seconds in each iteration (what
     :meth:`CostModel.duration` gives, one row per iteration; a batch of one may give them
@@ -190,19 +191,21 @@ def schedule_batch(ops: Sequence[Op], durations_O: Sequence[np.ndarray], num_ran
     zeros_X = np.zeros(B * R)
     last = _last_uses(ops)
     done: dict[int, np.ndarray] = {}
-    groups_seen: dict[int, tuple] = {}
-    flat_seen: dict[int, tuple] = {}
+    memo = {} if memo is None else memo
+    groups_seen = memo.setdefault("groups", {})
+    flat_seen = memo.setdefault(("flat", B), {})
+    op_seen = memo.setdefault("ops", {})
     ranks_O: list[np.ndarray | None] = []
     start_O: list[np.ndarray] = []
     end_O: list[np.ndarray] = []
     for i, op in enumerate(ops):
         dep_X = _dep_ready(done, op.deps, zeros_X)
         q = STREAM_INDEX[op.stream]
-        ready_X = np.maximum(free_QX[q], dep_X)
         dur = durations_O[i]
         n_d = dur.shape[-1]  # per iteration: R, members, groups or 1
         dur = dur.reshape(-1) if dur.ndim > 1 else np.asarray(dur, dtype=np.float64)
         if _spans_world(op):  # fast path: every rank, one start per rank or one group
+            ready_X = np.maximum(free_QX[q], dep_X)
             if n_d == R:
                 start, end = ready_X, ready_X + dur
             elif B == 1:
@@ -215,9 +218,13 @@ def schedule_batch(ops: Sequence[Op], durations_O: Sequence[np.ndarray], num_ran
             ranks_O.append(None)
             row = end
         else:
-            ranks, group, layout = _members(op, R, groups_seen)
+            hit = op_seen.get(id(op))
+            if hit is None or hit[0] is not op:  # the entry keeps ``op`` alive
+                hit = op_seen[id(op)] = (op, *_members(op, R, groups_seen))
+            _, ranks, group, layout = hit
             flat = _flat(ranks, group, layout, R, B, flat_seen)
-            start, end = _op_times(op, dur, n_d, ready_X, ranks, group, layout, flat, B)
+            ready_m = np.maximum(free_QX[q][flat[0]], dep_X[flat[0]])  # members only
+            start, end = _op_times(op, dur, n_d, ready_m, ranks, group, layout, flat, B, R)
             free_QX[q][flat[0]] = end
             ranks_O.append(ranks)
             row = None
@@ -297,30 +304,29 @@ def _flat(ranks: np.ndarray, group: np.ndarray | None, layout: tuple | None, R: 
     return hit[1]
 
 
-def _op_times(op: Op, dur: np.ndarray, n_d: int, ready_X: np.ndarray, ranks: np.ndarray,
-              group: np.ndarray | None, layout: tuple | None, flat: tuple, B: int
+def _op_times(op: Op, dur: np.ndarray, n_d: int, ready_m: np.ndarray, ranks: np.ndarray,
+              group: np.ndarray | None, layout: tuple | None, flat: tuple, B: int, R: int
               ) -> tuple[np.ndarray, np.ndarray]:
     """Start and end ``[B·members]`` (iteration-major, aligned with ``ranks``) of ``op`` on
-    its member ``ranks`` in each iteration of the batch; ``dur`` is the flat ``[B·n_d]``
-    seconds, ``n_d`` per iteration: ``R``, members, groups or 1."""
+    its member ``ranks`` in each iteration of the batch, from the members' ready times
+    ``ready_m`` (same layout); ``dur`` is the flat ``[B·n_d]`` seconds, ``n_d`` per
+    iteration: ``R``, members, groups or 1."""
     idx = flat[0]
     n = len(ranks)
-    R = len(ready_X) // B
     if group is None:  # per-rank op
-        start = ready_X[idx]
-        return start, start + (dur[idx] if n_d == R else dur)
+        return ready_m, ready_m + (dur[idx] if n_d == R else dur)
     if n == 0:
         return np.zeros(0), np.zeros(0)
     if layout is None:  # all-to-all or send/recv batch: one group
         if B == 1:
-            start = np.full(n, ready_X[idx].max())
+            start = np.full(n, ready_m.max())
         else:
-            start = np.repeat(ready_X[idx].reshape(B, n).max(axis=1), n)
+            start = np.repeat(ready_m.reshape(B, n).max(axis=1), n)
         if isinstance(op, SendRecv):  # per-rank transfer times from a common start
             return start, start + dur[idx]
         return start, start + (dur[0] if B == 1 else np.repeat(dur[::n_d], n))
     _, order, bounds, gid, grp = flat
-    gstart = np.maximum.reduceat(ready_X[idx][order], bounds)
+    gstart = np.maximum.reduceat(ready_m[order], bounds)
     start = np.empty(B * n)
     start[order] = gstart[gid]
     return start, start + dur[grp]

@@ -36,13 +36,14 @@ def build_record(ctx: LoweringContext, sched: Schedule, it: int, oom: bool,
 
     ``known``: parts the caller already has (:mod:`moesim.repeat`, for iterations that share
     one program structure): ``phase_times`` (``(busy, start, end)``), ``traffic`` (a
-    :class:`~moesim.traffic.Traffic`), ``pass_order``, ``relayout_bytes``, ``makespan_s``."""
+    :class:`~moesim.traffic.Traffic`), ``pass_order``, ``relayout_bytes``, ``makespan_s``,
+    ``world_tokens`` (:func:`~moesim.layout_run.world_tokens`' pair)."""
     from moesim.layout_run import world_tokens
 
     known = known or {}
     L = ctx.model.num_layers
     world = ctx.program.num_ranks
-    tokens_MLR, dropped_MLR = world_tokens(ctx, layout_plan)
+    tokens_MLR, dropped_MLR = known.get("world_tokens") or world_tokens(ctx, layout_plan)
     busy, start, end = known.get("phase_times") or phase_times(ctx.program.ops, sched, L)
     gpu = {k: np.asarray(v, dtype=np.float64) for k, v in ctx.program.memory_bytes.items()}
     load_LE = expert_load(ctx)

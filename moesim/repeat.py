@@ -42,17 +42,16 @@ from moesim.cost_batch import (
     gemm_stack_times,
 )
 from moesim.decide_step import iterations_counts
-from moesim.engine import schedule_batch
+from moesim.engine import _spans_world, members_of, schedule_batch
 from moesim.ops import AllToAll, Compute, Program
 from moesim.placement import Decision
 from moesim.records import op_cells, phase_times_batch, program_relayout_bytes
 from moesim.routing import rank_matrix
 from moesim.routing_blocks import block_column_sums
-from moesim.stage_context import _replaced
 from moesim.traffic import Traffic
 
 #: bytes of per-iteration arrays one batch may hold (schedule rows, phase cells, routed data)
-BATCH_BYTES = 2**30
+BATCH_BYTES = 2**28
 MAX_BATCH = 64
 
 
@@ -94,15 +93,20 @@ class Template:
     shape: tuple  # (M, L, R, S): R token sources (one stage's ranks)
     world: int  # ranks of the program
     batch: int
+    first: bool = False  # captured from a first iteration (no previous decision)
+    tiled: dict = field(default_factory=dict)  # B -> durations, one row per iteration
+    engine_memo: dict = field(default_factory=dict)  # schedule_batch's, across batches
     states: dict = field(default_factory=dict)  # id(decision) -> (decision, state)
 
     def fits(self, decision: Decision, previous: Decision | None) -> bool:
-        """An iteration under ``decision`` after ``previous`` repeats this structure."""
-        return same_decision(self.decision, decision) and same_decision(decision, previous)
+        """An iteration under ``decision`` after ``previous`` repeats this structure (after
+        none: when the template itself came from a first iteration)."""
+        return same_decision(self.decision, decision) and (
+            same_decision(decision, previous) or (previous is None and self.first))
 
 
-def capture(policy: Any, ctx: Any, durations: list, sched: Any, cost: Any,
-            layout_plan: Any) -> Template | None:
+def capture(policy: Any, ctx: Any, durations: list, cost: Any, layout_plan: Any
+            ) -> Template | None:
     """The :class:`Template` of a fully lowered iteration, or None when it may not serve
     (a policy without ``repeats_structure``, expert tensor parallelism, a changed placement,
     or an op whose data the batch could not price the way the full path does). The first
@@ -159,8 +163,8 @@ def capture(policy: Any, ctx: Any, durations: list, sched: Any, cost: Any,
             return None
         traffic_groups.append((sig, idx))
     world = ctx.program.num_ranks
-    per_it = 8 * (2 * sum(len(s) for s in sched.start_O) + 3 * (L + 1) * 10 * world
-                  + 8 * M * L * R * S)
+    members = sum(world if _spans_world(op) else len(members_of(op, world)[0]) for op in ops)
+    per_it = 8 * (2 * members + 3 * (L + 1) * 10 * world + 8 * M * L * R * S)
     return Template(
         decision=ctx.decision, ops=ops, durations=durations, a2a=a2a, gemm=gemm, act=act,
         act_ctx=stages[0], cells=op_cells(ops, L), pass_order=metrics.pass_order(ops, M, L),
@@ -169,7 +173,8 @@ def capture(policy: Any, ctx: Any, durations: list, sched: Any, cost: Any,
         one_traffic_group=len(traffic_groups) == 1
         and sorted(traffic_groups[0][1]) == [(mb, l) for mb in range(M) for l in range(L)],
         traffic_layers=_group_layers(traffic_groups, M),
-        batch=int(max(1, min(MAX_BATCH, BATCH_BYTES // max(per_it, 1)))))
+        batch=int(max(1, min(MAX_BATCH, BATCH_BYTES // max(per_it, 1)))),
+        first=ctx.previous is None)
 
 
 def _group_layers(groups: list, M: int) -> list | None:
@@ -196,7 +201,9 @@ def _is_moe_act(op: Compute, stage: Any, rows_MLP: np.ndarray, S: int) -> bool:
 def batch_durations(t: Template, ctx: Any, cost: Any, B: int) -> list[np.ndarray]:
     """Every op's ``[B, …]`` seconds for a batch routed into ``ctx`` (its passes: ``B·M``)."""
     M, L, R, S = t.shape
-    out = [np.broadcast_to(d, (B, len(d))) for d in t.durations]
+    if B not in t.tiled:  # every iteration's copy of the data-free durations, per size
+        t.tiled[B] = [np.tile(np.asarray(d, dtype=np.float64), (B, 1)) for d in t.durations]
+    out = list(t.tiled[B])
     batch = ctx.token_batch()
     g = cost.cluster.gpus_per_node
     bw = cost._links["all_to_all"][0]
@@ -217,11 +224,12 @@ def batch_durations(t: Template, ctx: Any, cost: Any, B: int) -> list[np.ndarray
         t_BNR = gemm_stack_times(cost, m_int.astype(np.float64), p, w, f,
                                  m_int if m_int.dtype.kind in "iu" else None)
         for n, (i, _, _) in enumerate(items):
-            out[i] = cost.finish_gemm(t_BNR[:, n], t.ops[i])
-    for i, mb, l in t.act:  # per-rank work of the rows: the per-op path, per iteration
-        rows_BR = rows_BMLRS[:, mb, l].sum(axis=2)
-        out[i] = np.stack([cost.duration(_replaced(t.ops[i], t.act_ctx.moe_act_work(r)))
-                           for r in rows_BR])
+            out[i] = cost.finish_compute(t_BNR[:, n], t.ops[i])
+    for i, mb, l in t.act:  # the roofline of the rows' work, per iteration
+        work = t.act_ctx.moe_act_work(rows_BMLRS[:, mb, l].sum(axis=2))
+        op = t.ops[i]
+        out[i] = cost.finish_compute(cost.plain_compute(op, work["flops_R"], work["bytes_R"]),
+                                     op)
     return out
 
 
@@ -275,7 +283,7 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
         ctx.tokens_MLRG = rank_matrix(ctx.kept_MLRP, S)
     durs = batch_durations(t, ctx, run.cost, B)
     W = t.world
-    bsched = schedule_batch(t.ops, durs, W, B)
+    bsched = schedule_batch(t.ops, durs, W, B, memo=t.engine_memo)
     phases = phase_times_batch(t.cells, bsched.ranks_O, bsched.start_O, bsched.end_O, L, W,
                                B)
     ends_B = np.full(B, -np.inf)
@@ -283,6 +291,9 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
         if e.size:
             e = e.reshape(B, -1)
             np.maximum(ends_B, np.where(np.isfinite(e), e, -np.inf).max(axis=1), out=ends_B)
+    from moesim.layout_run import world_tokens
+
+    tokens_XLW, dropped_XLW = world_tokens(ctx, run.layout_plan)
     out = []
     for b, (it, dec, _) in enumerate(items):
         x = slice(b * M, (b + 1) * M)
@@ -294,14 +305,28 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
                                      else totals[b] if t.one_traffic_group
                                      else totals[b * L:(b + 1) * L]),
                  "pass_order": t.pass_order, "relayout_bytes": t.relayout_bytes,
-                 "makespan_s": float(ends_B[b]) if ends_B[b] > -np.inf else 0.0}
-        record = build_record(c, bsched.iteration(b), it, oom, False, run.layout_plan,
+                 "makespan_s": float(ends_B[b]) if ends_B[b] > -np.inf else 0.0,
+                 "world_tokens": (tokens_XLW[x], dropped_XLW[x])}
+        record = build_record(c, _LazySchedule(bsched, b), it, oom, False, run.layout_plan,
                               known=known)
         hit = t.states.get(id(dec))
         if hit is None or hit[0] is not dec:  # the entry keeps ``dec`` alive
             hit = t.states[id(dec)] = (dec, decision_state(dec))
         out.append((record, hit[1]))
     return out
+
+
+class _LazySchedule:
+    """Iteration ``b`` of a batch's schedule, sliced out only if a reader asks (the record
+    takes its phase times and makespan from the batch)."""
+
+    def __init__(self, bsched: Any, b: int) -> None:
+        self._bsched, self._b, self._sched = bsched, b, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._sched is None:
+            self._sched = self._bsched.iteration(self._b)
+        return getattr(self._sched, name)
 
 
 def _iteration_context(ctx: Any, decision: Decision, x: slice, run: Any) -> Any:

@@ -227,7 +227,12 @@ def _loop(run: _Run, its: list[int], writer: RunWriter | None, config: dict, pro
                 continue
             flush()
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                record, state = simulate_iteration(run, it, (decision, counts))
+                ctx, durations = _lower(run, decision, counts)
+                if it not in run.timeline_iterations and _capture(run, ctx, durations):
+                    pending.append((it, decision, counts))  # the batch simulates it too
+                    run.previous = decision
+                    continue
+                record, state = _finish(run, it, ctx, durations)
             emit(it, record, state)
         flush()
     except BaseException as exc:
@@ -270,25 +275,42 @@ def _attach_memory(run: _Run, ctx: LoweringContext) -> None:
 
 def simulate_iteration(run: _Run, it: int, decided: tuple[Decision, np.ndarray] | None = None
                        ) -> tuple[IterationRecord, dict]:
-    """One iteration: decide (unless ``decided`` gives the decision and counts), lower, cost,
-    schedule, record. Returns ``(record, state)``; captures the iteration's structure for
-    later batches where it may repeat (:func:`moesim.repeat.capture`)."""
+    """One iteration by the full path: decide (unless ``decided`` gives the decision and
+    counts), lower, cost, schedule, record. Returns ``(record, state)``."""
     decision, counts = decided if decided is not None else _decide(run, it)
-    view = run.view or run.cluster
+    ctx, durations = _lower(run, decision, counts)
+    return _finish(run, it, ctx, durations)
+
+
+def _lower(run: _Run, decision: Decision, counts: np.ndarray
+           ) -> tuple[LoweringContext, list[np.ndarray]]:
+    """The iteration lowered (after ``run.previous``) and its ops' durations."""
     ctx = lower_iteration_ctx(run.policy, decision, run.previous, counts, run.model,
-                              view, plan=_plan(run, decision), cache=run.cache,
-                              layout_plan=run.layout_plan)
-    durations = run.cost.durations(ctx.program)
+                              run.view or run.cluster, plan=_plan(run, decision),
+                              cache=run.cache, layout_plan=run.layout_plan)
+    return ctx, run.cost.durations(ctx.program)
+
+
+def _capture(run: _Run, ctx: LoweringContext, durations: list[np.ndarray]) -> bool:
+    """Keep the lowered iteration as the run's template where its structure repeats
+    (:func:`moesim.repeat.capture`); True when the iteration itself then goes to a batch."""
+    t = run.template
+    if t is None or not t.fits(ctx.decision, ctx.previous):
+        run.template = t = repeat.capture(run.policy, ctx, durations, run.cost,
+                                          run.layout_plan)
+    return t is not None and t.fits(ctx.decision, ctx.previous)
+
+
+def _finish(run: _Run, it: int, ctx: LoweringContext, durations: list[np.ndarray]
+            ) -> tuple[IterationRecord, dict]:
+    """Schedule and record a lowered iteration; ``run.previous`` becomes its decision."""
     sched = schedule(ctx.program.ops, durations, run.cluster.world_size)
     _keep_stage_table(run, ctx)
     oom = _check_memory(ctx, run, it)
     record = build_record(ctx, sched, it, oom, it in run.timeline_iterations,
                           run.layout_plan)
-    if run.template is None or not run.template.fits(decision, run.previous):
-        run.template = repeat.capture(run.policy, ctx, durations, sched, run.cost,
-                                      run.layout_plan)
-    run.previous = decision
-    return record, decision_state(decision)
+    run.previous = ctx.decision
+    return record, decision_state(ctx.decision)
 
 
 def _keep_stage_table(run: _Run, ctx: LoweringContext) -> None:

@@ -76,7 +76,7 @@ def test_batched_run_equals_the_full_path(monkeypatch, experts, knobs):
     monkeypatch.setattr(sys.modules[__name__], "MODEL", MODEL.replace(num_experts=experts))
     fast, calls = _records(monkeypatch, make_policy("static_ep", knobs), trace, True)
     slow, none = _records(monkeypatch, make_policy("static_ep", knobs), trace, False)
-    assert sum(calls) == 8 and not none  # iterations 1… batched (0: the template)
+    assert sum(calls) == 9 and not none  # all (0 lowered once more, as the template)
     assert len(fast) == len(slow) == 9
     for a, b in zip(fast, slow, strict=True):
         _assert_same(a, b)
@@ -99,7 +99,7 @@ def test_batched_layouts_equal_the_full_path(monkeypatch, layout):
                                                                       num_experts=8))
     fast, calls = _records(monkeypatch, "static_ep", trace, True, layout=lay)
     slow, none = _records(monkeypatch, "static_ep", trace, False, layout=lay)
-    assert sum(calls) == 5 and not none
+    assert sum(calls) == 6 and not none
     for a, b in zip(fast, slow, strict=True):
         _assert_same(a, b)
 
@@ -114,13 +114,13 @@ def test_expert_tensor_parallel_runs_are_not_batched(monkeypatch):
 
 
 def test_small_batches_and_timelines_match(monkeypatch):
-    """Batches cut at the size limit (2: iterations 1–2, 5–6) and by a timeline iteration
-    (4, which takes the full path: 3 goes alone before it, 7 at the end)."""
+    """Batches cut at the size limit (2: iterations 0–1, 2–3, 5–6, then 7) and by a
+    timeline iteration (4, which takes the full path)."""
     monkeypatch.setattr(repeat, "MAX_BATCH", 2)
     trace = random_trace(8, layers=3, ranks=8, experts=16, tokens=96, micro_batches=2, seed=5)
     fast, calls = _records(monkeypatch, "static_ep", trace, True, timeline_iterations=[4])
     slow, _ = _records(monkeypatch, "static_ep", trace, False, timeline_iterations=[4])
-    assert calls == [2, 1, 2, 1] and fast[4].timeline and slow[4].timeline
+    assert calls == [2, 2, 2, 1] and fast[4].timeline and slow[4].timeline
     for a, b in zip(fast, slow, strict=True):
         _assert_same(a, b)
 
@@ -152,6 +152,7 @@ def test_schedule_batch_equals_one_schedule_per_iteration(monkeypatch, policy, l
         return real(ops, durations, R, *a)
 
     monkeypatch.setattr(sim, "schedule", spy)
+    monkeypatch.setattr(StaticEP, "repeats_structure", False)  # every program scheduled alone
     trace = random_trace(2, layers=3, ranks=4 if layout else 8, experts=16, tokens=96,
                          micro_batches=2, seed=1)
     sim.simulate(trace, MODEL, load_cluster("h100-32x8").with_shape(2, 4), policy,
