@@ -51,7 +51,7 @@ from moesim.routing_blocks import block_column_sums
 from moesim.traffic import Traffic
 
 #: bytes of per-iteration arrays one batch may hold (schedule rows, phase cells, routed data)
-BATCH_BYTES = 2**28
+BATCH_BYTES = 2**30
 MAX_BATCH = 64
 
 
@@ -94,7 +94,6 @@ class Template:
     world: int  # ranks of the program
     batch: int
     first: bool = False  # captured from a first iteration (no previous decision)
-    tiled: dict = field(default_factory=dict)  # B -> durations, one row per iteration
     engine_memo: dict = field(default_factory=dict)  # schedule_batch's, across batches
     states: dict = field(default_factory=dict)  # id(decision) -> (decision, state)
 
@@ -201,9 +200,7 @@ def _is_moe_act(op: Compute, stage: Any, rows_MLP: np.ndarray, S: int) -> bool:
 def batch_durations(t: Template, ctx: Any, cost: Any, B: int) -> list[np.ndarray]:
     """Every op's ``[B, …]`` seconds for a batch routed into ``ctx`` (its passes: ``B·M``)."""
     M, L, R, S = t.shape
-    if B not in t.tiled:  # every iteration's copy of the data-free durations, per size
-        t.tiled[B] = [np.tile(np.asarray(d, dtype=np.float64), (B, 1)) for d in t.durations]
-    out = list(t.tiled[B])
+    out = [np.broadcast_to(d, (B, len(d))) for d in t.durations]
     batch = ctx.token_batch()
     g = cost.cluster.gpus_per_node
     bw = cost._links["all_to_all"][0]
