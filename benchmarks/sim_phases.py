@@ -7,7 +7,7 @@ each call's process CPU time to its phase, less the time of the wrapped phases i
 - ``decide`` — :func:`moesim.simulate.decide_iteration` (the policy);
 - ``route`` — :func:`moesim.lowering.route_iteration` (routing rule and capacity);
 - ``lower`` — :func:`moesim.simulate.lower_iteration_ctx` (the ops, memory, routes);
-- ``cost`` — :meth:`moesim.costmodel.CostModel.durations`;
+- ``cost`` — :meth:`moesim.costmodel.CostModel.durations_batched` (and ``durations``);
 - ``schedule`` — :func:`moesim.engine.schedule`;
 - ``records`` — :func:`moesim.simulate.build_record` (phase times, summary, load);
 - ``metrics`` — :func:`moesim.metrics.iteration_metrics` (load metrics, GPU-pair traffic);
@@ -29,7 +29,7 @@ from collections import defaultdict
 PHASES = (("decide", "moesim.simulate", "decide_iteration"),
           ("route", "moesim.lowering", "route_iteration"),
           ("lower", "moesim.simulate", "lower_iteration_ctx"),
-          ("cost", "moesim.costmodel", "CostModel.durations"),
+          ("cost", "moesim.costmodel", "CostModel.durations_batched"),
           ("schedule", "moesim.simulate", "schedule"),
           ("records", "moesim.simulate", "build_record"),
           ("metrics", "moesim.metrics", "iteration_metrics"),

@@ -170,6 +170,11 @@ class CostModel:
         symmetric under transposition (out and in swap) — before each op's context factor.
         Expert GEMMs and block all-to-alls are priced in batches (:mod:`moesim.cost_batch`,
         bit-identical to the per-op path)."""
+        return self.durations_batched(program)[0]
+
+    def durations_batched(self, program: Program) -> tuple[list[np.ndarray], tuple[set, set]]:
+        """:meth:`durations`, and which ops the batched paths priced: ``(block all-to-all
+        op indices, expert-GEMM op indices)``."""
         from moesim.cost_batch import block_all_to_all_times, expert_gemm_times
 
         memo: dict[tuple, np.ndarray] = {}
@@ -193,7 +198,7 @@ class CostModel:
                 memo[key] = self._base(op)
             f = self._factor(op)
             out.append(memo[key] * f if f != 1.0 else memo[key])
-        return out
+        return out, (set(a2a_t), set(gemm_t))
 
     def finish_a2a(self, t: np.ndarray, op: Op) -> np.ndarray:
         """A batched block all-to-all's transfer-plus-latency seconds → what the memoised

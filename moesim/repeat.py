@@ -37,8 +37,6 @@ from moesim.blockmatrix import BlockBatch, block_sums, block_sums_available, io_
 from moesim.cost_batch import (
     a2a_latency_times,
     batch_times,
-    block_all_to_all_times,
-    expert_gemm_times,
     gemm_stack_times,
 )
 from moesim.decide_step import iterations_counts
@@ -104,11 +102,12 @@ class Template:
             same_decision(decision, previous) or (previous is None and self.first))
 
 
-def capture(policy: Any, ctx: Any, durations: list, cost: Any, layout_plan: Any
-            ) -> Template | None:
+def capture(policy: Any, ctx: Any, durations: list, batched: tuple[set, set],
+            layout_plan: Any) -> Template | None:
     """The :class:`Template` of a fully lowered iteration, or None when it may not serve
     (a policy without ``repeats_structure``, expert tensor parallelism, a changed placement,
-    or an op whose data the batch could not price the way the full path does). The first
+    or an op whose data the batch could not price the way the full path does: ``batched``
+    names the ops :meth:`~moesim.costmodel.CostModel.durations_batched` priced so). The first
     iteration (no previous decision) serves when its program relays nothing out: it is
     then the program every later iteration under the same decision lowers to."""
     from moesim.policies.base import repeats_structure
@@ -133,7 +132,7 @@ def capture(policy: Any, ctx: Any, durations: list, cost: Any, layout_plan: Any
         mb, l = B.batch[1]
         return mb, (l if hit[1] is None else int(hit[1][l]))
 
-    a2a_ok, gemm_ok = block_all_to_all_times(cost, ops), expert_gemm_times(cost, ops)
+    a2a_ok, gemm_ok = batched  # the ops the cost model priced in batches
     M, L, R, _ = ctx.tokens_MLRG.shape
     S = ctx.placement.slots_per_rank
     a2a, gemm, act = [], {}, []

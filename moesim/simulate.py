@@ -143,6 +143,7 @@ class _Run:
     layout_plan: Any = None
     stage_table: tuple[float, str] = (-1.0, "")  # (peak bytes, table) of the peak iteration
     template: Any = None  # a repeated structure (moesim.repeat.Template), once captured
+    batched: tuple = (set(), set())  # the last lowering's batch-priced ops (cost model)
 
 
 def simulate(trace: RoutingTrace | str | Path, model: ModelSpec, cluster: Cluster,
@@ -288,7 +289,8 @@ def _lower(run: _Run, decision: Decision, counts: np.ndarray
     ctx = lower_iteration_ctx(run.policy, decision, run.previous, counts, run.model,
                               run.view or run.cluster, plan=_plan(run, decision),
                               cache=run.cache, layout_plan=run.layout_plan)
-    return ctx, run.cost.durations(ctx.program)
+    durations, run.batched = run.cost.durations_batched(ctx.program)
+    return ctx, durations
 
 
 def _capture(run: _Run, ctx: LoweringContext, durations: list[np.ndarray]) -> bool:
@@ -296,7 +298,7 @@ def _capture(run: _Run, ctx: LoweringContext, durations: list[np.ndarray]) -> bo
     (:func:`moesim.repeat.capture`); True when the iteration itself then goes to a batch."""
     t = run.template
     if t is None or not t.fits(ctx.decision, ctx.previous):
-        run.template = t = repeat.capture(run.policy, ctx, durations, run.cost,
+        run.template = t = repeat.capture(run.policy, ctx, durations, run.batched,
                                           run.layout_plan)
     return t is not None and t.fits(ctx.decision, ctx.previous)
 
