@@ -27,6 +27,7 @@ layers, ``R`` ranks, ``S`` slots per rank, ``N`` stacked ops, ``K`` members of a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,11 +232,12 @@ def batch_durations(t: Template, ctx: Any, cost: Any, B: int) -> list[np.ndarray
 
 def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.ndarray]],
                    routed_context: Any, attach_memory: Any, check_memory: Any,
-                   build_record: Any, decision_state: Any) -> list[tuple[Any, dict]]:
+                   build_record: Any, decision_state: Any) -> Iterator[tuple[Any, dict]]:
     """``(record, state)`` of each ``(iteration, decision, counts)`` in ``items`` (all under
-    the template's decision), in order; the simulator's own routing, memory (with the
-    layout's stage contexts), OOM check, record and state functions do the per-iteration
-    parts."""
+    the template's decision), yielded in order as each is done (so an iteration that fails
+    its memory check stops the run after the earlier ones were written, as on the full
+    path); the simulator's own routing, memory (with the layout's stage contexts), OOM check,
+    record and state functions do the per-iteration parts."""
     B = len(items)
     M, L, R, S = t.shape
     its = [it for it, _, _ in items]
@@ -290,7 +292,6 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
     from moesim.layout_run import world_tokens
 
     tokens_XLW, dropped_XLW = world_tokens(ctx, run.layout_plan)
-    out = []
     for b, (it, dec, _) in enumerate(items):
         x = slice(b * M, (b + 1) * M)
         c = _iteration_context(ctx, dec, x, run)
@@ -308,8 +309,7 @@ def simulate_batch(t: Template, run: Any, items: list[tuple[int, Decision, np.nd
         hit = t.states.get(id(dec))
         if hit is None or hit[0] is not dec:  # the entry keeps ``dec`` alive
             hit = t.states[id(dec)] = (dec, decision_state(dec))
-        out.append((record, hit[1]))
-    return out
+        yield record, hit[1]
 
 
 class _LazySchedule:

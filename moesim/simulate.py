@@ -39,7 +39,7 @@ Summary columns (one row per iteration):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,9 +211,9 @@ def _loop(run: _Run, its: list[int], writer: RunWriter | None, config: dict, pro
     def flush() -> None:
         if pending:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                done = _simulate_pending(run, pending)
-            for (it, _, _), (record, state) in zip(pending, done, strict=True):
-                emit(it, record, state)
+                for (it, _, _), (record, state) in zip(pending, _simulate_pending(run, pending),
+                                                       strict=True):
+                    emit(it, record, state)
             pending.clear()
 
     try:
@@ -255,7 +255,7 @@ def _decide(run: _Run, it: int) -> tuple[Decision, np.ndarray]:
                             run.model, run.view or run.cluster, run.rng_seed)
 
 
-def _simulate_pending(run: _Run, pending: list) -> list[tuple[IterationRecord, dict]]:
+def _simulate_pending(run: _Run, pending: list) -> Iterator[tuple[IterationRecord, dict]]:
     """The pending iterations of the captured structure, as one batch."""
     _plan(run, pending[0][1])
     return repeat.simulate_batch(run.template, run, pending, routed_context,

@@ -171,3 +171,27 @@ def test_schedule_batch_equals_one_schedule_per_iteration(monkeypatch, policy, l
                    for x, y in zip(want.ranks_O, one.ranks_O, strict=True))
         for x, y in zip(want.start_O + want.end_O, one.start_O + one.end_O, strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+def test_a_failing_iteration_in_a_batch_keeps_the_earlier_ones(monkeypatch, tmp_path):
+    """As on the full path: iterations before the one that fails are reported and written."""
+    from moesim.errors import OutOfMemoryError
+    from moesim.results import load_run
+
+    real = sim._check_memory
+
+    def check(ctx, run, it):
+        if it == 5:
+            raise OutOfMemoryError("iteration 5: rank 0 does not fit (test)")
+        return real(ctx, run, it)
+
+    monkeypatch.setattr(sim, "_check_memory", check)
+    seen: list[int] = []
+    trace = random_trace(8, layers=3, ranks=8, experts=16, tokens=96, micro_batches=2)
+    with pytest.raises(OutOfMemoryError):
+        sim.simulate(trace, MODEL, load_cluster("h100-32x8").with_shape(2, 4), "static_ep",
+                     progress=False, out_dir=tmp_path / "run",
+                     on_iteration=lambda row: seen.append(row["iteration"]))
+    assert seen == [0, 1, 2, 3, 4]
+    run = load_run(tmp_path / "run")
+    assert not run.complete and list(run.summary["iteration"]) == [0, 1, 2, 3, 4]
