@@ -204,7 +204,7 @@ def schedule_batch(ops: Sequence[Op], durations_O: Sequence[np.ndarray], num_ran
         dur = durations_O[i]
         n_d = dur.shape[-1]  # per iteration: R, members, groups or 1
         dur = dur.reshape(-1) if dur.ndim > 1 else np.asarray(dur, dtype=np.float64)
-        if _spans_world(op):  # fast path: every rank, one start per rank or one group
+        if spans_world(op):  # fast path: every rank, one start per rank or one group
             ready_X = np.maximum(free_QX[q], dep_X)
             if n_d == R:
                 start, end = ready_X, ready_X + dur
@@ -254,7 +254,7 @@ def _dep_ready(done: dict[int, np.ndarray], deps: tuple[int, ...], zeros_X: np.n
     return out
 
 
-def _spans_world(op: Op) -> bool:
+def spans_world(op: Op) -> bool:
     """Per-rank ops on all ranks, and all-to-alls among all ranks (no member bookkeeping)."""
     if isinstance(op, (GroupCollective, SendRecv)):
         return False

@@ -23,6 +23,7 @@ from moesim.engine import Schedule
 from moesim.lowering import LoweringContext
 from moesim.ops import PHASES, AllToAll, GroupCollective, HostCopy, Op, SendRecv
 from moesim.results import IterationRecord
+from moesim.traffic import first_rank
 
 PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
 MOE_PHASES = ("route", "dispatch", "expert", "combine")
@@ -145,10 +146,9 @@ def phase_times_batch(cell_O: list[int], ranks_O: list, start_O: list, end_O: li
         else:
             hit = spans.get(id(ranks))
             if hit is None or hit[0] is not ranks:
-                r = np.asarray(ranks)
-                run = len(r) and r[-1] - r[0] == len(r) - 1 and not np.any(np.diff(r) != 1)
-                hit = spans[id(ranks)] = (ranks, slice(int(r[0]), int(r[-1]) + 1) if run
-                                          else r)
+                first = first_rank(ranks)
+                hit = spans[id(ranks)] = (ranks, ranks if first is None
+                                          else slice(first, first + len(ranks)))
             idx = (slice(None), c, hit[1])
         busy[idx] += dur
         start[idx] = np.fmin(start[idx], st)  # NaN (no time yet, or none) never wins

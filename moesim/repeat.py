@@ -41,7 +41,7 @@ from moesim.cost_batch import (
     gemm_stack_times,
 )
 from moesim.decide_step import iterations_counts
-from moesim.engine import _spans_world, members_of, schedule_batch
+from moesim.engine import members_of, schedule_batch, spans_world
 from moesim.ops import AllToAll, Compute, Program
 from moesim.placement import Decision
 from moesim.records import op_cells, phase_times_batch, program_relayout_bytes
@@ -162,7 +162,7 @@ def capture(policy: Any, ctx: Any, durations: list, batched: tuple[set, set],
             return None
         traffic_groups.append((sig, idx))
     world = ctx.program.num_ranks
-    members = sum(world if _spans_world(op) else len(members_of(op, world)[0]) for op in ops)
+    members = sum(world if spans_world(op) else len(members_of(op, world)[0]) for op in ops)
     per_it = 8 * (2 * members + 3 * (L + 1) * 10 * world + 8 * M * L * R * S)
     return Template(
         decision=ctx.decision, ops=ops, durations=durations, a2a=a2a, gemm=gemm, act=act,

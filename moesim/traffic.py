@@ -211,7 +211,7 @@ class Traffic:
         return uniq, np.bincount(inv.reshape(-1), weights=val, minlength=len(uniq))
 
 
-def _first_rank(ranks: np.ndarray | None) -> int | None:
+def first_rank(ranks: np.ndarray | None) -> int | None:
     """The first of contiguous ``ranks`` (0 for all ranks), None if they are not."""
     if ranks is None:
         return 0
@@ -222,13 +222,13 @@ def _first_rank(ranks: np.ndarray | None) -> int | None:
 
 
 def _first_rank_memo(ranks: np.ndarray | None, memo: dict[int, tuple]) -> int | None:
-    """:func:`_first_rank`, memoised per ``ranks`` object (the entry keeps it alive, so its
+    """:func:`first_rank`, memoised per ``ranks`` object (the entry keeps it alive, so its
     ``id`` stays unique while ``memo`` lives)."""
     if ranks is None:
         return 0
     hit = memo.get(id(ranks))
     if hit is None or hit[0] is not ranks:
-        hit = memo[id(ranks)] = (ranks, _first_rank(ranks))
+        hit = memo[id(ranks)] = (ranks, first_rank(ranks))
     return hit[1]
 
 
